@@ -1,0 +1,570 @@
+"""The embedded dataset: a small synthetic dataset written in the exact nuScenes v1.0 layout.
+
+    python -m dataset.NuscenesDataset.synthetic --out DIR [--samples_per_scene N] [--width W --height H] [--seed S]
+
+The devkit's own `NuScenes(version='v1.0-mini', dataroot=DIR)` loads the result unchanged: the 13 tables in
+DIR/v1.0-mini/, map masks in DIR/maps/ and the camera keyframes in DIR/samples/CAM_*/. The ten scenes carry the
+names of the official v1.0-mini scenes, so `create_splits_scenes()['mini_train']` and `['mini_val']` select 8 and 2.
+
+In each scene the ego car drives a gently curved four-lane road; around it are traffic, parked vehicles, cyclists,
+pedestrians and roadside objects of all 23 nuScenes categories with realistic sizes. Every camera image is rendered
+from that 3D scene (pinhole camera, near-plane clipping, back-face culling, painter's order, shaded cuboids with
+class-specific stripes, a little noise), so what a 2D label says is visibly there. The visibility token of each
+annotation is the rendered fraction of the object that is not occluded, over all six cameras.
+
+Frames, as in nuScenes: global (z up, ground at z = 0); ego (x forward, y left, z up); camera (z forward, x right,
+y down). Distances in metres, times in microseconds, image coordinates in pixels with pixel i covering [i, i + 1).
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import cv2
+import numpy as np
+from nuscenes.utils.splits import create_splits_scenes
+from pyquaternion import Quaternion
+from shapely.geometry import MultiPoint
+from shapely.geometry import box as shapely_box
+
+from utils.errors import UserError, exit_on_user_error
+
+VERSION = "v1.0-mini"
+KEYFRAME_PERIOD_US = 500_000  # nuScenes keyframes come at 2 Hz
+NEAR_PLANE_M = 0.1  # polygons are clipped to camera z >= this before projection
+
+# channel: (yaw of the optical axis in the ego frame in degrees, position in the ego frame in m,
+#           focal length in px at 1600x900, capture delay after the keyframe timestamp in us)
+CAMERAS = {
+    "CAM_FRONT": (0.0, (1.70, 0.00, 1.51), 1266.0, 10_000),
+    "CAM_FRONT_RIGHT": (-55.0, (1.55, -0.49, 1.51), 1260.0, 18_000),
+    "CAM_BACK_RIGHT": (-110.0, (1.03, -0.48, 1.57), 1259.0, 27_000),
+    "CAM_BACK": (180.0, (0.03, 0.00, 1.57), 809.0, 35_000),
+    "CAM_BACK_LEFT": (110.0, (1.04, 0.48, 1.56), 1256.0, 44_000),
+    "CAM_FRONT_LEFT": (55.0, (1.52, 0.49, 1.51), 1272.0, 2_000),
+}
+
+# name: (width, length, height in m, RGB colour, placement, relative frequency within the placement,
+#        stripe on the vertical faces as (bottom, top) fractions of the height and its RGB colour, or None).
+# Placements: traffic (moves in a lane), parked (parking lane), cycle (bike lane edge), walker (sidewalk),
+# roadside (static, road edge or sidewalk). Categories without a detection class are here on purpose.
+CATEGORIES = {
+    "animal": (0.35, 0.8, 0.6, (140, 95, 50), "walker", 0.3, None),
+    "human.pedestrian.adult": (0.65, 0.7, 1.75, (200, 80, 160), "walker", 4.0, ((0.0, 0.45), (40, 40, 60))),
+    "human.pedestrian.child": (0.5, 0.5, 1.25, (220, 110, 180), "walker", 0.6, ((0.0, 0.45), (40, 40, 60))),
+    "human.pedestrian.construction_worker": (0.7, 0.75, 1.8, (235, 150, 40), "walker", 0.6,
+                                             ((0.0, 0.45), (40, 40, 60))),
+    "human.pedestrian.personal_mobility": (0.6, 1.1, 1.7, (120, 200, 200), "walker", 0.3, None),
+    "human.pedestrian.police_officer": (0.7, 0.7, 1.8, (30, 50, 140), "walker", 0.4, ((0.0, 0.45), (20, 20, 30))),
+    "human.pedestrian.stroller": (0.6, 0.95, 1.1, (90, 160, 90), "walker", 0.3, None),
+    "human.pedestrian.wheelchair": (0.7, 1.1, 1.3, (100, 100, 100), "walker", 0.2, None),
+    "movable_object.barrier": (2.4, 0.5, 1.0, (235, 235, 235), "roadside", 3.0, ((0.45, 0.75), (220, 30, 30))),
+    "movable_object.debris": (0.6, 0.9, 0.3, (110, 90, 70), "roadside", 0.4, None),
+    "movable_object.pushable_pullable": (0.6, 0.7, 1.1, (60, 120, 60), "roadside", 0.4, None),
+    "movable_object.trafficcone": (0.4, 0.4, 0.9, (255, 110, 0), "roadside", 3.0, ((0.45, 0.65), (250, 250, 250))),
+    "static_object.bicycle_rack": (1.0, 3.0, 1.0, (150, 150, 170), "roadside", 0.4, None),
+    "vehicle.bicycle": (0.6, 1.7, 1.3, (40, 170, 60), "cycle", 1.0, None),
+    "vehicle.bus.bendy": (2.9, 17.0, 3.4, (230, 200, 30), "traffic", 0.3, ((0.45, 0.8), (50, 70, 90))),
+    "vehicle.bus.rigid": (2.9, 11.0, 3.4, (240, 210, 40), "traffic", 0.8, ((0.45, 0.8), (50, 70, 90))),
+    "vehicle.car": (1.9, 4.6, 1.6, (40, 90, 220), "traffic", 6.0, ((0.55, 0.9), (40, 50, 70))),
+    "vehicle.construction": (2.8, 6.5, 3.0, (250, 180, 0), "parked", 0.8, ((0.55, 0.85), (60, 60, 60))),
+    "vehicle.emergency.ambulance": (2.2, 6.0, 2.6, (250, 250, 250), "traffic", 0.2, ((0.3, 0.45), (230, 30, 30))),
+    "vehicle.emergency.police": (2.0, 5.0, 1.7, (20, 20, 20), "parked", 0.4, ((0.3, 0.5), (240, 240, 240))),
+    "vehicle.motorcycle": (0.8, 2.1, 1.4, (170, 30, 30), "cycle", 1.0, None),
+    "vehicle.trailer": (2.9, 12.0, 3.8, (150, 150, 160), "parked", 0.8, None),
+    "vehicle.truck": (2.5, 7.0, 2.9, (200, 40, 40), "traffic", 2.0, ((0.6, 0.85), (40, 40, 50))),
+}
+# Objects of each placement per scene; they spread over about 150 m of road around the ego path.
+PLACEMENT_COUNTS = {"traffic": 12, "parked": 8, "cycle": 4, "walker": 14, "roadside": 10}
+# Also parked: some cars and trucks (vehicles of the traffic placement that may stand in the parking lane).
+PARKABLE = ("vehicle.car", "vehicle.truck")
+
+# Road cross-section: lateral offsets d in m, positive to the left of the ego lane centre (d = 0).
+SAME_DIRECTION_LANES = (-3.5, 0.0)
+OPPOSITE_LANES = (3.5, 7.0)
+PARKING_LANES = (-6.6, 10.1)
+CYCLE_LINES = (-4.6, 8.1)
+SIDEWALKS = ((-12.0, -8.0), (11.5, 15.5))
+GROUND_STRIPS = (  # (d from, d to, RGB colour)
+    (-8.0, 11.5, (85, 85, 90)),  # asphalt, parking lanes included
+    (-12.0, -8.0, (165, 160, 150)),  # sidewalks
+    (11.5, 15.5, (165, 160, 150)),
+)
+LANE_MARKINGS = (  # (d, dashed, RGB colour)
+    (-5.25, False, (230, 230, 230)),
+    (-1.75, True, (230, 230, 230)),
+    (1.75, False, (230, 200, 40)),
+    (5.25, True, (230, 230, 230)),
+    (8.75, False, (230, 230, 230)),
+)
+SKY_RGB = ((120, 170, 230), (200, 220, 240))  # zenith, horizon
+GROUND_RGB = (95, 120, 70)
+LIGHT_DIRECTION = np.array([0.4, 0.3, 0.87]) / np.linalg.norm([0.4, 0.3, 0.87])  # global frame, towards the sun
+
+ATTRIBUTES = ("vehicle.moving", "vehicle.parked", "vehicle.stopped", "pedestrian.moving", "pedestrian.standing",
+              "pedestrian.sitting_lying_down", "cycle.with_rider", "cycle.without_rider")
+VISIBILITY_LEVELS = (("1", "v0-40", 0.0), ("2", "v40-60", 0.4), ("3", "v60-80", 0.6), ("4", "v80-100", 0.8))
+LOCATIONS = ("singapore-onenorth", "boston-seaport", "singapore-queenstown", "singapore-hollandvillage")
+
+
+def make_token(seed: int, *parts) -> str:
+    """A 32-hex-digit token like nuScenes', deterministic given the seed and the parts."""
+    return hashlib.md5("|".join(str(p) for p in (seed, *parts)).encode()).hexdigest()
+
+
+def yaw_rotation(yaw: float) -> list:
+    """Quaternion [w, x, y, z] of a rotation by `yaw` radians about z."""
+    return Quaternion(axis=[0.0, 0.0, 1.0], angle=yaw).elements.tolist()
+
+
+def camera_to_ego_rotation(yaw_deg: float) -> np.ndarray:
+    """(3, 3) rotation whose columns are the camera's x (right), y (down), z (optical axis) in the ego frame."""
+    yaw = math.radians(yaw_deg)
+    return np.array([[math.sin(yaw), 0.0, math.cos(yaw)],
+                     [-math.cos(yaw), 0.0, math.sin(yaw)],
+                     [0.0, -1.0, 0.0]])
+
+
+def intrinsics(focal_px: float, width: int, height: int) -> np.ndarray:
+    """(3, 3) pinhole intrinsics of a 1600x900 nuScenes camera scaled to width x height."""
+    sx, sy = width / 1600.0, height / 900.0
+    return np.array([[focal_px * sx, 0.0, 816.0 * sx], [0.0, focal_px * sy, 491.0 * sy], [0.0, 0.0, 1.0]])
+
+
+class Road:
+    """Constant-curvature road: the ego lane centre at arc length s (m) has heading heading0 + curvature * s."""
+
+    def __init__(self, origin_xy: np.ndarray, heading0: float, curvature: float):
+        self.origin_xy, self.heading0, self.curvature = origin_xy, heading0, curvature
+
+    def heading(self, s):
+        return self.heading0 + self.curvature * np.asarray(s, dtype=float)
+
+    def point(self, s, d):
+        """Global xy (..., 2) of the point at arc length s and lateral offset d (left positive)."""
+        s, d = np.broadcast_arrays(np.asarray(s, dtype=float), np.asarray(d, dtype=float))
+        heading = self.heading(s)
+        k = self.curvature
+        x = self.origin_xy[0] + (np.sin(heading) - math.sin(self.heading0)) / k - d * np.sin(heading)
+        y = self.origin_xy[1] - (np.cos(heading) - math.cos(self.heading0)) / k + d * np.cos(heading)
+        return np.stack([x, y], axis=-1)
+
+
+def place_objects(rng: np.random.Generator, path_length: float, ego_speed: float, sample_times: np.ndarray) -> list:
+    """Objects of the scene in road coordinates: dicts with category, size, s0 (m), speed (m/s along s), d (m),
+    yaw offset from the road heading (rad) and attributes. No two objects, nor an object and the ego car, overlap
+    at any keyframe (checked on (s, d) footprints with a 0.5 m margin)."""
+    names = list(CATEGORIES)
+    objects = []
+    ego_footprints = [(ego_speed * t + 1.3, 0.0, 5.2, 2.2) for t in sample_times]  # (s, d, length, width)
+
+    def footprints(obj):
+        width, length = obj["size"][:2]
+        if abs(math.sin(obj["yaw_offset"])) > 1e-6:  # not aligned with the road: bound it by a square
+            width = length = max(width, length)
+        return [(obj["s0"] + obj["speed"] * t, obj["d"], length, width) for t in sample_times]
+
+    def overlaps(a, b):
+        return abs(a[0] - b[0]) < (a[2] + b[2]) / 2 + 0.5 and abs(a[1] - b[1]) < (a[3] + b[3]) / 2 + 0.5
+
+    occupied = [ego_footprints]
+    for placement, count in PLACEMENT_COUNTS.items():
+        candidates = [n for n in names if CATEGORIES[n][4] == placement]
+        if placement == "parked":
+            candidates += list(PARKABLE)
+        weights = np.array([CATEGORIES[n][5] for n in candidates])
+        for _ in range(count):
+            for _attempt in range(30):
+                name = candidates[rng.choice(len(candidates), p=weights / weights.sum())]
+                obj = new_object(rng, name, placement, path_length, ego_speed)
+                prints = footprints(obj)
+                if not any(overlaps(p, q) for other in occupied for p, q in zip(prints, other, strict=True)):
+                    objects.append(obj)
+                    occupied.append(prints)
+                    break
+    return objects
+
+
+def new_object(rng: np.random.Generator, name: str, placement: str, path_length: float, ego_speed: float) -> dict:
+    """One object of category `name` at a random place of its placement (see CATEGORIES)."""
+    width, length, height = CATEGORIES[name][:3]
+    scale = rng.uniform(0.9, 1.1)
+    size = [width * scale, length * rng.uniform(0.9, 1.1), height * rng.uniform(0.92, 1.08)]
+    s0 = rng.uniform(-50.0, path_length + 70.0)
+    speed, yaw_offset, attributes = 0.0, 0.0, []
+    if placement == "traffic":
+        lane = rng.choice(SAME_DIRECTION_LANES + OPPOSITE_LANES)
+        moving = rng.random() < 0.85
+        speed = ego_speed * rng.uniform(0.7, 1.3) if moving else 0.0
+        if lane in OPPOSITE_LANES:
+            speed, yaw_offset = -speed, math.pi
+        d = lane + rng.uniform(-0.3, 0.3)
+        attributes = ["vehicle.moving" if moving else "vehicle.stopped"]
+    elif placement == "parked":
+        d = rng.choice(PARKING_LANES) + rng.uniform(-0.2, 0.2)
+        yaw_offset = rng.choice([0.0, math.pi])
+        attributes = ["vehicle.parked"]
+    elif placement == "cycle":
+        d = rng.choice(CYCLE_LINES) + rng.uniform(-0.2, 0.2)
+        with_rider = rng.random() < 0.6
+        speed = rng.uniform(2.0, 6.0) if with_rider else 0.0
+        if d > 0:
+            speed, yaw_offset = -speed, math.pi
+        attributes = ["cycle.with_rider" if with_rider else "cycle.without_rider"]
+    elif placement == "walker":
+        low, high = SIDEWALKS[rng.integers(2)]
+        d = rng.uniform(low + 0.6, high - 0.6)
+        moving = rng.random() < 0.6
+        speed = rng.choice([-1.0, 1.0]) * rng.uniform(0.8, 1.6) if moving else 0.0
+        yaw_offset = (0.0 if speed > 0 else math.pi) if moving else rng.choice([0.5, 1.0, 1.5, 2.0]) * math.pi
+        if name.startswith("human.pedestrian."):
+            attributes = ["pedestrian.moving" if moving else "pedestrian.standing"]
+    else:  # roadside
+        side = rng.integers(2)
+        d = rng.uniform(-7.6, -5.6) if side == 0 else rng.uniform(9.2, 11.0)
+        yaw_offset = rng.choice([0.0, 0.5 * math.pi])
+    return {"category": name, "size": size, "s0": s0, "speed": speed, "d": float(d), "yaw_offset": yaw_offset,
+            "attributes": attributes, "color": jitter_color(rng, CATEGORIES[name][3])}
+
+
+def jitter_color(rng: np.random.Generator, rgb) -> tuple:
+    return tuple(int(np.clip(c * rng.uniform(0.85, 1.15) + rng.uniform(-12, 12), 0, 255)) for c in rgb)
+
+
+def object_state(road: Road, obj: dict, t_s: float):
+    """Centre (3,) in global metres and yaw (rad) of `obj` at `t_s` seconds after the scene start."""
+    s = obj["s0"] + obj["speed"] * t_s
+    xy = road.point(s, obj["d"])
+    return np.array([xy[0], xy[1], obj["size"][2] / 2.0]), float(road.heading(s)) + obj["yaw_offset"]
+
+
+def box_faces(size, center: np.ndarray, yaw: float, stripe) -> list:
+    """Quads of a cuboid in global coordinates: [(corners (4, 3), outward normal (3,), is_stripe)], the top face
+    and the four vertical faces, each vertical face followed by its stripe (drawn over it) if the class has one."""
+    width, length, height = size
+    hl, hw, hh = length / 2, width / 2, height / 2
+    rotation = np.array([[math.cos(yaw), -math.sin(yaw), 0.0], [math.sin(yaw), math.cos(yaw), 0.0], [0, 0, 1.0]])
+
+    def to_global(points):
+        return np.asarray(points) @ rotation.T + center
+
+    faces = [(to_global([(hl, hw, hh), (-hl, hw, hh), (-hl, -hw, hh), (hl, -hw, hh)]), np.array([0, 0, 1.0]), False)]
+    # (outward normal in the object frame, the face's horizontal half-extent axis and size)
+    for normal, axis, half, offset in (((1, 0, 0), 1, hw, hl), ((-1, 0, 0), 1, hw, hl),
+                                       ((0, 1, 0), 0, hl, hw), ((0, -1, 0), 0, hl, hw)):
+        def quad(z_low, z_high, inset, normal=normal, axis=axis, half=half, offset=offset):
+            points = []
+            for along, z in ((half - inset, z_high), (-half + inset, z_high), (-half + inset, z_low),
+                             (half - inset, z_low)):
+                point = np.array(normal, dtype=float) * offset
+                point[axis] = along
+                point[2] = z
+                points.append(point)
+            return to_global(points)
+
+        world_normal = rotation @ np.array(normal, dtype=float)
+        faces.append((quad(-hh, hh, 0.0), world_normal, False))
+        if stripe is not None:
+            (low, high), _ = stripe
+            faces.append((quad(-hh + low * height, -hh + high * height, 0.08 * half), world_normal, True))
+    return faces
+
+
+def clip_to_near_plane(polygon: np.ndarray) -> np.ndarray:
+    """Sutherland-Hodgman clip of a camera-frame polygon (n, 3) to z >= NEAR_PLANE_M; returns (m, 3)."""
+    clipped = []
+    for a, b in zip(polygon, np.roll(polygon, -1, axis=0), strict=True):
+        a_in, b_in = a[2] >= NEAR_PLANE_M, b[2] >= NEAR_PLANE_M
+        if a_in:
+            clipped.append(a)
+        if a_in != b_in:
+            clipped.append(a + (NEAR_PLANE_M - a[2]) / (b[2] - a[2]) * (b - a))
+    return np.array(clipped).reshape(-1, 3)
+
+
+def project(points_cam: np.ndarray, camera_matrix: np.ndarray) -> np.ndarray:
+    """Pixel coordinates (n, 2) of camera-frame points (n, 3) with z > 0."""
+    uvw = points_cam @ camera_matrix.T
+    return uvw[:, :2] / uvw[:, 2:3]
+
+
+def fill_polygon(image: np.ndarray, pixels: np.ndarray, value) -> None:
+    """Fill a convex polygon given in continuous pixel coordinates (pixel i covers [i, i + 1)), 1/16 px precise."""
+    fixed_point = np.round((pixels - 0.5) * 16.0).astype(np.int64)
+    fixed_point = np.clip(fixed_point, -(2**27), 2**27).astype(np.int32)
+    cv2.fillConvexPoly(image, fixed_point, value, lineType=cv2.LINE_8, shift=4)
+
+
+def background(width: int, height: int, horizon_row: float) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: a sky gradient above the horizon row and plain ground below."""
+    rows = np.arange(height, dtype=float)[:, None]
+    blend = np.clip(rows / max(horizon_row, 1.0), 0.0, 1.0)
+    sky = (1 - blend) * np.array(SKY_RGB[0]) + blend * np.array(SKY_RGB[1])
+    column = np.where(rows < horizon_row, sky, np.array(GROUND_RGB, dtype=float))
+    return np.repeat(column[:, None, :], width, axis=1).astype(np.uint8)
+
+
+def ground_quads(road: Road, s_from: float, s_to: float):
+    """Road surface, sidewalks and lane markings as global quads (Q, 4, 3) with RGB colours (Q, 3)."""
+    quads, colors = [], []
+    step = 4.0
+    for s in np.arange(s_from, s_to, step):
+        for d_from, d_to, color in GROUND_STRIPS:
+            quads.append(road.point([s, s + step, s + step, s], [d_from, d_from, d_to, d_to]))
+            colors.append(color)
+    for d, dashed, color in LANE_MARKINGS:
+        dash, period = (3.0, 9.0) if dashed else (step, step)
+        for s in np.arange(s_from, s_to, period):
+            quads.append(road.point([s, s + dash, s + dash, s], [d - 0.08, d - 0.08, d + 0.08, d + 0.08]))
+            colors.append(color)
+    quads = np.concatenate([np.array(quads), np.zeros((len(quads), 4, 1))], axis=2)
+    return quads, np.array(colors)
+
+
+class CameraRig:
+    """The six cameras of one scene: intrinsics (3, 3), camera-to-ego rotation (3, 3) and translation (3,)."""
+
+    def __init__(self, width: int, height: int):
+        self.width, self.height = width, height
+        self.cameras = {}
+        for channel, (yaw_deg, translation, focal_px, _) in CAMERAS.items():
+            camera_matrix = intrinsics(focal_px, width, height)
+            self.cameras[channel] = (camera_matrix, camera_to_ego_rotation(yaw_deg), np.array(translation))
+        self.background = background(width, height, intrinsics(1.0, width, height)[1, 2])
+
+
+def render_camera(rig: CameraRig, channel: str, ego_xy: np.ndarray, ego_yaw: float, ground, objects_now: list,
+                  rng: np.random.Generator):
+    """Render one camera image. objects_now: [(size, centre (3,), yaw, colour, stripe)] in global coordinates.
+
+    Returns the RGB image (H, W, 3) uint8, the visible pixel count of each object (n,), and the area in px of each
+    object's unoccluded silhouette inside the image (n,)."""
+    camera_matrix, cam_to_ego, cam_in_ego = rig.cameras[channel]
+    ego_rotation = np.array([[math.cos(ego_yaw), -math.sin(ego_yaw), 0.0],
+                             [math.sin(ego_yaw), math.cos(ego_yaw), 0.0], [0.0, 0.0, 1.0]])
+    cam_to_global = ego_rotation @ cam_to_ego
+    cam_position = np.array([ego_xy[0], ego_xy[1], 0.0]) + ego_rotation @ cam_in_ego
+
+    def to_camera(points):
+        return (points - cam_position) @ cam_to_global
+
+    image = rig.background.copy()
+    object_ids = np.zeros((rig.height, rig.width), dtype=np.uint16)
+    canvas = shapely_box(0, 0, rig.width, rig.height)
+
+    ground_points, ground_colors = ground
+    ground_cam = to_camera(ground_points.reshape(-1, 3)).reshape(ground_points.shape)
+    in_range = (ground_cam[:, :, 2].max(axis=1) > NEAR_PLANE_M) & (ground_cam[:, :, 2].min(axis=1) < 150.0)
+    for quad, color in zip(ground_cam[in_range], ground_colors[in_range], strict=True):
+        clipped = clip_to_near_plane(quad)
+        fill_polygon(image, project(clipped, camera_matrix), tuple(int(c) for c in color))
+
+    silhouette_px = np.zeros(len(objects_now))
+    distances = [np.linalg.norm(center - cam_position) for _, center, _, _, _ in objects_now]
+    for index in np.argsort(distances)[::-1]:  # painter's order: far to near
+        size, center, yaw, color, stripe = objects_now[index]
+        silhouette = []
+        for corners, normal, is_stripe in box_faces(size, center, yaw, stripe):
+            corners_cam = to_camera(corners)
+            if np.dot(cam_to_global.T @ normal, corners_cam.mean(axis=0)) >= 0:
+                continue  # back face
+            clipped = clip_to_near_plane(corners_cam)
+            if len(clipped) < 3:
+                continue
+            pixels = project(clipped, camera_matrix)
+            shade = 0.55 + 0.45 * max(0.0, float(np.dot(normal, LIGHT_DIRECTION)))
+            base = stripe[1] if is_stripe else color
+            fill_polygon(image, pixels, tuple(int(min(255, c * shade)) for c in base))
+            if not is_stripe:
+                fill_polygon(object_ids, pixels, int(index) + 1)
+                silhouette.append(pixels)
+        if silhouette:
+            hull = MultiPoint(np.concatenate(silhouette)).convex_hull
+            silhouette_px[index] = hull.intersection(canvas).area
+    noise = rng.integers(-5, 6, size=image.shape, dtype=np.int16)
+    image = np.clip(cv2.GaussianBlur(image, (3, 3), 0).astype(np.int16) + noise, 0, 255).astype(np.uint8)
+    visible_pixels = np.bincount(object_ids.ravel(), minlength=len(objects_now) + 1)[1:]
+    return image, visible_pixels, silhouette_px
+
+
+def visibility_token(visible_fraction: float) -> str:
+    return [token for token, _, low in VISIBILITY_LEVELS if visible_fraction >= low][-1]
+
+
+def generate_scene(job: dict) -> dict:
+    """Render one scene into job['root'] and return its table records ({table name: [records]})."""
+    seed, scene_index, scene_name = job["seed"], job["scene_index"], job["scene_name"]
+    width, height, n_samples, root = job["width"], job["height"], job["samples_per_scene"], job["root"]
+    rng = np.random.default_rng([seed, scene_index])
+    tables = {name: [] for name in ("log", "scene", "sample", "sample_data", "ego_pose", "calibrated_sensor",
+                                    "instance", "sample_annotation")}
+    token = lambda *parts: make_token(seed, scene_name, *parts)  # noqa: E731
+
+    location = LOCATIONS[scene_index % len(LOCATIONS)]
+    start_us = 1_531_883_530_000_000 + scene_index * 86_400_000_000
+    logfile = "n015-" + time.strftime("%Y-%m-%d-%H-%M-%S", time.gmtime(start_us / 1e6)) + "+0800"
+    log_token = token("log")
+    tables["log"].append({"token": log_token, "logfile": logfile, "vehicle": "n015",
+                          "date_captured": logfile[5:15], "location": location})
+
+    ego_speed = rng.uniform(3.0, 8.0)
+    sample_times = np.arange(n_samples) * KEYFRAME_PERIOD_US / 1e6
+    road = Road(rng.uniform(-500, 500, size=2), rng.uniform(-math.pi, math.pi),
+                rng.choice([-1.0, 1.0]) * rng.uniform(0.0005, 0.004))
+    path_length = ego_speed * sample_times[-1]
+    objects = place_objects(rng, path_length, ego_speed, sample_times)
+    ground = ground_quads(road, -80.0, path_length + 120.0)
+    rig = CameraRig(width, height)
+
+    calibrated = {}
+    for channel in CAMERAS:
+        camera_matrix, cam_to_ego, translation = rig.cameras[channel]
+        calibrated[channel] = token("calibrated_sensor", channel)
+        tables["calibrated_sensor"].append({
+            "token": calibrated[channel], "sensor_token": make_token(seed, "sensor", channel),
+            "translation": translation.tolist(), "rotation": Quaternion(matrix=cam_to_ego).elements.tolist(),
+            "camera_intrinsic": camera_matrix.tolist()})
+
+    sample_tokens = [token("sample", k) for k in range(n_samples)]
+    instance_tokens = [token("instance", i) for i in range(len(objects))]
+    annotation_tokens = [[token("annotation", i, k) for k in range(n_samples)] for i in range(len(objects))]
+    for k, t_s in enumerate(sample_times):
+        timestamp = start_us + k * KEYFRAME_PERIOD_US
+        tables["sample"].append({"token": sample_tokens[k], "timestamp": timestamp,
+                                 "prev": sample_tokens[k - 1] if k > 0 else "",
+                                 "next": sample_tokens[k + 1] if k + 1 < n_samples else "",
+                                 "scene_token": token("scene")})
+        states = [object_state(road, obj, t_s) for obj in objects]
+        objects_now = [(obj["size"], center, yaw, obj["color"], CATEGORIES[obj["category"]][6])
+                       for obj, (center, yaw) in zip(objects, states, strict=True)]
+        visible_pixels, silhouette_area = np.zeros(len(objects)), np.zeros(len(objects))
+        for channel, (_, _, _, delay_us) in CAMERAS.items():
+            sd_timestamp = timestamp + delay_us
+            ego_s = ego_speed * (sd_timestamp - start_us) / 1e6
+            ego_xy, ego_yaw = road.point(ego_s, 0.0), float(road.heading(ego_s))
+            image, pixels, area = render_camera(rig, channel, ego_xy, ego_yaw, ground, objects_now,
+                                                np.random.default_rng([seed, scene_index, k, len(tables["ego_pose"])]))
+            visible_pixels += pixels
+            silhouette_area += area
+            filename = f"samples/{channel}/{logfile}__{channel}__{sd_timestamp}.jpg"
+            ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+            with open(os.path.join(root, filename), "wb") as f:
+                f.write(encoded.tobytes())
+            sd_token = token("sample_data", channel, k)
+            tables["ego_pose"].append({"token": sd_token, "timestamp": sd_timestamp,
+                                       "rotation": yaw_rotation(ego_yaw),
+                                       "translation": [float(ego_xy[0]), float(ego_xy[1]), 0.0]})
+            tables["sample_data"].append({
+                "token": sd_token, "sample_token": sample_tokens[k], "ego_pose_token": sd_token,
+                "calibrated_sensor_token": calibrated[channel], "timestamp": sd_timestamp, "fileformat": "jpg",
+                "is_key_frame": True, "height": height, "width": width, "filename": filename,
+                "prev": token("sample_data", channel, k - 1) if k > 0 else "",
+                "next": token("sample_data", channel, k + 1) if k + 1 < n_samples else ""})
+        for i, (obj, (center, yaw)) in enumerate(zip(objects, states, strict=True)):
+            fraction = visible_pixels[i] / silhouette_area[i] if silhouette_area[i] >= 1.0 else 0.0
+            distance = float(np.linalg.norm(center[:2] - road.point(ego_speed * t_s, 0.0)))
+            tables["sample_annotation"].append({
+                "token": annotation_tokens[i][k], "sample_token": sample_tokens[k],
+                "instance_token": instance_tokens[i], "visibility_token": visibility_token(fraction),
+                "attribute_tokens": [make_token(seed, "attribute", a) for a in obj["attributes"]],
+                "translation": center.tolist(), "size": list(obj["size"]), "rotation": yaw_rotation(yaw),
+                "prev": annotation_tokens[i][k - 1] if k > 0 else "",
+                "next": annotation_tokens[i][k + 1] if k + 1 < n_samples else "",
+                "num_lidar_pts": int(max(1, 4000 * obj["size"][1] * obj["size"][2] / max(distance, 1.0) ** 2)),
+                "num_radar_pts": int(rng.integers(0, 5)) if obj["category"].startswith("vehicle.") else 0})
+    for i, obj in enumerate(objects):
+        tables["instance"].append({"token": instance_tokens[i], "category_token": make_token(seed, obj["category"]),
+                                   "nbr_annotations": n_samples, "first_annotation_token": annotation_tokens[i][0],
+                                   "last_annotation_token": annotation_tokens[i][-1]})
+    n_objects = len(objects)
+    tables["scene"].append({"token": token("scene"), "log_token": log_token, "nbr_samples": n_samples,
+                            "first_sample_token": sample_tokens[0], "last_sample_token": sample_tokens[-1],
+                            "name": scene_name,
+                            "description": f"Synthetic, {location}, ego at {ego_speed:.1f} m/s, {n_objects} objects"})
+    return tables
+
+
+def shared_tables(seed: int, logs: list) -> dict:
+    """The tables every scene shares: category, attribute, visibility, sensor and map."""
+    maps = {}
+    for log in logs:
+        maps.setdefault(log["location"], []).append(log["token"])
+    return {
+        "category": [{"token": make_token(seed, name), "name": name, "description": f"Synthetic {name}",
+                      "index": index} for index, name in enumerate(CATEGORIES)],
+        "attribute": [{"token": make_token(seed, "attribute", name), "name": name, "description": name}
+                      for name in ATTRIBUTES],
+        "visibility": [{"token": token, "level": level,
+                        "description": f"visibility of whole object is between {level[1:].replace('-', ' and ')}%"}
+                       for token, level, _ in VISIBILITY_LEVELS],
+        "sensor": [{"token": make_token(seed, "sensor", channel), "channel": channel, "modality": "camera"}
+                   for channel in CAMERAS],
+        "map": [{"token": make_token(seed, "map", location), "log_tokens": log_tokens, "category": "semantic_prior",
+                 "filename": f"maps/{make_token(seed, 'map', location)}.png"} for location, log_tokens in maps.items()],
+    }
+
+
+def generate(out: str, samples_per_scene: int = 10, width: int = 800, height: int = 450, seed: int = 0,
+             num_workers: int | None = None) -> None:
+    """Write the embedded dataset to `out` (which must not exist). The dataset is built in a temporary folder
+    beside `out` and renamed onto it at the end, so an interrupted run leaves no half-written dataset."""
+    if os.path.exists(out):
+        raise UserError(f"--out {out} already exists: remove it or choose another folder")
+    if samples_per_scene < 2:
+        raise UserError(f"--samples_per_scene {samples_per_scene}: need at least 2 keyframes per scene")
+    if not (64 <= width <= 4000 and 64 <= height <= 4000):
+        raise UserError(f"--width {width} --height {height}: each must be between 64 and 4000 pixels")
+    out = os.path.abspath(out)
+    tmp_root = f"{out}.partial-{os.getpid()}"
+    splits = create_splits_scenes()
+    scene_names = splits["mini_train"] + splits["mini_val"]
+    try:
+        for channel in CAMERAS:
+            os.makedirs(os.path.join(tmp_root, "samples", channel))
+        os.makedirs(os.path.join(tmp_root, "maps"))
+        os.makedirs(os.path.join(tmp_root, VERSION))
+        jobs = [{"seed": seed, "scene_index": i, "scene_name": name, "width": width, "height": height,
+                 "samples_per_scene": samples_per_scene, "root": tmp_root} for i, name in enumerate(scene_names)]
+        with ProcessPoolExecutor(max_workers=num_workers or os.cpu_count()) as pool:
+            per_scene = list(pool.map(generate_scene, jobs))
+        tables = {name: [record for scene in per_scene for record in scene[name]] for name in per_scene[0]}
+        tables.update(shared_tables(seed, tables["log"]))
+        for name, records in tables.items():
+            with open(os.path.join(tmp_root, VERSION, f"{name}.json"), "w") as f:
+                json.dump(records, f, indent=0)
+        for map_record in tables["map"]:
+            mask = np.zeros((200, 200), dtype=np.uint8)
+            mask[80:120, :] = 255  # a drivable strip: the devkit needs the files; map queries on them mean nothing
+            cv2.imwrite(os.path.join(tmp_root, map_record["filename"]), mask)
+        os.rename(tmp_root, out)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder to create (must not exist); use it as --dataset_dir")
+    parser.add_argument("--samples_per_scene", type=int, default=10, help="keyframes per scene (10 scenes)")
+    parser.add_argument("--width", type=int, default=800, help="image width in px (nuScenes: 1600)")
+    parser.add_argument("--height", type=int, default=450, help="image height in px (nuScenes: 900)")
+    parser.add_argument("--seed", type=int, default=0, help="the dataset is a function of the seed and the sizes")
+    parser.add_argument("--num_workers", type=int, default=None, help="processes rendering scenes; default: all cores")
+    return parser
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    start = time.time()
+    generate(args.out, args.samples_per_scene, args.width, args.height, args.seed, args.num_workers)
+    print(f"wrote the embedded nuScenes {VERSION} dataset to {args.out} in {time.time() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Bad input the user can fix, reported as one line at the entry point instead of a traceback."""
+
+import functools
+import sys
+
+
+class UserError(Exception):
+    """Bad input: the message names the file, flag or value and says what to do."""
+
+
+def one_line(error: BaseException) -> str:
+    """The user-facing line of an error; a UserError re-raised by a DataLoader worker carries the original
+    traceback in its message, whose last line is the original message."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    last = lines[-1]
+    marker = f"{UserError.__name__}: "
+    return last.split(marker, 1)[1] if marker in last else last
+
+
+def exit_on_user_error(main):
+    """Decorate an entry point: a UserError ends the program with 'error: <one line>' and exit status 2."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            print(f"error: {one_line(error)}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapped

@@ -1,0 +1,31 @@
+"""Atomic file writes: a reader never sees a half-written file, and an interrupted write leaves none behind."""
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)` on a temporary file next to `path`, then rename it onto `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def atomic_write_json(path: str, obj) -> None:
+    """Write `obj` as JSON to `path` atomically."""
+
+    def write(tmp_path: str) -> None:
+        with open(tmp_path, "w") as f:
+            json.dump(obj, f)
+
+    atomic_write(path, write)
