@@ -1,0 +1,156 @@
+"""Every bad input the data code promises to reject: one line naming the path or value, what to do, exit != 0,
+and no half-written cache left behind."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from torch.utils.data import DataLoader
+
+from dataset.NuscenesDataset import labels
+from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
+from tests.conftest import PROJECT_ROOT
+from utils import io as io_utils
+from utils.collate import collate_detection
+from utils.errors import UserError, one_line
+
+LABELS = {"visibilities": ["", "1", "2", "3", "4"], "min_box_size": 0.0}
+
+
+@pytest.fixture
+def dataset_copy(embedded_dir, tmp_path) -> str:
+    """A copy of the small embedded dataset that a test may damage."""
+    copy = tmp_path / "nuscenes"
+    shutil.copytree(embedded_dir, copy)
+    return str(copy)
+
+
+def run_cli(module, *args):
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            timeout=300)
+    return result.returncode, result.stderr.strip()
+
+
+def assert_one_line(stderr, *fragments):
+    assert "\n" not in stderr and "Traceback" not in stderr and stderr.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in stderr
+
+
+def test_missing_dataset_dir_cli(tmp_path):
+    missing = str(tmp_path / "no_such_dir")
+    code, stderr = run_cli("dataset.NuscenesDataset.export_coco", "--dataroot", missing, "--version", "v1.0-mini",
+                           "--split", "mini_val", "--out", str(tmp_path / "out.json"))
+    assert code == 2
+    assert_one_line(stderr, missing, "python -m dataset.NuscenesDataset.synthetic --out", "nuscenes.org")
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_missing_version_folder_cli(embedded_dir, tmp_path):
+    code, stderr = run_cli("dataset.NuscenesDataset.export_coco", "--dataroot", embedded_dir, "--version",
+                           "v1.0-trainval", "--split", "val", "--out", str(tmp_path / "out.json"))
+    assert code == 2
+    assert_one_line(stderr, os.path.join(embedded_dir, "v1.0-trainval"), "v1.0-mini")
+
+
+def test_split_matching_no_scene(embedded_dir, tmp_path):
+    with pytest.raises(UserError, match="split 'test' matches no scene of .*v1.0-mini.*mini_train"):
+        labels.label_cache(embedded_dir, "v1.0-mini", "test", LABELS, str(tmp_path))
+    with pytest.raises(UserError, match="'minival' is not a nuScenes split; choose one of: .*mini_val"):
+        labels.label_cache(embedded_dir, "v1.0-mini", "minival", LABELS, str(tmp_path))
+    assert not os.listdir(tmp_path)
+
+
+def test_unknown_version_in_config(embedded_dir, make_args):
+    args = make_args(embedded_dir, data={"version": "v2.0"})
+    with pytest.raises(UserError, match="version 'v2.0' has no entry in 'splits' of config/data.json"):
+        DatasetLoader(args, mode="train")
+
+
+def test_missing_image_file(dataset_copy, make_args):
+    victim = sorted(os.listdir(os.path.join(dataset_copy, "samples", "CAM_BACK")))[0]
+    os.remove(os.path.join(dataset_copy, "samples", "CAM_BACK", victim))
+    with pytest.raises(UserError, match=f"image .*{re.escape(victim)} is missing"):
+        DatasetLoader(make_args(dataset_copy), mode="train")
+
+
+def test_unreadable_image_file(dataset_copy, make_args):
+    dataset = DatasetLoader(make_args(dataset_copy), mode="test")
+    path = os.path.join(dataset_copy, dataset.samples[0][2]["file_name"])
+    with open(path, "rb") as f:
+        jpeg = f.read()
+    for damaged in (jpeg[: len(jpeg) // 2], b"not a jpeg", b"\xff\xd8 not a jpeg either \xff\xd9"):
+        with open(path, "wb") as f:
+            f.write(damaged)
+        with pytest.raises(UserError, match=f"cannot read image {re.escape(path)} .*JPEG"):
+            dataset[0]
+    os.chmod(path, 0)
+    if not os.access(path, os.R_OK):  # root reads anything
+        with pytest.raises(UserError, match=f"cannot read image {re.escape(path)} .*Permission denied"):
+            dataset[0]
+    os.chmod(path, 0o644)
+    loader = DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=collate_detection)
+    with pytest.raises(UserError) as raised:  # re-raised by the DataLoader with the worker's traceback
+        next(iter(loader))
+    assert one_line(raised.value).startswith(f"cannot read image {path}")
+
+
+def test_corrupt_cache_file(embedded_dir, tmp_path):
+    path, _ = labels.label_cache(embedded_dir, "v1.0-mini", "mini_val", LABELS, str(tmp_path))
+    with open(path, "r+") as f:
+        f.truncate(1000)
+    with pytest.raises(UserError, match=f"label cache {re.escape(path)} is corrupt .*delete it"):
+        labels.label_cache(embedded_dir, "v1.0-mini", "mini_val", LABELS, str(tmp_path))
+    with open(path, "w") as f:
+        json.dump([1, 2], f)
+    with pytest.raises(UserError, match="is corrupt"):
+        labels.label_cache(embedded_dir, "v1.0-mini", "mini_val", LABELS, str(tmp_path))
+
+
+def test_corrupt_cache_file_cli(embedded_dir, tmp_path):
+    cache_dir = PROJECT_ROOT / ".cache" / "labels"
+    path, _ = labels.label_cache(embedded_dir, "v1.0-mini", "mini_val", LABELS, str(cache_dir))
+    try:
+        with open(path, "w") as f:
+            f.write("{ half a file")
+        code, stderr = run_cli("dataset.NuscenesDataset.export_coco", "--dataroot", embedded_dir, "--version",
+                               "v1.0-mini", "--split", "mini_val", "--out", str(tmp_path / "out.json"))
+    finally:
+        os.remove(path)
+    assert code == 2
+    assert_one_line(stderr, path, "delete it")
+
+
+def test_interrupted_cache_write_leaves_nothing(embedded_dir, tmp_path, monkeypatch):
+    def dump_then_fail(obj, f):
+        f.write(json.dumps(obj)[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io_utils.json, "dump", dump_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        labels.label_cache(embedded_dir, "v1.0-mini", "mini_val", LABELS, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_corrupt_table_file(dataset_copy, tmp_path):
+    table = os.path.join(dataset_copy, "v1.0-mini", "sample_data.json")
+    with open(table, "r+") as f:
+        f.truncate(500)
+    with pytest.raises(UserError, match=f"cannot load the nuScenes tables in {re.escape(dataset_copy)}"):
+        labels.label_cache(dataset_copy, "v1.0-mini", "mini_val", LABELS, str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("val_ratio", [0.0, 1.0, -0.2])
+def test_bad_val_ratio(embedded_dir, make_args, val_ratio):
+    with pytest.raises(UserError, match=f"--val_ratio {val_ratio}"):
+        DatasetLoader(make_args(embedded_dir, val_ratio=val_ratio), mode="train")
+
+
+def test_generator_refuses_existing_out_cli(tmp_path):
+    code, stderr = run_cli("dataset.NuscenesDataset.synthetic", "--out", str(tmp_path))
+    assert code == 2
+    assert_one_line(stderr, str(tmp_path), "already exists")

@@ -1,0 +1,138 @@
+"""2D labels: box for box what the devkit's export script computes; the COCO label cache and its key."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from nuscenes.eval.detection.utils import category_to_detection_name
+from nuscenes.nuscenes import NuScenes
+from nuscenes.scripts import export_2d_annotations_as_json as devkit_export
+from pycocotools.coco import COCO
+from shapely.geometry import box as shapely_box
+
+from dataset.NuscenesDataset import labels
+from tests.conftest import PROJECT_ROOT
+
+ALL_VISIBILITIES = {"visibilities": ["", "1", "2", "3", "4"], "min_box_size": 0.0}
+
+
+def devkit_boxes(nusc, sample_data_token, width, height):
+    """The export script's get_2d_boxes on a width x height canvas, where it hard-codes 1600x900. Where its
+    intersection degenerates to a point or a line it crashes (AttributeError on .exterior); there the expected
+    box is the geometry's bounds, dropped if of zero area."""
+    original = devkit_export.post_process_coords
+
+    def post_process_coords(corner_coords):
+        try:
+            return original(corner_coords, imsize=(width, height))
+        except AttributeError:
+            hull = devkit_export.MultiPoint(corner_coords).convex_hull
+            x1, y1, x2, y2 = hull.intersection(devkit_export.box(0, 0, width, height)).bounds
+            return (x1, y1, x2, y2) if x2 > x1 and y2 > y1 else None
+
+    devkit_export.nusc = nusc
+    devkit_export.post_process_coords = post_process_coords
+    try:
+        records = devkit_export.get_2d_boxes(sample_data_token, ["", "1", "2", "3", "4"])
+    finally:
+        devkit_export.post_process_coords = original
+        del devkit_export.nusc
+    return {r["sample_annotation_token"]: r["bbox_corners"] for r in records
+            if category_to_detection_name(r["category_name"]) is not None}
+
+
+def test_boxes_equal_the_devkit_for_every_camera_keyframe(embedded_dir, tmp_path):
+    nusc = NuScenes(version="v1.0-mini", dataroot=embedded_dir, verbose=False)
+    compared = clipped = 0
+    for split in ("mini_train", "mini_val"):
+        _, coco = labels.label_cache(embedded_dir, "v1.0-mini", split, ALL_VISIBILITIES, str(tmp_path))
+        ours = {image["id"]: {} for image in coco["images"]}
+        for ann in coco["annotations"]:
+            x, y, w, h = ann["bbox"]
+            ours[ann["image_id"]][ann["sample_annotation_token"]] = (x, y, x + w, y + h)
+        for image in coco["images"]:
+            expected = devkit_boxes(nusc, image["sample_data_token"], image["width"], image["height"])
+            assert set(ours[image["id"]]) == set(expected), image["file_name"]
+            for token, corners in expected.items():
+                assert ours[image["id"]][token] == pytest.approx(corners, abs=1e-3)
+                compared += 1
+                clipped += corners[0] == 0 or corners[2] == image["width"]
+    assert len([i for i in nusc.sample_data if i["sensor_modality"] == "camera"]) == 120
+    assert compared > 300 and clipped > 10
+
+
+def test_degenerate_intersections_are_dropped_not_crashed():
+    canvas = shapely_box(0, 0, 320, 180)
+    touching_edge = [[320, 10], [400, 10], [400, 50], [320, 50]]  # meets the canvas in a line
+    touching_corner = [[320, 180], [400, 250], [330, 260]]  # meets it in a point
+    vertical_line = [[10, 10], [10, 60]]  # two corners in front of the camera, one above the other
+    for corners in (touching_edge, touching_corner, vertical_line):
+        assert labels.clip_to_canvas(corners, canvas) is None
+    assert labels.clip_to_canvas([[10, 10], [50, 60]], canvas) == (10, 10, 50, 60)  # a diagonal line: its bounds
+    assert labels.clip_to_canvas([[300, 100], [400, 120], [350, 200]], canvas) == pytest.approx(
+        devkit_export.post_process_coords([[300, 100], [400, 120], [350, 200]], imsize=(320, 180)))
+
+
+def test_coco_file_format(embedded_dir, tmp_path):
+    path, coco = labels.label_cache(embedded_dir, "v1.0-mini", "mini_val", ALL_VISIBILITIES, str(tmp_path))
+    gt = COCO(path)
+    assert [c["name"] for c in gt.loadCats(gt.getCatIds())] == ["car", "truck", "bus", "trailer",
+                                                               "construction_vehicle", "pedestrian", "motorcycle",
+                                                               "bicycle", "traffic_cone", "barrier"]
+    assert len(gt.getImgIds()) == 2 * 2 * 6
+    image = coco["images"][0]
+    assert {"id", "file_name", "width", "height", "sample_token", "channel"} <= set(image)
+    assert os.path.exists(os.path.join(embedded_dir, image["file_name"]))
+    for ann in coco["annotations"]:
+        assert ann["iscrowd"] == 0 and ann["area"] == pytest.approx(ann["bbox"][2] * ann["bbox"][3])
+        assert 1 <= ann["category_id"] <= 10
+
+
+def test_cache_is_reused_and_rebuilt_on_any_change(embedded_dir, tmp_path, monkeypatch):
+    dataroot = tmp_path / "copy"
+    for folder in ("v1.0-mini", "maps"):  # what the label computation reads; no images
+        shutil.copytree(os.path.join(embedded_dir, folder), dataroot / folder)
+    cache_dir = str(tmp_path / "cache")
+    path, first = labels.label_cache(str(dataroot), "v1.0-mini", "mini_val", ALL_VISIBILITIES, cache_dir)
+    assert first["dstorch_cache_key"]
+
+    builds = []
+    real_build = labels.build_coco
+    monkeypatch.setattr(labels, "build_coco", lambda *a: builds.append(a) or real_build(*a))
+    assert labels.label_cache(str(dataroot), "v1.0-mini", "mini_val", ALL_VISIBILITIES, cache_dir)[1] == first
+    assert not builds
+
+    os.utime(path, (0, 0))  # an old file is not a stale file
+    labels.label_cache(str(dataroot), "v1.0-mini", "mini_val", ALL_VISIBILITIES, cache_dir)
+    assert not builds
+
+    fewer = labels.label_cache(str(dataroot), "v1.0-mini", "mini_val", {**ALL_VISIBILITIES, "min_box_size": 20.0},
+                               cache_dir)[1]
+    assert len(builds) == 1 and len(fewer["annotations"]) < len(first["annotations"])
+    assert all(min(a["bbox"][2:]) >= 20.0 for a in fewer["annotations"])
+
+    only_visible = labels.label_cache(str(dataroot), "v1.0-mini", "mini_val",
+                                      {"visibilities": ["4"], "min_box_size": 0.0}, cache_dir)[1]
+    assert len(builds) == 2 and all(a["visibility_token"] == "4" for a in only_visible["annotations"])
+
+    table = dataroot / "v1.0-mini" / "sample_annotation.json"
+    records = json.loads(table.read_text())
+    records = [r for r in records if r["visibility_token"] != "4"]
+    table.write_text(json.dumps(records))
+    edited = labels.label_cache(str(dataroot), "v1.0-mini", "mini_val", ALL_VISIBILITIES, cache_dir)[1]
+    assert len(builds) == 3 and len(edited["annotations"]) < len(first["annotations"])
+    assert sorted(os.listdir(cache_dir)) == [os.path.basename(path)]  # one file, rewritten in place
+
+
+def test_export_coco_command(embedded_dir, tmp_path):
+    out = tmp_path / "gt" / "mini_val.json"
+    result = subprocess.run([sys.executable, "-m", "dataset.NuscenesDataset.export_coco", "--dataroot", embedded_dir,
+                             "--version", "v1.0-mini", "--split", "mini_val", "--out", str(out)],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    exported = json.loads(out.read_text())
+    assert len(exported["images"]) == 24 and exported["annotations"] and "dstorch_cache_key" not in exported
+    assert COCO(str(out)).getImgIds()

@@ -1,0 +1,105 @@
+"""The multi-camera loader: splits, item contract, image decoding, collate, the embedded dataset on demand."""
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from dataset.NuscenesDataset import loader_2d_obj_det as loader_module
+from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader, read_image, train_val_scenes
+from utils.collate import collate_detection
+from utils.errors import UserError
+
+
+def test_modes_split_scenes_deterministically(embedded_dir, make_args):
+    args = make_args(embedded_dir)
+    scenes = {mode: {img["scene_name"] for s in DatasetLoader(args, mode=mode).samples for img in s}
+              for mode in ("train", "val", "test")}
+    assert not scenes["train"] & scenes["val"]
+    assert len(scenes["train"] | scenes["val"]) == 8 and len(scenes["val"]) == 2  # round(0.25 * 8)
+    assert scenes["test"] == {"scene-0103", "scene-0916"}
+    assert train_val_scenes(sorted(scenes["train"] | scenes["val"]), 0.25)[1] == sorted(scenes["val"])
+    assert len(train_val_scenes([f"s{i}" for i in range(8)], 0.01)[1]) == 1  # val is never empty
+
+
+def test_item_contract_and_boxes_in_input_pixels(embedded_dir, make_args):
+    args = make_args(embedded_dir)
+    dataset = DatasetLoader(args, dtype=torch.float32, mode="test")
+    with open(dataset.coco_path) as f:
+        coco = json.load(f)
+    cameras = args["data"]["2DObjDet"]["cameras"]
+    item = dataset[1]
+    assert item["images"].shape == (6, 3, 96, 160) and item["images"].dtype == torch.float32
+    assert item["boxes"].shape == (int(item["counts"].sum()), 4) and item["labels"].dtype == torch.int64
+    assert item["orig_sizes"].tolist() == [[320, 180]] * 6
+    images = {image["id"]: image for image in coco["images"]}
+    assert [images[i]["channel"] for i in item["image_ids"].tolist()] == cameras
+    expected = []
+    for image_id in item["image_ids"].tolist():
+        for ann in coco["annotations"]:
+            if ann["image_id"] == image_id:
+                x, y, w, h = ann["bbox"]
+                expected.append([x * 0.5, y * 96 / 180, (x + w) * 0.5, (y + h) * 96 / 180, ann["category_id"] - 1])
+    got = torch.cat([item["boxes"], item["labels"][:, None].float()], dim=1)
+    assert got.numpy() == pytest.approx(np.array(expected, dtype=np.float32).reshape(-1, 5), abs=1e-4)
+    # normalized: the mean of a natural-ish image is near 0, and the values are far from [0, 255]
+    assert item["images"].abs().max() < 5
+
+
+@pytest.mark.parametrize("size", [(400, 224), (200, 112), (1600, 900), (640, 480)])
+def test_reduced_scale_decoding_matches_full_decoding(tmp_path, size):
+    rng = np.random.default_rng(0)
+    big = np.kron(rng.integers(0, 255, size=(9, 16, 3)), np.ones((100, 100, 1))).astype(np.uint8)  # 900x1600 RGB
+    path = tmp_path / "big.jpg"
+    Image.fromarray(big).save(path, quality=95)
+    fast = read_image(str(path), size, (1600, 900)).float()
+    full = torch.from_numpy(np.array(Image.open(path).convert("RGB").resize(size, Image.BILINEAR)))
+    assert fast.shape == (3, size[1], size[0])
+    assert (fast - full.permute(2, 0, 1).float()).abs().mean() < 6  # of 255: other resampling, same picture
+
+
+def test_collate_folds_cameras_and_indexes_boxes(embedded_dir, make_args):
+    dataset = DatasetLoader(make_args(embedded_dir), mode="train")
+    loader = DataLoader(dataset, batch_size=3, collate_fn=collate_detection, num_workers=1)
+    batch = next(iter(loader))
+    assert batch["images"].shape == (3, 6, 3, 96, 160) and batch["counts"].shape == (3, 6)
+    assert batch["boxes"].shape == (batch["counts"].sum(), 4)
+    assert torch.bincount(batch["box_image_index"], minlength=18).tolist() == batch["counts"].flatten().tolist()
+    items = [dataset[i] for i in range(3)]
+    assert torch.equal(batch["boxes"], torch.cat([item["boxes"] for item in items]))
+
+
+def test_augmented_items_keep_boxes_inside_the_image(embedded_dir, make_args):
+    torch.manual_seed(0)
+    dataset = DatasetLoader(make_args(embedded_dir, bool_apply_img_aug=1), mode="train")
+    assert dataset.augmentation is not None
+    assert DatasetLoader(make_args(embedded_dir, bool_apply_img_aug=1), mode="val").augmentation is None
+    for index in range(len(dataset)):
+        item = dataset[index]
+        boxes = item["boxes"]
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 160).all() and (boxes[:, 3] <= 96).all()
+        assert (boxes[:, 2] - boxes[:, 0] >= 2).all() and (boxes[:, 3] - boxes[:, 1] >= 2).all()
+        assert len(item["labels"]) == len(boxes) == int(item["counts"].sum())
+
+
+def test_missing_embedded_dataset_is_generated_in_one_line(tmp_path, make_args, caplog):
+    target = tmp_path / "embedded"
+    embedded = {"dataset_dir": str(target), "samples_per_scene": 2, "width": 96, "height": 64, "seed": 1}
+    args = make_args(None, data={"dataset_dir": str(target), "embedded": embedded})
+    with caplog.at_level(logging.INFO, logger=loader_module.__name__):
+        dataset = DatasetLoader(args, mode="test")
+    assert len(dataset) == 4 and os.path.isdir(target / "samples" / "CAM_BACK")
+    messages = [r.getMessage() for r in caplog.records if r.name == loader_module.__name__]
+    assert len(messages) == 1 and str(target) in messages[0] and "\n" not in messages[0]
+
+
+def test_other_missing_dataset_dir_is_an_error_not_a_generation(tmp_path, make_args):
+    missing = tmp_path / "elsewhere"
+    with pytest.raises(UserError, match=f"{missing} does not exist.*synthetic --out"):
+        DatasetLoader(make_args(str(missing)), mode="train")
+    assert not missing.exists()

@@ -1,0 +1,73 @@
+"""Training augmentation: after each transform, every box still frames what it framed."""
+
+import pytest
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from dataset.NuscenesDataset.loader_2d_obj_det import build_augmentation
+
+HEIGHT, WIDTH = 96, 160
+# x1, y1, x2, y2 in px; the last one touches the border
+BOXES = [(10, 12, 40, 50), (60, 30, 100, 70), (120, 5, 155, 35), (0, 70, 30, 96)]
+AUGMENTATION = {"hflip_prob": 0.5, "brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.02,
+                "scale": [0.8, 1.2], "translate": 0.1, "min_box_size": 2.0}
+
+
+def scene():
+    """A black image with a bright filled rectangle per box: a box frames its object iff it frames bright pixels."""
+    image = torch.zeros(3, HEIGHT, WIDTH, dtype=torch.uint8)
+    for i, (x1, y1, x2, y2) in enumerate(BOXES):
+        image[:, y1:y2, x1:x2] = torch.tensor([200, 160 + 20 * i, 120]).view(3, 1, 1)
+    return {"image": tv_tensors.Image(image),
+            "boxes": tv_tensors.BoundingBoxes(torch.tensor(BOXES, dtype=torch.float32), format="XYXY",
+                                              canvas_size=(HEIGHT, WIDTH)),
+            "labels": torch.arange(len(BOXES))}
+
+
+def assert_boxes_frame_the_objects(sample):
+    bright = sample["image"].float().amax(dim=0) > 50  # (H, W): object pixels
+    covered = torch.zeros_like(bright)
+    assert len(sample["boxes"]) == len(sample["labels"])
+    for x1, y1, x2, y2 in sample["boxes"].round().int().tolist():
+        assert 0 <= x1 < x2 <= WIDTH and 0 <= y1 < y2 <= HEIGHT
+        inside = bright[y1:y2, x1:x2]
+        assert inside.float().mean() > 0.9  # the box holds its object ...
+        # ... and its object does not extend past the box (a one-pixel ring, for resampling)
+        ring = bright[max(y1 - 2, 0):y2 + 2, max(x1 - 2, 0):x2 + 2].sum() - bright[y1:y2, x1:x2].sum()
+        assert ring <= 2 * ((x2 - x1) + (y2 - y1)) * 0.6
+        covered[y1:y2, x1:x2] = True
+    assert (bright & ~covered).sum() <= 0.02 * bright.sum() + 4  # no object lost its box
+
+
+@pytest.mark.parametrize("transform", [
+    v2.RandomHorizontalFlip(p=1.0),
+    v2.ColorJitter(0.3, 0.3, 0.3, 0.02),
+    v2.RandomAffine(degrees=0.0, scale=(1.2, 1.2)),
+    v2.RandomAffine(degrees=0.0, scale=(0.8, 0.8)),
+    v2.RandomAffine(degrees=0.0, translate=(0.1, 0.1)),
+], ids=["flip", "jitter", "zoom_in", "zoom_out", "translate"])
+def test_each_transform_keeps_boxes_on_their_objects(transform):
+    torch.manual_seed(0)
+    sample = v2.Compose([transform, v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=2.0)])(scene())
+    assert_boxes_frame_the_objects(sample)
+
+
+def test_flip_mirrors_boxes():
+    sample = v2.RandomHorizontalFlip(p=1.0)(scene())
+    assert sample["boxes"][0].tolist() == [WIDTH - 40, 12, WIDTH - 10, 50]
+
+
+def test_full_pipeline_keeps_boxes_on_their_objects():
+    augmentation = build_augmentation(AUGMENTATION)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        assert_boxes_frame_the_objects(augmentation(scene()))
+
+
+def test_boxes_pushed_out_of_the_image_are_dropped_with_their_labels():
+    torch.manual_seed(0)
+    sample = v2.Compose([v2.RandomAffine(degrees=0.0, translate=(0.5, 0.5)), v2.ClampBoundingBoxes(),
+                         v2.SanitizeBoundingBoxes(min_size=2.0)])
+    kept = [len(sample(scene())["labels"]) for _ in range(30)]
+    assert min(kept) < len(BOXES)
