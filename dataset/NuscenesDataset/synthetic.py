@@ -403,7 +403,9 @@ def generate_scene(job: dict) -> dict:
     rng = np.random.default_rng([seed, scene_index])
     tables = {name: [] for name in ("log", "scene", "sample", "sample_data", "ego_pose", "calibrated_sensor",
                                     "instance", "sample_annotation")}
-    token = lambda *parts: make_token(seed, scene_name, *parts)  # noqa: E731
+
+    def token(*parts) -> str:
+        return make_token(seed, scene_name, *parts)
 
     location = LOCATIONS[scene_index % len(LOCATIONS)]
     start_us = 1_531_883_530_000_000 + scene_index * 86_400_000_000
