@@ -1,0 +1,145 @@
+"""A YOLO-style multi-camera 2D detector: torchvision ResNet backbone, FPN at strides 8, 16 and 32, and one
+anchor-free head shared by the three levels.
+
+Why anchor-free (YOLOX/FCOS style) and not YOLOv3 anchors: nuScenes objects range from traffic cones (0.4 m) to
+bendy buses (17 m), seen from 1 m to 80 m away by cameras of two focal lengths, so anchor shapes would have to be
+re-clustered for every dataset, camera set and input size, and IoU matching against them leaves tiny and elongated
+boxes without a positive. Here each feature-map point predicts the distances to the four sides of its box, and
+utils/loss.py assigns every ground-truth box to points of the level that suits its size, at least one per box.
+
+Input images (B, N_cam, 3, H, W), normalized, H and W multiples of 32; the cameras are folded into the batch, so
+the model sees I = B * N_cam images. P = sum over the levels of (H / s) * (W / s) points.
+"""
+
+import logging
+import math
+import os
+
+import torch
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.feature_extraction import create_feature_extractor
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+
+from utils.boxes import decode_ltrb, postprocess_detections
+from utils.errors import UserError
+
+# name: (constructor, ImageNet weights, channels of layer2, layer3, layer4)
+BACKBONES = {
+    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1, (128, 256, 512)),
+    "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1, (128, 256, 512)),
+    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V2, (512, 1024, 2048)),
+}
+STRIDES = (8, 16, 32)  # of ResNet's layer2, layer3 and layer4 outputs
+PRIOR_PROBABILITY = 0.01  # initial objectness and class probability, so that the many background points start low
+
+logger = logging.getLogger(__name__)
+
+
+def build_backbone(name: str, pretrained: bool, freeze_batchnorm: bool) -> tuple:
+    """ResNet feature extractor returning {"0": stride 8, "1": stride 16, "2": stride 32} and its channels.
+    ImageNet weights are read from torch's hub cache only: nothing is downloaded."""
+    if name not in BACKBONES:
+        raise UserError(f"backbone '{name}' in config/model.json: choose one of {', '.join(BACKBONES)}")
+    constructor, weights, channels = BACKBONES[name]
+    resnet = constructor(weights=None, norm_layer=FrozenBatchNorm2d if freeze_batchnorm else nn.BatchNorm2d)
+    if pretrained:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        if not os.path.isfile(path):
+            raise UserError(f"pretrained_backbone: ImageNet weights for {name} not found at {path}; download "
+                            f"{weights.url} there, or set \"pretrained_backbone\": false in config/model.json")
+        resnet.load_state_dict(weights.get_state_dict(progress=False))
+    extractor = create_feature_extractor(resnet, {"layer2": "0", "layer3": "1", "layer4": "2"})
+    return extractor, channels
+
+
+def conv_norm_act(channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                         nn.GroupNorm(min(32, channels), channels), nn.SiLU(inplace=True))
+
+
+class DetectionHead(nn.Module):
+    """Shared by all levels (weights are shared, a learnable scale per level adapts the box regression):
+    a class tower -> class logits (C per point), and a box tower -> 4 side distances and 1 objectness logit."""
+
+    def __init__(self, channels: int, num_classes: int, num_convs: int, num_levels: int):
+        super().__init__()
+        self.class_tower = nn.Sequential(*[conv_norm_act(channels) for _ in range(num_convs)])
+        self.box_tower = nn.Sequential(*[conv_norm_act(channels) for _ in range(num_convs)])
+        self.class_logits = nn.Conv2d(channels, num_classes, 3, padding=1)
+        self.box_deltas = nn.Conv2d(channels, 4, 3, padding=1)
+        self.objectness = nn.Conv2d(channels, 1, 3, padding=1)
+        self.level_scales = nn.Parameter(torch.ones(num_levels))
+        prior_bias = -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY)
+        for layer in (self.class_logits, self.box_deltas, self.objectness):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.constant_(layer.bias, prior_bias if layer is not self.box_deltas else 0.0)
+
+    def forward(self, feature: torch.Tensor, level: int) -> tuple:
+        """feature (I, ch, h, w) -> class logits (I, h*w, C), box deltas (I, h*w, 4), objectness (I, h*w)."""
+        class_features, box_features = self.class_tower(feature), self.box_tower(feature)
+        class_logits = self.class_logits(class_features).flatten(2).transpose(1, 2)
+        box_deltas = (self.box_deltas(box_features) * self.level_scales[level]).flatten(2).transpose(1, 2)
+        return class_logits, box_deltas, self.objectness(box_features).flatten(1)
+
+
+class Yolo(nn.Module):
+    """cfg: the "Yolo" section of config/model.json; image_size: input (W, H) in px; num_classes: C."""
+
+    def __init__(self, cfg: dict, image_size: tuple, num_classes: int):
+        super().__init__()
+        width, height = image_size
+        if width % 32 or height % 32:
+            raise UserError(f"input size {width}x{height} ('image' in config/data.json): width and height must be "
+                            f"multiples of 32, the coarsest stride")
+        self.cfg, self.image_size, self.num_classes = cfg, (width, height), num_classes
+        self.backbone, channels = build_backbone(cfg["backbone"], cfg["pretrained_backbone"], cfg["freeze_batchnorm"])
+        self.fpn = FeaturePyramidNetwork(list(channels), cfg["fpn_channels"])
+        self.head = DetectionHead(cfg["fpn_channels"], num_classes, cfg["head_convs"], len(STRIDES))
+
+    def forward(self, images: torch.Tensor) -> dict:
+        """images (B, N_cam, 3, H, W) -> dict over the I = B * N_cam images and P points of all levels:
+            class_logits (I, P, C); objectness (I, P) logits; box_deltas (I, P, 4) raw;
+            boxes (I, P, 4) x1 y1 x2 y2 in input px; points (P, 2) point centres in input px; strides (P,)."""
+        features = self.fpn(self.backbone(images.flatten(0, 1)))  # {"0": (I, ch, H/8, W/8), "1": ..., "2": ...}
+        class_logits, box_deltas, objectness, points, strides = [], [], [], [], []
+        for level, (feature, stride) in enumerate(zip(features.values(), STRIDES, strict=True)):
+            level_class, level_box, level_objectness = self.head(feature, level)
+            class_logits.append(level_class)
+            box_deltas.append(level_box)
+            objectness.append(level_objectness)
+            rows, cols = feature.shape[-2:]
+            y, x = torch.meshgrid(torch.arange(rows, device=feature.device), torch.arange(cols, device=feature.device),
+                                  indexing="ij")
+            points.append(torch.stack([x.flatten(), y.flatten()], dim=1).to(feature.dtype).add(0.5).mul(stride))
+            strides.append(torch.full((rows * cols,), float(stride), device=feature.device, dtype=feature.dtype))
+        points, strides, box_deltas = torch.cat(points), torch.cat(strides), torch.cat(box_deltas, dim=1)
+        return {"class_logits": torch.cat(class_logits, dim=1), "objectness": torch.cat(objectness, dim=1),
+                "box_deltas": box_deltas, "boxes": decode_ltrb(box_deltas.float(), points.float(), strides.float()),
+                "points": points, "strides": strides}
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> list:
+        """Detections of each of the I = B * N_cam images (camera-major within a sample): dicts with boxes (D, 4)
+        in input px, scores (D,) = objectness x class probability, labels (D,); see config/model.json
+        "postprocess" for the thresholds."""
+        outputs = self(images)
+        objectness = torch.sigmoid(outputs["objectness"].float())[..., None]  # (I, P, 1)
+        scores = objectness * torch.sigmoid(outputs["class_logits"].float())  # (I, P, C)
+        return postprocess_detections(outputs["boxes"], scores, image_size=self.image_size, **self.cfg["postprocess"])
+
+    def print_model_summary(self) -> None:
+        """Log the parameters of each part and the GFLOPs of one forward pass on one image at the input size."""
+        width, height = self.image_size
+        parameters = {name: sum(p.numel() for p in module.parameters()) for name, module in self.named_children()}
+        was_training = self.training
+        self.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            self(torch.zeros(1, 1, 3, height, width, device=next(self.parameters()).device))
+        self.train(was_training)
+        logger.info("Yolo (%s backbone) at %dx%d input:", self.cfg["backbone"], width, height)
+        for name, count in parameters.items():
+            logger.info("  %-10s %8.2f M parameters", name, count / 1e6)
+        logger.info("  %-10s %8.2f M parameters, %.2f GFLOPs per image (FLOPs = 2 x multiply-adds)", "total",
+                    sum(parameters.values()) / 1e6, counter.get_total_flops() / 1e9)

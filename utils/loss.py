@@ -1,0 +1,120 @@
+"""Loss of a dense anchor-free detector (one box, one objectness and C class logits per feature-map point).
+
+Target assignment (`assign`), per image:
+1. Each ground-truth box goes to the pyramid level whose size range (config "size_ranges", in input px, one
+   [low, high) range per stride) holds its longer side.
+2. Its candidate points are the points of that level that lie strictly inside the box and within
+   center_radius * stride of the box centre in x and in y (FCOS centre sampling).
+3. A point that is a candidate of several boxes (of the same level, so of similar sizes) goes to the box whose
+   centre is nearest; FCOS's smallest-box rule would leave the larger of two overlapping pedestrians with none.
+4. A box left without a point (tiny, or out-competed by smaller boxes) gets, of the 9 points of its level
+   nearest to its centre, the nearest that is background or whose box keeps another point. So every box gets a
+   positive point unless 9 boxes crowd around it that each have only one: a point predicts one box.
+
+Terms (weights in config/loss.json), each normalized by the number of positive points N_pos (at least 1):
+    box_loss: GIoU loss (torchvision) of the decoded box of each positive point, averaged over the positives;
+    obj_loss: sigmoid focal loss (torchvision) of the objectness of all points (positives are 1), summed and
+              divided by N_pos, as RetinaNet and FCOS normalize it;
+    cls_loss: binary cross-entropy of the C class logits of each positive point against its one-hot class,
+              summed over classes and averaged over the positives.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+
+NO_BOX = -1  # in `assign`'s output: a background point
+NEAREST_POINTS = 9  # where a box without a positive point looks for one (step 4 of the assignment)
+
+
+class DetectionLoss(nn.Module):
+    """cfg: a section of config/loss.json: weights {box, obj, cls}, center_radius, size_ranges (one per stride,
+    smallest stride first), focal_alpha, focal_gamma."""
+
+    def __init__(self, cfg: dict, strides: tuple):
+        super().__init__()
+        if len(cfg["size_ranges"]) != len(strides):
+            raise ValueError(f"loss config: {len(cfg['size_ranges'])} size_ranges for {len(strides)} strides")
+        self.cfg, self.strides = cfg, strides
+
+    def pad_targets(self, boxes: torch.Tensor, box_image_index: torch.Tensor, num_images: int) -> tuple:
+        """Boxes (T, 4) listed image after image -> (I, M, 4) zero-padded, valid (I, M), and each box's slot (T,)."""
+        counts = torch.bincount(box_image_index, minlength=num_images)
+        first = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(len(boxes), device=boxes.device) - first[box_image_index]
+        max_boxes = int(counts.max()) if len(boxes) else 0
+        padded = boxes.new_zeros(num_images, max_boxes, 4)
+        valid = torch.zeros(num_images, max_boxes, dtype=torch.bool, device=boxes.device)
+        padded[box_image_index, slot] = boxes
+        valid[box_image_index, slot] = True
+        return padded, valid, slot
+
+    @torch.no_grad()
+    def assign(self, points: torch.Tensor, strides: torch.Tensor, gt_boxes: torch.Tensor,
+               gt_valid: torch.Tensor) -> torch.Tensor:
+        """points (P, 2), strides (P,), gt_boxes (I, M, 4) in input px, gt_valid (I, M) ->
+        (I, P) index of each point's box among the M of its image, or NO_BOX (see the module docstring)."""
+        num_images, max_boxes = gt_valid.shape
+        assigned = torch.full((num_images, len(points)), NO_BOX, dtype=torch.long, device=points.device)
+        if max_boxes == 0:
+            return assigned
+        x1, y1, x2, y2 = gt_boxes.unbind(-1)  # each (I, M)
+        sides = torch.maximum(x2 - x1, y2 - y1)
+        level_stride = torch.zeros_like(sides)
+        for stride, (low, high) in zip(self.strides, self.cfg["size_ranges"], strict=True):
+            level_stride = torch.where((sides >= low) & (sides < high), float(stride), level_stride)
+        px, py = points[:, 0].view(1, 1, -1), points[:, 1].view(1, 1, -1)  # (1, 1, P)
+        cx, cy = ((x1 + x2) / 2)[..., None], ((y1 + y2) / 2)[..., None]  # (I, M, 1)
+        radius = self.cfg["center_radius"] * strides.view(1, 1, -1)
+        on_level = (strides.view(1, 1, -1) == level_stride[..., None]) & gt_valid[..., None]  # (I, M, P)
+        candidate = (on_level & (px > x1[..., None]) & (px < x2[..., None]) & (py > y1[..., None])
+                     & (py < y2[..., None]) & ((px - cx).abs() < radius) & ((py - cy).abs() < radius))
+        distance = torch.where(on_level, (px - cx) ** 2 + (py - cy) ** 2, torch.inf)  # (I, M, P) px^2
+        best_distance, best_box = torch.where(candidate, distance, torch.inf).min(dim=1)  # (I, P)
+        assigned = torch.where(torch.isfinite(best_distance), best_box, assigned)
+
+        points_per_box = (assigned[:, None, :] == torch.arange(max_boxes, device=points.device)[None, :, None]).sum(2)
+        missing = torch.nonzero(gt_valid & (points_per_box == 0)).tolist()
+        if missing:
+            nearest = distance.topk(min(NEAREST_POINTS, len(points)), dim=2, largest=False).indices  # (I, M, 9)
+            for image, box in missing:
+                choices = nearest[image, box].tolist()
+                owners = assigned[image, choices].tolist()
+                chosen = next((p for p, owner in zip(choices, owners, strict=True)
+                               if owner == NO_BOX or points_per_box[image, owner] > 1), choices[0])
+                owner = int(assigned[image, chosen])
+                if owner != NO_BOX:
+                    points_per_box[image, owner] -= 1
+                assigned[image, chosen] = box
+                points_per_box[image, box] += 1
+        return assigned
+
+    def forward(self, outputs: dict, targets: dict) -> dict:
+        """outputs: the model's dict (class_logits (I, P, C), objectness (I, P), boxes (I, P, 4), points (P, 2),
+        strides (P,)); targets: boxes (T, 4) in input px, labels (T,), box_image_index (T,), as collated.
+        Returns box_loss, obj_loss, cls_loss, total_loss (scalars) and num_positives."""
+        class_logits, objectness = outputs["class_logits"].float(), outputs["objectness"].float()
+        num_images, _, num_classes = class_logits.shape
+        gt_boxes, gt_valid, slot = self.pad_targets(targets["boxes"], targets["box_image_index"], num_images)
+        gt_labels = torch.zeros(gt_valid.shape, dtype=torch.long, device=gt_valid.device)
+        gt_labels[targets["box_image_index"], slot] = targets["labels"]
+
+        assigned = self.assign(outputs["points"].float(), outputs["strides"].float(), gt_boxes, gt_valid)
+        positive = assigned != NO_BOX  # (I, P)
+        image_index, point_index = torch.nonzero(positive, as_tuple=True)
+        matched = assigned[image_index, point_index]
+        num_positives = positive.sum()
+        normalizer = num_positives.clamp(min=1).float()
+
+        box_loss = generalized_box_iou_loss(outputs["boxes"][image_index, point_index].float(),
+                                            gt_boxes[image_index, matched], reduction="sum") / normalizer
+        obj_loss = sigmoid_focal_loss(objectness, positive.float(), self.cfg["focal_alpha"], self.cfg["focal_gamma"],
+                                      reduction="sum") / normalizer
+        class_targets = F.one_hot(gt_labels[image_index, matched], num_classes).float()
+        cls_loss = F.binary_cross_entropy_with_logits(class_logits[image_index, point_index], class_targets,
+                                                      reduction="sum") / normalizer
+        weights = self.cfg["weights"]
+        total = weights["box"] * box_loss + weights["obj"] * obj_loss + weights["cls"] * cls_loss
+        return {"box_loss": box_loss, "obj_loss": obj_loss, "cls_loss": cls_loss, "total_loss": total,
+                "num_positives": num_positives}
