@@ -1,0 +1,109 @@
+"""Model cost: parameters, GFLOPs per image and forward+backward images/s on this CPU at the configured input size,
+for DSTorch's Yolo and, in the same run, torchvision's FCOS and RetinaNet on a resnet18-FPN backbone without
+weights, so that readers can place our cost.
+
+    python -m bench.model [--batch_images 6] [--iterations 5]
+
+All three train from scratch here, so all three use trainable BatchNorm in the backbone. torchvision's models
+resize inside (GeneralizedRCNNTransform); min_size/max_size are set so that they keep the input size.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from models.Yolo.yolo import STRIDES, Yolo
+from utils.loss import DetectionLoss
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+NUM_CLASSES = 10
+
+
+def load(name: str) -> dict:
+    with open(CONFIG_DIR / f"{name}.json") as f:
+        return json.load(f)
+
+
+def random_targets(num_images: int, width: int, height: int, boxes_per_image: int = 10) -> list:
+    """Boxes (x1, y1, x2, y2) in px and labels 0..9 for each image, fixed by a seed."""
+    generator = torch.Generator().manual_seed(0)
+    targets = []
+    for _ in range(num_images):
+        xy = torch.rand(boxes_per_image, 2, generator=generator) * torch.tensor([width * 0.8, height * 0.8])
+        size = 8 + torch.rand(boxes_per_image, 2, generator=generator) * torch.tensor([width * 0.2, height * 0.3])
+        targets.append({"boxes": torch.cat([xy, xy + size], dim=1),
+                        "labels": torch.randint(0, NUM_CLASSES, (boxes_per_image,), generator=generator)})
+    return targets
+
+
+def torchvision_detector(kind: str, width: int, height: int) -> nn.Module:
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d,
+                                   trainable_layers=5, returned_layers=[2, 3, 4],
+                                   extra_blocks=LastLevelP6P7(256, 256))
+    detector = FCOS if kind == "fcos" else RetinaNet
+    # num_classes + 1: torchvision's detectors keep class 0 for the background
+    return detector(backbone, num_classes=NUM_CLASSES + 1, min_size=min(width, height), max_size=max(width, height))
+
+
+def measure(name: str, model: nn.Module, train_step, flops_forward, iterations: int, batch_images: int) -> dict:
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        flops_forward()
+    model.train()
+    train_step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(iterations):
+        model.zero_grad()
+        train_step()
+    elapsed = time.perf_counter() - start
+    return {"model": name, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "gflops": counter.get_total_flops() / 1e9, "images_per_s": iterations * batch_images / elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch_images", type=int, default=6, help="images per step (one sample's 6 cameras)")
+    parser.add_argument("--iterations", type=int, default=5, help="timed forward+backward steps per model")
+    args = parser.parse_args()
+    image = load("data")["2DObjDet"]["image"]
+    width, height = image["w"], image["h"]
+    torch.manual_seed(0)
+    images = torch.randn(args.batch_images, 3, height, width)
+    targets = random_targets(args.batch_images, width, height)
+    results = []
+
+    ours = Yolo(load("model")["Yolo"], (width, height), NUM_CLASSES)
+    loss_fn = DetectionLoss(load("loss")["Yolo"], STRIDES)
+    collated = {"boxes": torch.cat([t["boxes"] for t in targets]), "labels": torch.cat([t["labels"] for t in targets]),
+                "box_image_index": torch.arange(len(targets)).repeat_interleave(10)}
+    results.append(measure(
+        "DSTorch Yolo (resnet18, FPN 128, anchor-free)", ours,
+        lambda: loss_fn(ours(images[None]), collated)["total_loss"].backward(),
+        lambda: ours(images[None, :1]), args.iterations, args.batch_images))
+
+    for kind, label in (("fcos", "torchvision FCOS (resnet18-FPN 256)"),
+                        ("retinanet", "torchvision RetinaNet (resnet18-FPN 256)")):
+        model = torchvision_detector(kind, width, height)
+        shifted = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
+        results.append(measure(
+            label, model, lambda model=model, shifted=shifted: sum(model(list(images), shifted).values()).backward(),
+            lambda model=model: model([images[0]]), args.iterations, args.batch_images))
+
+    print(f"input {width}x{height}, {torch.get_num_threads()} threads, forward+backward on batches of "
+          f"{args.batch_images} images, {args.iterations} timed steps")
+    print(f"{'model':<48}{'params (M)':>11}{'GFLOPs/img':>12}{'train img/s':>13}{'vs ours':>9}")
+    for row in results:
+        print(f"{row['model']:<48}{row['params_m']:>11.2f}{row['gflops']:>12.2f}{row['images_per_s']:>13.2f}"
+              f"{row['images_per_s'] / results[0]['images_per_s']:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
