@@ -31,3 +31,11 @@ def exit_on_user_error(main):
             sys.exit(2)
 
     return wrapped
+
+
+class NonFiniteLossError(Exception):
+    """The loss became NaN or infinite; carries the loss terms {name: value} of the step."""
+
+    def __init__(self, terms: dict):
+        super().__init__(", ".join(f"{name}={value:.4g}" for name, value in terms.items()))
+        self.terms = terms

@@ -29,7 +29,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from dataset.NuscenesDataset import synthetic
-from dataset.NuscenesDataset.labels import label_cache
+from dataset.NuscenesDataset.labels import CATEGORY_IDS, label_cache
+from utils.collate import collate_detection
 from utils.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -116,6 +117,9 @@ class DatasetLoader(Dataset):
     dtype: the images' dtype. world_size and rank are the original's signature; under DDP the sampler shards.
     """
 
+    class_names = list(CATEGORY_IDS)  # label index -> detection class name
+    collate_fn = staticmethod(collate_detection)
+
     def __init__(self, args: dict, dtype=torch.float32, world_size: int = 1, rank: int = 0, mode: str = "train"):
         if mode not in MODES:
             raise UserError(f"mode '{mode}': choose one of {', '.join(MODES)}")
@@ -153,6 +157,10 @@ class DatasetLoader(Dataset):
         self.bias = -torch.tensor(cfg["normalize"]["mean"]).view(3, 1, 1) / std
         augment = mode == "train" and bool(args["bool_apply_img_aug"])
         self.augmentation = build_augmentation(cfg["augmentation"]) if augment else None
+
+    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Items' images (..., 3, H, W) back to uint8 RGB, for drawing."""
+        return ((images.float() - self.bias) / self.scale).round().clamp(0, 255).to(torch.uint8)
 
     @staticmethod
     def group_by_sample(images: list, scene_names: set, cameras: list) -> list:

@@ -1,0 +1,90 @@
+"""Command-line flags: what changes between runs. What rarely changes lives in config/*.json; `--cfg` overrides any
+JSON value for one run. The parser comes from a function so that test.py and the tests reuse it."""
+
+import argparse
+import sys
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+LR_SCHEDULERS = ("OnecycleLR", "StepLR", "ExponentialLR", "CosineLR", "none")
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (no usage block) and exit status 2."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def flag(text: str) -> int:
+    if text not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"must be 0 or 1, got {text}")
+    return int(text)
+
+
+def build_parser(description: str = "Train a model (DSTorch).") -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    # what to run
+    add("--app_mode", default="2DObjDet", help="task; with --dataset_type it names the loader in config/config.json")
+    add("--model_name", default="Yolo", help="model; its solver is optimization/<model_name>_solver.py")
+    add("--dataset_type", default="nuscenes", help="dataset; see 'loaders' in config/config.json")
+    add("--exp_id", type=non_negative_int, default=0, help="experiment number: names the experiment folder")
+    add("--gpu_num", type=non_negative_int, default=0, help="CUDA device index; the CPU is used when CUDA is absent")
+    add("--seed", type=int, default=0, help="seed of every random number generator")
+    # data
+    add("--dataset_dir", default=None, help="dataset folder (default: 'dataset_dir' in config/data.json)")
+    add("--save_dir", default=None,
+        help="experiment folder (default: saved_models/<dataset_type>_<model_name>_model<exp_id>)")
+    add("--val_ratio", type=float, default=0.25, help="share of the training scenes held out for validation")
+    add("--batch_size", type=positive_int, default=4, help="samples (each with all its cameras) per step per process")
+    add("--num_cores", type=non_negative_int, default=1, help="DataLoader worker processes (0: load in the main one)")
+    add("--bool_apply_img_aug", type=flag, default=1, help="training augmentation: flip, colour, scale, translate")
+    # schedule and checkpoints
+    add("--num_epochs", type=positive_int, default=12, help="epochs to train (may be raised when resuming)")
+    add("--valid_step", type=positive_int, default=1, help="evaluate on the val split every this many epochs")
+    add("--save_every", type=positive_int, default=5, help="keep a numbered checkpoint every this many epochs")
+    add("--max_num_chkpts", type=positive_int, default=3, help="numbered checkpoints kept (oldest deleted first)")
+    add("--load_pretrained", type=flag, default=0, help="1: resume from last.pt in the experiment folder")
+    add("--start_epoch", type=non_negative_int, default=0,
+        help="with --load_pretrained 1: resume from the numbered checkpoint of this epoch instead of last.pt")
+    # optimization
+    add("--optimizer_type", choices=OPTIMIZERS, default="adamw", help="optimizer")
+    add("--learning_rate", type=positive_float, default=2e-3, help="(peak) learning rate")
+    add("--weight_decay", type=float, default=0.05, help="weight decay (decoupled for adamw)")
+    add("--grad_clip", type=float, default=10.0, help="clip the gradient norm to this (0: no clipping)")
+    add("--apply_lr_scheduling", type=flag, default=1, help="0: constant learning rate")
+    add("--lr_schd_type", choices=LR_SCHEDULERS, default="OnecycleLR", help="learning-rate schedule, stepped per step")
+    add("--div_factor", type=positive_float, default=25.0, help="OnecycleLR: initial lr = learning_rate / div_factor")
+    add("--pct_start", type=float, default=0.15, help="OnecycleLR: share of the steps spent warming up")
+    add("--final_div_factor", type=positive_float, default=100.0,
+        help="OnecycleLR: final lr = initial lr / final_div_factor")
+    add("--bool_mixed_precision", type=flag, default=0,
+        help="1: autocast (bf16 on the CPU, fp16 with a GradScaler on CUDA)")
+    # distributed
+    add("--ddp", type=flag, default=0, help="1: DistributedDataParallel under torchrun")
+    add("--bool_find_unused_params", type=flag, default=0, help="DDP's find_unused_parameters")
+    add("--cfg", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config/*.json value, e.g. --cfg model.Yolo.backbone=resnet34 (repeatable)")
+    return parser

@@ -1,0 +1,111 @@
+"""Evaluate saved checkpoints on the test split:
+
+    python test.py --exp_id N [--model_num K | --is_test_all 1] [--visualization 1]
+
+Default: best.pt of the experiment. Writes, under <experiment>/test/ (one subfolder per checkpoint with
+--is_test_all 1): metrics.json, detections.json (COCO results, original pixels), pr_curves/<class>.png
+(precision-recall at IoU 0.5) and, with --visualization 1, visualization/sample_<i>.png camera mosaics with the
+ground truth (green) and the detections (red). The model and data settings are the checkpoint's own."""
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import helper
+from argumentparser import build_parser, flag, non_negative_int
+from utils.checkpoint import load_checkpoint
+from utils.config import merge_config
+from utils.errors import UserError, exit_on_user_error
+from utils.experiment import load_ground_truth, numbered_checkpoints, select_device, setup_logging, write_evaluation
+from utils.plots import plot_precision_recall, save_detection_mosaic
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+RUN_FLAGS = ("gpu_num", "num_cores", "batch_size", "dataset_dir")  # taken from this command line, not the checkpoint
+logger = logging.getLogger("test")
+
+
+def build_test_parser():
+    parser = build_parser("Evaluate saved checkpoints on the test split (DSTorch).")
+    parser.add_argument("--model_num", type=non_negative_int, default=None,
+                        help="evaluate epoch_<model_num>.pt (default: best.pt)")
+    parser.add_argument("--is_test_all", type=flag, default=0, help="1: evaluate every checkpoint of the experiment")
+    parser.add_argument("--visualization", type=flag, default=0, help="1: also draw a few camera mosaics")
+    return parser
+
+
+def chosen_checkpoints(exp_dir: str, model_num, test_all: bool) -> list:
+    if not os.path.isdir(exp_dir):
+        raise UserError(f"experiment folder {exp_dir} not found: check --exp_id (or --save_dir) and train first")
+    if test_all:
+        names = [name for _, name in numbered_checkpoints(exp_dir)]
+        names += [name for name in ("best.pt", "last.pt") if os.path.isfile(os.path.join(exp_dir, name))]
+        if not names:
+            raise UserError(f"no checkpoints in {exp_dir}: train first")
+        return names
+    name = f"epoch_{model_num}.pt" if model_num is not None else "best.pt"
+    if not os.path.isfile(os.path.join(exp_dir, name)):
+        available = sorted(n for n in os.listdir(exp_dir) if n.endswith(".pt"))
+        raise UserError(f"no checkpoint {name} in {exp_dir} (there: {', '.join(available) or 'none'}): choose "
+                        f"one with --model_num, or --is_test_all 1")
+    return [name]
+
+
+def visualize(solver, dataset, out_dir: str, count: int, score_threshold: float) -> None:
+    """Mosaics of the first `count` test samples, cameras laid out as config/data.json lists them, 3 per row."""
+    model = solver.ema.module if solver.ema is not None else solver.model
+    for index in range(min(count, len(dataset))):
+        item = dataset[index]
+        found = model.predict(item["images"][None].to(solver.device))
+        boxes = item["boxes"].split(item["counts"].tolist())
+        labels = item["labels"].split(item["counts"].tolist())
+        predictions = []
+        for detections in found:
+            keep = detections["scores"] >= score_threshold
+            predictions.append(tuple(detections[key][keep].cpu() for key in ("boxes", "labels", "scores")))
+        save_detection_mosaic(dataset.denormalize(item["images"]), list(zip(boxes, labels, strict=True)), predictions,
+                              dataset.class_names, columns=3,
+                              path=os.path.join(out_dir, "visualization", f"sample_{index}.png"))
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    flags = vars(build_test_parser().parse_args(argv))
+    args = merge_config(flags, str(PROJECT_ROOT / "config"))
+    exp_dir = os.path.abspath(args["save_dir"] or os.path.join(
+        PROJECT_ROOT, "saved_models", f"{args['dataset_type']}_{args['model_name']}_model{args['exp_id']}"))
+    names = chosen_checkpoints(exp_dir, args["model_num"], bool(args["is_test_all"]))
+    setup_logging(os.path.join(exp_dir, "test.log"))
+    device = select_device(args["gpu_num"])
+    for name in names:
+        state = load_checkpoint(os.path.join(exp_dir, name))
+        run = dict(state["config"])  # evaluate with the settings the checkpoint was trained with
+        run.update({key: flags[key] for key in RUN_FLAGS if any(a.startswith(f"--{key}") for a in argv)})
+        helper.check_names(run)
+        test_set, test_loader = helper.load_datasetloader(run, torch.float32, 1, 0, "test")
+        solver = helper.load_solver(run, device=device, class_names=test_set.class_names, steps_per_epoch=1)
+        solver.load_weights(state)
+        metrics, detections, pr_curves = solver.eval(test_loader, load_ground_truth(test_set.coco_path))
+        metrics.update({"checkpoint": name, "epoch": state["epoch"]})
+        out_dir = os.path.join(exp_dir, "test", Path(name).stem) if len(names) > 1 else os.path.join(exp_dir, "test")
+        write_evaluation(out_dir, metrics, detections)
+        for class_name, (recall, precision) in pr_curves.items():
+            path = os.path.join(out_dir, "pr_curves", f"{class_name}.png")
+            plot_precision_recall(recall, precision, class_name, path)
+        if args["visualization"]:
+            visualize(solver, test_set, out_dir, args["config"]["test"]["visualizations"],
+                      args["config"]["test"]["visualization_score_threshold"])
+        logger.info("%s (epoch %d) on %d test samples: mAP %.4f, AP50 %.4f, AP75 %.4f, small/medium/large "
+                    "%.4f/%.4f/%.4f", name, state["epoch"], len(test_set), metrics["mAP"], metrics["AP50"],
+                    metrics["AP75"], metrics["AP_small"], metrics["AP_medium"], metrics["AP_large"])
+        logger.info("%-22s %s", "class", "AP@[.5:.95]")
+        for class_name, value in metrics["per_class_AP"].items():
+            logger.info("%-22s %s", class_name, "no ground truth" if value is None else f"{value:.4f}")
+        logger.info("results in %s", out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Train a model: python train.py --exp_id 0 --gpu_num 0
+
+Reads top to bottom: parse and merge the configuration, check it, set up the experiment folder, seed, build the
+loaders and the solver, resume, then the epoch loop (train, evaluate, checkpoint). The step lives in the Solver."""
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+import helper
+from argumentparser import build_parser
+from utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from utils.coco_eval import SUMMARY_NAMES
+from utils.config import merge_config
+from utils.errors import NonFiniteLossError, UserError, exit_on_user_error
+from utils.experiment import (
+    StopRequest,
+    experiment_folder,
+    load_ground_truth,
+    prune_checkpoints,
+    select_device,
+    setup_logging,
+    write_evaluation,
+)
+from utils.io import atomic_write_json
+from utils.plots import plot_curves
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+logger = logging.getLogger("train")
+
+
+def checkpoint_state(solver, args: dict, epoch: int, step_in_epoch: int, global_step: int, best_map: float,
+                     history: list, epoch_sums: dict) -> dict:
+    """Everything a resumed run needs to continue exactly: epoch in progress and batches done in it."""
+    return {**solver.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+            "best_map": best_map, "history": history, "epoch_sums": epoch_sums, "rng": rng_state(), "config": args}
+
+
+def resume_state(args: dict, exp_dir: str):
+    """The checkpoint to resume from with --load_pretrained 1 (last.pt, or epoch_<start_epoch>.pt)."""
+    name = f"epoch_{args['start_epoch']}.pt" if args["start_epoch"] else "last.pt"
+    path = os.path.join(exp_dir, name)
+    if not os.path.isfile(path):
+        raise UserError(f"--load_pretrained 1: no checkpoint {path} to resume from; train without "
+                        f"--load_pretrained, or check --exp_id/--save_dir/--start_epoch")
+    return path, load_checkpoint(path)
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = merge_config(vars(build_parser().parse_args(argv)), str(PROJECT_ROOT / "config"))
+    helper.check_names(args)
+    exp_dir = experiment_folder(args, PROJECT_ROOT)
+    resume_path, resumed = resume_state(args, exp_dir) if args["load_pretrained"] else (None, None)
+    setup_logging(os.path.join(exp_dir, "training.log"))
+    device = select_device(args["gpu_num"])
+    logger.info("configuration: %s", args)
+    atomic_write_json(os.path.join(exp_dir, "config.json"), args)
+    torch.manual_seed(args["seed"])
+
+    train_set, train_loader = helper.load_datasetloader(args, torch.float32, 1, 0, "train")
+    val_set, val_loader = helper.load_datasetloader(args, torch.float32, 1, 0, "val")
+    if len(train_loader) == 0:
+        raise UserError(f"--batch_size {args['batch_size']} is larger than the {len(train_set)} training samples")
+    steps_per_epoch = len(train_loader)
+    solver = helper.load_solver(args, device=device, class_names=train_set.class_names,
+                                steps_per_epoch=steps_per_epoch)
+    solver.model.print_model_summary()
+    ground_truth = load_ground_truth(val_set.coco_path)
+
+    start_epoch, skip_steps, global_step, best_map, history, epoch_sums = 0, 0, 0, -1.0, [], {}
+    if resumed is not None:
+        start_epoch, skip_steps, global_step = resumed["epoch"], resumed["step_in_epoch"], resumed["global_step"]
+        best_map, history, epoch_sums = resumed["best_map"], resumed["history"], resumed["epoch_sums"]
+        if solver.load_state_dict(resumed, global_step):
+            logger.info("--num_epochs changed from %d to %d: the learning-rate schedule is rebuilt for %d epochs",
+                        resumed["config"]["num_epochs"], args["num_epochs"], args["num_epochs"])
+        set_rng_state(resumed["rng"])
+        logger.info("resumed from %s at epoch %d, step %d", resume_path, start_epoch + 1, skip_steps)
+
+    writer = SummaryWriter(os.path.join(exp_dir, "tensorboard"))
+    stop = StopRequest().install()
+    resume_command = f"python train.py {' '.join(argv if argv is not None else sys.argv[1:])} --load_pretrained 1"
+    with logging_redirect_tqdm():
+        for epoch in range(start_epoch, args["num_epochs"]):
+            train_loader.sampler.set_epoch(epoch)
+            train_loader.sampler.skip = skip_steps * args["batch_size"]
+            solver.mode_selection(True)
+            epoch_start, images_seen = time.time(), 0
+            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args['num_epochs']}", initial=skip_steps,
+                       total=skip_steps + len(train_loader), unit="batch", dynamic_ncols=True)
+            for step_in_epoch, batch in enumerate(bar, start=skip_steps + 1):
+                try:
+                    losses = solver.train(batch)
+                except NonFiniteLossError as error:
+                    logger.error("non-finite loss at epoch %d step %d: %s; stopping, the checkpoints are left as "
+                                 "they were", epoch + 1, step_in_epoch, error)
+                    sys.exit(1)
+                solver.learning_rate_step()
+                global_step += 1
+                images_seen += batch["images"].shape[0] * batch["images"].shape[1]
+                for key, value in losses.items():
+                    epoch_sums[key] = epoch_sums.get(key, 0.0) + value
+                bar.set_postfix({key: f"{epoch_sums[key] / step_in_epoch:.3f}" for key in losses if "loss" in key}
+                                | {"lr": f"{solver.learning_rate():.2e}",
+                                   "img/s": f"{images_seen / (time.time() - epoch_start):.1f}"})
+                writer.add_scalar("train/lr", solver.learning_rate(), global_step)
+                every = args["config"]["solver"]["checkpoint_every_steps"]
+                if stop.requested or (every and global_step % every == 0):
+                    save_checkpoint(os.path.join(exp_dir, "last.pt"), checkpoint_state(
+                        solver, args, epoch, step_in_epoch, global_step, best_map, history, epoch_sums))
+                if stop.requested:
+                    logger.info("stopped by %s at epoch %d step %d; last.pt saved; resume with: %s", stop.signal_name,
+                                epoch + 1, step_in_epoch, resume_command)
+                    sys.exit(128 + stop.signal_number)
+            skip_steps = 0
+
+            row = {"epoch": epoch + 1, "lr": solver.learning_rate(),
+                   **{key: value / steps_per_epoch for key, value in epoch_sums.items()}}
+            epoch_sums = {}
+            if (epoch + 1) % args["valid_step"] == 0 or epoch + 1 == args["num_epochs"]:
+                metrics, detections, _ = solver.eval(val_loader, ground_truth)
+                write_evaluation(exp_dir, metrics, detections)
+                row.update({name: metrics[name] for name in SUMMARY_NAMES})
+            history.append(row)
+            logger.info("epoch %d/%d: %s (%.0f s)", epoch + 1, args["num_epochs"],
+                        ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"), time.time() - epoch_start)
+            for key, value in row.items():
+                if key != "epoch":
+                    writer.add_scalar(f"{'val' if key in SUMMARY_NAMES else 'train'}/{key}", value, epoch + 1)
+            plot_curves(history, os.path.join(exp_dir, "curves.png"))
+
+            state = checkpoint_state(solver, args, epoch + 1, 0, global_step, best_map, history, {})
+            if row.get("mAP", -1.0) > best_map:
+                best_map = state["best_map"] = row["mAP"]
+                save_checkpoint(os.path.join(exp_dir, "best.pt"), state)
+            save_checkpoint(os.path.join(exp_dir, "last.pt"), state)
+            if (epoch + 1) % args["save_every"] == 0:
+                save_checkpoint(os.path.join(exp_dir, f"epoch_{epoch + 1}.pt"), state)
+                prune_checkpoints(exp_dir, args["max_num_chkpts"])
+    writer.close()
+    logger.info("done: best validation mAP %.4f; checkpoints in %s", best_map, exp_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Checkpoint files: plain Python values and tensors only, so that torch.load(path, weights_only=True) reads
+them; written atomically; random number generator states included so that a resumed run repeats exactly."""
+
+import pickle
+import random
+import zipfile
+
+import numpy as np
+import torch
+
+from utils.errors import UserError
+from utils.io import atomic_write
+
+
+def rng_state() -> dict:
+    """The states of Python's, NumPy's and torch's (CPU and CUDA) generators, as tensors and plain values."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.copy()), position, has_gauss,
+                                                   cached_gaussian],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy(), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    atomic_write(path, lambda tmp_path: torch.save(state, tmp_path))
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Read a checkpoint with weights_only=True; a missing, truncated or foreign file is one clear line."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} not found") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as error:
+        reason = str(error).splitlines()[0][:200]
+        raise UserError(f"checkpoint {path} is corrupt or not a DSTorch checkpoint ({reason}): delete it or "
+                        f"resume from another one (--start_epoch)") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"checkpoint {path} is not a DSTorch checkpoint (no model and config): use a file that "
+                        f"train.py wrote")
+    return state

@@ -1,0 +1,41 @@
+"""COCO box metrics with pycocotools, for any detector whose ground truth is a COCO file."""
+
+import contextlib
+import io
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+SUMMARY_NAMES = ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")  # the first six of COCOeval.stats
+
+
+def coco_metrics(ground_truth: COCO, detections: list, image_ids: list) -> tuple:
+    """Evaluate COCO-format detections (image_id, category_id, bbox [x, y, w, h], score) on the images
+    `image_ids` of `ground_truth`, image by image as COCOeval does.
+
+    Returns (metrics, pr_curves): metrics has mAP (@[.5:.95]), AP50, AP75, AP_small/medium/large and
+    per_class_AP {category name: AP@[.5:.95], or None for a category without ground truth in these images}, all
+    in [0, 1]; pr_curves maps each category name to (recall (101,), precision (101,)) at IoU 0.5, precision -1
+    where undefined."""
+    names = {c["id"]: c["name"] for c in ground_truth.loadCats(ground_truth.getCatIds())}
+    present = {cid for cid in names if ground_truth.getAnnIds(imgIds=list(image_ids), catIds=[cid])}
+    metrics = {name: 0.0 for name in SUMMARY_NAMES}
+    metrics["per_class_AP"] = {name: (0.0 if cid in present else None) for cid, name in names.items()}
+    pr_curves = {name: (np.linspace(0, 1, 101), -np.ones(101)) for name in names.values()}
+    if not detections:
+        return metrics, pr_curves
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and table
+        evaluator = COCOeval(ground_truth, ground_truth.loadRes(detections), "bbox")
+        evaluator.params.imgIds = list(image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    metrics.update({name: max(0.0, float(value)) for name, value in zip(SUMMARY_NAMES, evaluator.stats, strict=False)})
+    precision = evaluator.eval["precision"]  # (IoU thresholds, recall points, categories, areas, max dets)
+    for k, category_id in enumerate(evaluator.params.catIds):
+        if category_id in present:
+            per_class = precision[:, :, k, 0, -1]  # all areas, 100 detections per image
+            metrics["per_class_AP"][names[category_id]] = float(per_class[per_class > -1].mean())
+            pr_curves[names[category_id]] = (evaluator.params.recThrs, precision[0, :, k, 0, -1])
+    return metrics, pr_curves

@@ -1,0 +1,93 @@
+"""The experiment around a training run: its folder, device, logging, evaluation files and stop signals."""
+
+import contextlib
+import io
+import logging
+import os
+import re
+import signal
+import sys
+
+import torch
+from pycocotools.coco import COCO
+
+from utils.errors import UserError
+from utils.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+
+def experiment_folder(args: dict, project_root) -> str:
+    """--save_dir, or saved_models/<dataset_type>_<model_name>_model<exp_id> in the project. A fresh run
+    (no --load_pretrained) refuses a folder that holds checkpoints, so that nothing there is overwritten."""
+    folder = args["save_dir"] or os.path.join(
+        project_root, "saved_models", f"{args['dataset_type']}_{args['model_name']}_model{args['exp_id']}")
+    folder = os.path.abspath(folder)
+    if not args["load_pretrained"] and os.path.isdir(folder) and any(n.endswith(".pt") for n in os.listdir(folder)):
+        raise UserError(f"experiment folder {folder} already holds checkpoints: resume it with --load_pretrained 1, "
+                        f"or start a new one with another --exp_id (or --save_dir)")
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def setup_logging(log_path: str | None, main_process: bool = True) -> None:
+    """Log INFO and above to the console and, if given, to `log_path` (appended); only the main process logs."""
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if log_path is not None:
+        handlers.append(logging.FileHandler(log_path))
+    logging.basicConfig(level=logging.INFO if main_process else logging.ERROR, handlers=handlers,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+
+
+def select_device(gpu_num: int) -> torch.device:
+    """CUDA device `gpu_num`, or the CPU (with a warning) where CUDA is unavailable."""
+    if not torch.cuda.is_available():
+        logger.warning("CUDA is not available: running on the CPU (--gpu_num %d ignored)", gpu_num)
+        return torch.device("cpu")
+    if gpu_num >= torch.cuda.device_count():
+        raise UserError(f"--gpu_num {gpu_num}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    torch.cuda.set_device(gpu_num)
+    return torch.device("cuda", gpu_num)
+
+
+def load_ground_truth(coco_path: str) -> COCO:
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while indexing
+        return COCO(coco_path)
+
+
+def write_evaluation(folder: str, metrics: dict, detections: list) -> None:
+    """metrics.json and detections.json (COCO results format) of one evaluation, atomically."""
+    os.makedirs(folder, exist_ok=True)
+    atomic_write_json(os.path.join(folder, "detections.json"), detections)
+    atomic_write_json(os.path.join(folder, "metrics.json"), metrics)
+
+
+def numbered_checkpoints(folder: str) -> list:
+    """(epoch, file name) of the epoch_<k>.pt files in `folder`, oldest first."""
+    found = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := re.fullmatch(r"epoch_(\d+)\.pt", name))]
+    return sorted(found)
+
+
+def prune_checkpoints(folder: str, keep: int) -> None:
+    """Delete the oldest numbered checkpoints beyond the newest `keep`."""
+    for _, name in numbered_checkpoints(folder)[:-keep]:
+        os.remove(os.path.join(folder, name))
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM set `requested` instead of killing the process, so that the training loop can
+    finish its step and save; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested, self.signal_number, self.signal_name = False, 0, ""
+
+    def install(self) -> "StopRequest":
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, self.handle)
+        return self
+
+    def handle(self, number, frame) -> None:
+        if self.requested and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, self.signal_number, self.signal_name = True, number, signal.Signals(number).name
+        logger.warning("%s received: stopping after this step (Ctrl-C again aborts without saving)", self.signal_name)

@@ -1,0 +1,56 @@
+"""Optimizers and learning-rate schedules by name, from torch.optim. Every schedule is stepped once per
+optimizer step, so epoch-based settings are converted to steps here."""
+
+import warnings
+
+import torch
+
+from utils.errors import UserError
+
+
+def build_optimizer(name: str, parameters, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+    """adamw (decoupled weight decay), adam or sgd (momentum 0.9, Nesterov)."""
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    raise UserError(f"--optimizer_type {name}: choose one of adamw, adam, sgd")
+
+
+def build_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
+                    flags: dict, cfg: dict):
+    """A torch.optim.lr_scheduler stepped per optimizer step, or None for a constant learning rate.
+
+    name: OnecycleLR (flags: learning_rate, div_factor, pct_start, final_div_factor), StepLR (cfg StepLR:
+    step_epochs, gamma), ExponentialLR (cfg: gamma_per_epoch), CosineLR (cfg: warmup_epochs, min_lr_ratio: a
+    linear warmup from min_lr_ratio, then cosine decay to min_lr_ratio * learning_rate) or none."""
+    if name == "none":
+        return None
+    if name == "OnecycleLR":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=flags["learning_rate"], total_steps=total_steps, pct_start=flags["pct_start"],
+            div_factor=flags["div_factor"], final_div_factor=flags["final_div_factor"])
+    if name == "StepLR":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg["StepLR"]["step_epochs"] * steps_per_epoch,
+                                               gamma=cfg["StepLR"]["gamma"])
+    if name == "ExponentialLR":
+        return torch.optim.lr_scheduler.ExponentialLR(
+            optimizer, gamma=cfg["ExponentialLR"]["gamma_per_epoch"] ** (1.0 / steps_per_epoch))
+    if name == "CosineLR":
+        warmup_steps = min(max(1, round(cfg["CosineLR"]["warmup_epochs"] * steps_per_epoch)), total_steps - 1)
+        min_ratio = cfg["CosineLR"]["min_lr_ratio"]
+        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=min_ratio, total_iters=warmup_steps)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=min_ratio * flags["learning_rate"])
+        return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+    raise UserError(f"--lr_schd_type {name}: choose one of OnecycleLR, StepLR, ExponentialLR, CosineLR, none")
+
+
+def fast_forward(scheduler, steps: int) -> None:
+    """Advance a freshly built scheduler by `steps` optimizer steps (resuming with a longer schedule)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+        for _ in range(steps):
+            scheduler.step()

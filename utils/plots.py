@@ -1,0 +1,55 @@
+"""Figures written by training and testing: loss and mAP curves, precision-recall curves, detection mosaics.
+Each file is written atomically."""
+
+import torch
+from matplotlib.figure import Figure  # without pyplot: no backend, no global figure state
+from torchvision.io import write_png
+from torchvision.utils import draw_bounding_boxes, make_grid
+
+from utils.io import atomic_write
+
+
+def save_figure(figure: Figure, path: str) -> None:
+    atomic_write(path, lambda tmp_path: figure.savefig(tmp_path, format="png", dpi=100, bbox_inches="tight"))
+
+
+def plot_curves(history: list, path: str) -> None:
+    """history: one dict per epoch with 'epoch', the mean training loss terms ('*_loss') and, on evaluated
+    epochs, 'mAP' and 'AP50'. Left: losses per epoch; right: validation mAP and AP50."""
+    figure = Figure(figsize=(11, 4))
+    loss_axis, map_axis = figure.subplots(1, 2)
+    epochs = [row["epoch"] for row in history]
+    for key in [key for key in history[-1] if key.endswith("_loss")]:
+        loss_axis.plot(epochs, [row.get(key) for row in history], marker=".", label=key)
+    loss_axis.set(xlabel="epoch", ylabel="training loss", yscale="log", title="losses")
+    loss_axis.legend()
+    evaluated = [row for row in history if "mAP" in row]
+    for key in ("mAP", "AP50"):
+        map_axis.plot([row["epoch"] for row in evaluated], [row[key] for row in evaluated], marker="o", label=key)
+    map_axis.set(xlabel="epoch", ylabel="validation AP", ylim=(0, 1), title="validation")
+    map_axis.legend()
+    save_figure(figure, path)
+
+
+def plot_precision_recall(recall, precision, class_name: str, path: str) -> None:
+    """Precision-recall curve of one class at IoU 0.5 (COCO's 101 recall points; -1 = undefined)."""
+    figure = Figure(figsize=(5, 4))
+    axis = figure.subplots()
+    defined = precision > -1
+    axis.plot(recall[defined], precision[defined])
+    axis.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=f"{class_name} (IoU 0.5)")
+    save_figure(figure, path)
+
+
+def save_detection_mosaic(images: torch.Tensor, ground_truth: list, predictions: list, class_names: list,
+                          columns: int, path: str) -> None:
+    """Tile images (N, 3, H, W) uint8 into a grid of `columns` columns, with the ground-truth boxes in green and
+    the predicted boxes in red, labelled with class name (and score). ground_truth: N (boxes (K, 4), labels
+    (K,)); predictions: N (boxes (D, 4), labels (D,), scores (D,)); boxes in the images' pixels."""
+    drawn = []
+    for image, (gt_boxes, gt_labels), (boxes, labels, scores) in zip(images, ground_truth, predictions, strict=True):
+        image = draw_bounding_boxes(image, gt_boxes, [class_names[i] for i in gt_labels.tolist()], colors="lime")
+        names = [f"{class_names[i]} {s:.2f}" for i, s in zip(labels.tolist(), scores.tolist(), strict=True)]
+        drawn.append(draw_bounding_boxes(image, boxes, names, colors="red"))
+    grid = make_grid(torch.stack(drawn), nrow=columns, padding=4, pad_value=255)
+    atomic_write(path, lambda tmp_path: write_png(grid, tmp_path))
