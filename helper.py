@@ -45,9 +45,11 @@ def load_datasetloader(args: dict, dtype, world_size: int, rank: int, mode: str)
     training = mode == "train"
     sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=training,
                                           seed=args["seed"], drop_last=training, pad=training)
+    # Its own generator: creating an epoch's iterator draws the workers' base seed from it, not from the global
+    # generator that augmentation uses in the main process; train.py reseeds it per epoch.
     loader = DataLoader(dataset, batch_size=args["batch_size"], sampler=sampler, num_workers=args["num_cores"],
                         collate_fn=getattr(dataset, "collate_fn", None), drop_last=training,
-                        pin_memory=torch.cuda.is_available(), persistent_workers=args["num_cores"] > 0)
+                        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(args["seed"]))
     return dataset, loader
 
 

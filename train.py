@@ -53,6 +53,19 @@ def resume_state(args: dict, exp_dir: str):
     return path, load_checkpoint(path)
 
 
+def resume_command_line(argv: list) -> str:
+    """This run's command line with --load_pretrained 1 (and without --start_epoch)."""
+    kept, skip_value = [], False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg.split("=")[0] in ("--load_pretrained", "--start_epoch"):
+            skip_value = "=" not in arg
+        else:
+            kept.append(arg)
+    return " ".join(["python train.py", *kept, "--load_pretrained 1"])
+
+
 @exit_on_user_error
 def main(argv=None) -> None:
     args = merge_config(vars(build_parser().parse_args(argv)), str(PROJECT_ROOT / "config"))
@@ -86,14 +99,14 @@ def main(argv=None) -> None:
         logger.info("resumed from %s at epoch %d, step %d", resume_path, start_epoch + 1, skip_steps)
 
     writer = SummaryWriter(os.path.join(exp_dir, "tensorboard"))
-    stop = StopRequest().install()
-    resume_command = f"python train.py {' '.join(argv if argv is not None else sys.argv[1:])} --load_pretrained 1"
-    with logging_redirect_tqdm():
+    resume_command = resume_command_line(sys.argv[1:] if argv is None else argv)
+    with logging_redirect_tqdm(), StopRequest() as stop:
         for epoch in range(start_epoch, args["num_epochs"]):
-            train_loader.sampler.set_epoch(epoch)
+            train_loader.sampler.set_epoch(epoch)  # the sample order and the workers' seeds depend on the epoch only
+            train_loader.generator.manual_seed(args["seed"] * 1000 + epoch)
             train_loader.sampler.skip = skip_steps * args["batch_size"]
             solver.mode_selection(True)
-            epoch_start, images_seen = time.time(), 0
+            epoch_start, images_seen, learning_rate = time.time(), 0, solver.learning_rate()
             bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args['num_epochs']}", initial=skip_steps,
                        total=skip_steps + len(train_loader), unit="batch", dynamic_ncols=True)
             for step_in_epoch, batch in enumerate(bar, start=skip_steps + 1):
@@ -103,15 +116,16 @@ def main(argv=None) -> None:
                     logger.error("non-finite loss at epoch %d step %d: %s; stopping, the checkpoints are left as "
                                  "they were", epoch + 1, step_in_epoch, error)
                     sys.exit(1)
+                learning_rate = solver.learning_rate()  # the one this step used
                 solver.learning_rate_step()
                 global_step += 1
                 images_seen += batch["images"].shape[0] * batch["images"].shape[1]
                 for key, value in losses.items():
                     epoch_sums[key] = epoch_sums.get(key, 0.0) + value
                 bar.set_postfix({key: f"{epoch_sums[key] / step_in_epoch:.3f}" for key in losses if "loss" in key}
-                                | {"lr": f"{solver.learning_rate():.2e}",
+                                | {"lr": f"{learning_rate:.2e}",
                                    "img/s": f"{images_seen / (time.time() - epoch_start):.1f}"})
-                writer.add_scalar("train/lr", solver.learning_rate(), global_step)
+                writer.add_scalar("train/lr", learning_rate, global_step)
                 every = args["config"]["solver"]["checkpoint_every_steps"]
                 if stop.requested or (every and global_step % every == 0):
                     save_checkpoint(os.path.join(exp_dir, "last.pt"), checkpoint_state(
@@ -122,7 +136,7 @@ def main(argv=None) -> None:
                     sys.exit(128 + stop.signal_number)
             skip_steps = 0
 
-            row = {"epoch": epoch + 1, "lr": solver.learning_rate(),
+            row = {"epoch": epoch + 1, "lr": learning_rate,
                    **{key: value / steps_per_epoch for key, value in epoch_sums.items()}}
             epoch_sums = {}
             if (epoch + 1) % args["valid_step"] == 0 or epoch + 1 == args["num_epochs"]:

@@ -22,7 +22,10 @@ def ema_multi_avg_fn(decay: float):
     tf.train.ExponentialMovingAverage), so that short runs are not dominated by the random initial weights."""
 
     @torch.no_grad()
-    def update(averaged_params, current_params, num_averaged):
+    def update(averaged_params, current_params, num_averaged):  # one device and dtype per call
+        if not torch.is_floating_point(averaged_params[0]):  # counters such as BatchNorm's num_batches_tracked
+            torch._foreach_copy_(averaged_params, current_params)
+            return
         n = float(num_averaged)
         torch._foreach_lerp_(averaged_params, current_params, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
 
@@ -73,7 +76,7 @@ class Solver:
             outputs = self.trained_model(images)
         losses = self.loss_fn(outputs, targets)  # in float32 whatever the autocast dtype
         if not torch.isfinite(losses["total_loss"]):
-            raise NonFiniteLossError({key: float(value) for key, value in losses.items()})
+            raise NonFiniteLossError({key: float(value.detach()) for key, value in losses.items()})
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["total_loss"]).backward()
         if self.args["grad_clip"] > 0:
@@ -83,7 +86,7 @@ class Solver:
         self.scaler.update()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        return {key: float(value) for key, value in losses.items()}
+        return {key: float(value.detach()) for key, value in losses.items()}
 
     def learning_rate_step(self) -> None:
         if self.scheduler is not None:

@@ -75,16 +75,22 @@ def prune_checkpoints(folder: str, keep: int) -> None:
 
 
 class StopRequest:
-    """SIGINT (Ctrl-C) and SIGTERM set `requested` instead of killing the process, so that the training loop can
-    finish its step and save; a second Ctrl-C aborts at once."""
+    """While active (a `with` block), SIGINT (Ctrl-C) and SIGTERM set `requested` instead of killing the process,
+    so that the training loop can finish its step and save; a second Ctrl-C aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested, self.signal_number, self.signal_name = False, 0, ""
+        self.previous = {}
 
-    def install(self) -> "StopRequest":
-        for number in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(number, self.handle)
+    def __enter__(self) -> "StopRequest":
+        self.previous = {number: signal.signal(number, self.handle) for number in self.SIGNALS}
         return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
     def handle(self, number, frame) -> None:
         if self.requested and number == signal.SIGINT:

@@ -48,8 +48,11 @@ def save_detection_mosaic(images: torch.Tensor, ground_truth: list, predictions:
     (K,)); predictions: N (boxes (D, 4), labels (D,), scores (D,)); boxes in the images' pixels."""
     drawn = []
     for image, (gt_boxes, gt_labels), (boxes, labels, scores) in zip(images, ground_truth, predictions, strict=True):
-        image = draw_bounding_boxes(image, gt_boxes, [class_names[i] for i in gt_labels.tolist()], colors="lime")
-        names = [f"{class_names[i]} {s:.2f}" for i, s in zip(labels.tolist(), scores.tolist(), strict=True)]
-        drawn.append(draw_bounding_boxes(image, boxes, names, colors="red"))
+        if len(gt_boxes):
+            image = draw_bounding_boxes(image, gt_boxes, [class_names[i] for i in gt_labels.tolist()], colors="lime")
+        if len(boxes):
+            names = [f"{class_names[i]} {s:.2f}" for i, s in zip(labels.tolist(), scores.tolist(), strict=True)]
+            image = draw_bounding_boxes(image, boxes, names, colors="red")
+        drawn.append(image)
     grid = make_grid(torch.stack(drawn), nrow=columns, padding=4, pad_value=255)
     atomic_write(path, lambda tmp_path: write_png(grid, tmp_path))

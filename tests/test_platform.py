@@ -1,0 +1,275 @@
+"""The platform end to end: train.py and test.py, exact resume, Ctrl-C, non-finite losses, checkpoints,
+configuration merging and every bad input promised to be rejected before heavy work."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import helper
+import test as test_script
+import train
+from argumentparser import build_parser
+from tests.conftest import PROJECT_ROOT
+from utils import loss as loss_module
+from utils.checkpoint import load_checkpoint
+from utils.config import load_json, merge_config
+from utils.errors import UserError
+
+
+@pytest.fixture
+def tiny_run(embedded_dir, tmp_path):
+    """Command-line flags of a tiny CPU run on the small embedded dataset: 2 cameras at 96x64, a slim head."""
+
+    def flags(exp_dir="exp", *extra):
+        return ["--dataset_dir", embedded_dir, "--save_dir", str(tmp_path / exp_dir), "--num_epochs", "2",
+                "--batch_size", "4", "--num_cores", "0", "--seed", "3",
+                "--cfg", "data.2DObjDet.image.w=96", "--cfg", "data.2DObjDet.image.h=64",
+                "--cfg", 'data.2DObjDet.cameras=["CAM_FRONT", "CAM_BACK"]',
+                "--cfg", f"data.2DObjDet.label_cache_dir={tmp_path / 'cache'}",
+                "--cfg", "model.Yolo.fpn_channels=32", "--cfg", "model.Yolo.head_convs=1", *extra]
+
+    return flags
+
+
+def state_tensors(path):
+    state = load_checkpoint(path)
+    return state, {**{f"model.{k}": v for k, v in state["model"].items()},
+                   **{f"ema.{k}": v for k, v in state["ema"].items()}}
+
+
+def file_digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_train_then_test_end_to_end(tiny_run, tmp_path):
+    train.main(tiny_run())
+    exp = tmp_path / "exp"
+    for name in ("best.pt", "last.pt", "config.json", "training.log", "curves.png", "metrics.json",
+                 "detections.json"):
+        assert (exp / name).is_file(), name
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(exp / "tensorboard"))
+    metrics = json.loads((exp / "metrics.json").read_text())
+    assert {"mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "per_class_AP"} <= set(metrics)
+    detections = json.loads((exp / "detections.json").read_text())
+    assert all({"image_id", "category_id", "bbox", "score"} == set(d) for d in detections)
+    config = json.loads((exp / "config.json").read_text())
+    assert config["model"]["Yolo"]["fpn_channels"] == 32 and config["num_epochs"] == 2
+    log = (exp / "training.log").read_text()
+    assert "epoch 2/2:" in log and "GFLOPs per image" in log
+
+    state = torch.load(exp / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and len(state["history"]) == 2 and state["config"]["exp_id"] == 0
+    assert {"model", "ema", "optimizer", "scheduler", "scaler", "rng", "global_step", "best_map"} <= set(state)
+
+    test_script.main(["--save_dir", str(exp), "--num_cores", "0", "--visualization", "1"])
+    test_dir = exp / "test"
+    test_metrics = json.loads((test_dir / "metrics.json").read_text())
+    assert test_metrics["checkpoint"] == "best.pt" and "per_class_AP" in test_metrics
+    assert isinstance(json.loads((test_dir / "detections.json").read_text()), list)
+    assert len(os.listdir(test_dir / "pr_curves")) == 10
+    assert sorted(os.listdir(test_dir / "visualization"))[0] == "sample_0.png"
+
+    test_script.main(["--save_dir", str(exp), "--num_cores", "0", "--is_test_all", "1"])
+    assert (test_dir / "best" / "metrics.json").is_file() and (test_dir / "last" / "metrics.json").is_file()
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_run, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of epoch 2 saves last.pt and exits; resuming gives the same per-epoch losses and the
+    same final weights as a run that was never stopped (CPU, fixed seed, --num_cores 0)."""
+    train.main(tiny_run("straight"))
+
+    calls = {"n": 0}
+    real_train = train.helper.load_solver
+
+    def load_solver_with_ctrl_c(*args, **kwargs):
+        solver = real_train(*args, **kwargs)
+        step = solver.train
+
+        def train_then_interrupt(batch):
+            losses = step(batch)
+            calls["n"] += 1
+            if calls["n"] == 4:  # epoch 2 has 3 steps of 4 samples: stop after its first
+                os.kill(os.getpid(), signal.SIGINT)
+            return losses
+
+        solver.train = train_then_interrupt
+        return solver
+
+    monkeypatch.setattr(train.helper, "load_solver", load_solver_with_ctrl_c)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(tiny_run("stopped"))
+    assert stopped.value.code == 128 + signal.SIGINT
+    interrupted = load_checkpoint(str(tmp_path / "stopped" / "last.pt"))
+    assert (interrupted["epoch"], interrupted["step_in_epoch"]) == (1, 1)
+    assert "resume with: python train.py" in (tmp_path / "stopped" / "training.log").read_text()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    monkeypatch.setattr(train.helper, "load_solver", real_train)
+
+    train.main(tiny_run("stopped", "--load_pretrained", "1"))
+    straight, straight_tensors = state_tensors(str(tmp_path / "straight" / "last.pt"))
+    resumed, resumed_tensors = state_tensors(str(tmp_path / "stopped" / "last.pt"))
+    assert [row["total_loss"] for row in resumed["history"]] == [row["total_loss"] for row in straight["history"]]
+    assert [row["mAP"] for row in resumed["history"]] == [row["mAP"] for row in straight["history"]]
+    for name, tensor in straight_tensors.items():
+        assert torch.equal(tensor, resumed_tensors[name]), name
+
+
+def test_resume_may_train_longer(tiny_run, tmp_path):
+    train.main(tiny_run())
+    train.main(tiny_run("exp", "--load_pretrained", "1", "--num_epochs", "3"))
+    state = load_checkpoint(str(tmp_path / "exp" / "last.pt"))
+    assert state["epoch"] == 3 and [row["epoch"] for row in state["history"]] == [1, 2, 3]
+    assert "rebuilt for 3 epochs" in (tmp_path / "exp" / "training.log").read_text()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path, monkeypatch):
+    real_forward = loss_module.DetectionLoss.forward
+    calls = {"n": 0}
+
+    def forward(self, outputs, targets):
+        losses = real_forward(self, outputs, targets)
+        calls["n"] += 1
+        if calls["n"] == 5:  # the second step of epoch 2
+            losses["total_loss"] = losses["total_loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(loss_module.DetectionLoss, "forward", forward)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(tiny_run())
+    assert stopped.value.code == 1
+    assert load_checkpoint(str(tmp_path / "exp" / "last.pt"))["epoch"] == 1
+    log = (tmp_path / "exp" / "training.log").read_text()
+    assert "non-finite loss at epoch 2 step 2" in log and "total_loss=nan" in log and "box_loss=" in log
+
+
+def test_checkpoint_round_trip(tiny_run, tmp_path):
+    train.main(tiny_run())
+    path = str(tmp_path / "exp" / "last.pt")
+    state = torch.load(path, weights_only=True)
+    args = state["config"]
+    solver = helper.load_solver(args, device=torch.device("cpu"), class_names=[str(i) for i in range(10)],
+                                steps_per_epoch=3)
+    solver.load_state_dict(state, state["global_step"])
+    again = solver.state_dict()
+    for key in ("model", "ema"):
+        assert all(torch.equal(again[key][name], tensor) for name, tensor in state[key].items())
+    assert again["optimizer"]["state"][0]["exp_avg"].equal(state["optimizer"]["state"][0]["exp_avg"])
+    assert again["scheduler"] == state["scheduler"]
+
+
+def test_bad_checkpoints(tiny_run, tmp_path):
+    train.main(tiny_run())
+    exp = tmp_path / "exp"
+    with open(exp / "last.pt", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(SystemExit) as failed:
+        train.main(tiny_run("exp", "--load_pretrained", "1"))
+    assert failed.value.code == 2
+
+    state = torch.load(exp / "best.pt", weights_only=True)
+    state["config"]["model_name"] = "Detr"
+    torch.save(state, exp / "last.pt")
+    with pytest.raises(UserError, match="from model Detr, not Yolo"):
+        solver = helper.load_solver(json.loads((exp / "config.json").read_text()), device=torch.device("cpu"),
+                                    class_names=list("abcdefghij"), steps_per_epoch=3)
+        solver.load_state_dict(load_checkpoint(str(exp / "last.pt")), 0)
+
+
+def run_train_cli(*flags):
+    result = subprocess.run([sys.executable, "train.py", *flags], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            timeout=300)
+    return result.returncode, result.stderr.strip()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--optimizer_type", "lion"], "argument --optimizer_type: invalid choice: 'lion'"),
+    (["--lr_schd_type", "Cyclic"], "argument --lr_schd_type: invalid choice: 'Cyclic'"),
+    (["--batch_size", "0"], "argument --batch_size: must be a positive integer, got 0"),
+    (["--bool_mixed_precision", "2"], "argument --bool_mixed_precision: must be 0 or 1, got 2"),
+])
+def test_bad_flags_are_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as failed:
+        build_parser().parse_args(flags)
+    assert failed.value.code == 2
+    stderr = capsys.readouterr().err.strip()
+    assert "\n" not in stderr and message in stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model_name", "Detr"], "--model_name Detr: no optimization/Detr_solver.py; available: Yolo"),
+    (["--dataset_type", "kitti"], "--dataset_type kitti: not in 'loaders' of config/config.json; available: nuscenes"),
+    (["--app_mode", "3DObjDet"], "--app_mode 3DObjDet: no loader for it with --dataset_type nuscenes"),
+    (["--cfg", "model.Yolo.backbone_name=resnet34"], "unknown key 'model.Yolo.backbone_name'"),
+    (["--cfg", "data.2DObjDet.image.h=tall"], "--cfg data.2DObjDet.image.h=tall: expected a value of type int"),
+])
+def test_bad_names_fail_before_heavy_work(flags, message, tmp_path):
+    code, stderr = run_train_cli("--save_dir", str(tmp_path / "exp"), *flags)
+    assert code == 2 and "\n" not in stderr and "Traceback" not in stderr
+    assert message in stderr
+    assert not (tmp_path / "exp").exists()
+
+
+def test_load_pretrained_without_checkpoint(tiny_run, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(tiny_run("exp", "--load_pretrained", "1"))
+    assert "--load_pretrained 1: no checkpoint" in capsys.readouterr().err
+
+
+def test_a_fresh_run_never_overwrites_an_experiment(tiny_run, tmp_path, capsys):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "last.pt").write_bytes(b"precious")
+    with pytest.raises(SystemExit) as failed:
+        train.main(tiny_run())
+    assert failed.value.code == 2 and "already holds checkpoints" in capsys.readouterr().err
+    assert (exp / "last.pt").read_bytes() == b"precious" and sorted(os.listdir(exp)) == ["last.pt"]
+
+
+def test_batch_size_larger_than_the_dataset(tiny_run, capsys):
+    with pytest.raises(SystemExit):
+        train.main(tiny_run("exp", "--batch_size", "64"))
+    assert "--batch_size 64 is larger than the 12 training samples" in capsys.readouterr().err
+
+
+def test_gpu_num_beyond_the_gpus(monkeypatch):
+    from utils import experiment
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match="--gpu_num 5: this machine has 2 GPU"):
+        experiment.select_device(5)
+
+
+def test_config_merge_and_typed_overrides(tmp_path):
+    flags = {"exp_id": 1, "cfg": ["model.Yolo.fpn_channels=64", "model.Yolo.pretrained_backbone=true",
+                                  "loss.Yolo.center_radius=1.5", 'data.2DObjDet.cameras=["CAM_FRONT"]',
+                                  "data.2DObjDet.version=v1.0-trainval"]}
+    merged = merge_config(flags, str(PROJECT_ROOT / "config"))
+    assert merged["exp_id"] == 1 and set(merged) >= {"config", "data", "model", "loss"}
+    assert merged["model"]["Yolo"]["fpn_channels"] == 64 and merged["model"]["Yolo"]["pretrained_backbone"] is True
+    assert merged["loss"]["Yolo"]["center_radius"] == 1.5
+    assert merged["data"]["2DObjDet"]["cameras"] == ["CAM_FRONT"]
+    assert merged["data"]["2DObjDet"]["version"] == "v1.0-trainval"
+    for override, message in [("model.Yolo.fpn_channels=1.5", "type int"), ("model.Yolo.head_convs", "KEY=VALUE"),
+                              ("optim.lr=1", "must start with one of"), ("model.Yolo.fpn_channels.x=1", "unknown key"),
+                              ("model.Yolo.pretrained_backbone=maybe", "type bool"),
+                              ('data.2DObjDet.cameras={"a": 1}', "type list")]:
+        with pytest.raises(UserError, match=message):
+            merge_config({"cfg": [override]}, str(PROJECT_ROOT / "config"))
+
+
+def test_broken_json_config_names_file_line_and_column(tmp_path):
+    for name in ("config", "data", "model", "loss"):
+        (tmp_path / f"{name}.json").write_text((PROJECT_ROOT / "config" / f"{name}.json").read_text())
+    (tmp_path / "model.json").write_text('{\n  "Yolo": {\n    "backbone": "resnet18",\n  }\n}\n')
+    with pytest.raises(UserError, match=r"model.json is not valid JSON: .* at line 4 column 3"):
+        merge_config({}, str(tmp_path))
+    with pytest.raises(UserError, match="not found"):
+        load_json(str(tmp_path / "absent.json"))
