@@ -58,11 +58,11 @@ def build_parser(description: str = "Train a model (DSTorch).") -> argparse.Argu
     add("--save_dir", default=None,
         help="experiment folder (default: saved_models/<dataset_type>_<model_name>_model<exp_id>)")
     add("--val_ratio", type=float, default=0.25, help="share of the training scenes held out for validation")
-    add("--batch_size", type=positive_int, default=4, help="samples (each with all its cameras) per step per process")
+    add("--batch_size", type=positive_int, default=2, help="samples (each with all its cameras) per step per process")
     add("--num_cores", type=non_negative_int, default=1, help="DataLoader worker processes (0: load in the main one)")
     add("--bool_apply_img_aug", type=flag, default=1, help="training augmentation: flip, colour, scale, translate")
     # schedule and checkpoints
-    add("--num_epochs", type=positive_int, default=12, help="epochs to train (may be raised when resuming)")
+    add("--num_epochs", type=positive_int, default=10, help="epochs to train (may be raised when resuming)")
     add("--valid_step", type=positive_int, default=1, help="evaluate on the val split every this many epochs")
     add("--save_every", type=positive_int, default=5, help="keep a numbered checkpoint every this many epochs")
     add("--max_num_chkpts", type=positive_int, default=3, help="numbered checkpoints kept (oldest deleted first)")
@@ -71,7 +71,7 @@ def build_parser(description: str = "Train a model (DSTorch).") -> argparse.Argu
         help="with --load_pretrained 1: resume from the numbered checkpoint of this epoch instead of last.pt")
     # optimization
     add("--optimizer_type", choices=OPTIMIZERS, default="adamw", help="optimizer")
-    add("--learning_rate", type=positive_float, default=2e-3, help="(peak) learning rate")
+    add("--learning_rate", type=positive_float, default=3e-3, help="(peak) learning rate")
     add("--weight_decay", type=float, default=0.05, help="weight decay (decoupled for adamw)")
     add("--grad_clip", type=float, default=10.0, help="clip the gradient norm to this (0: no clipping)")
     add("--apply_lr_scheduling", type=flag, default=1, help="0: constant learning rate")

@@ -5,10 +5,12 @@ loaders and the solver, resume, then the epoch loop (train, evaluate, checkpoint
 
 import logging
 import os
+import random
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -50,7 +52,17 @@ def resume_state(args: dict, exp_dir: str):
     if not os.path.isfile(path):
         raise UserError(f"--load_pretrained 1: no checkpoint {path} to resume from; train without "
                         f"--load_pretrained, or check --exp_id/--save_dir/--start_epoch")
-    return path, load_checkpoint(path)
+    state = load_checkpoint(path)
+    if state["config"]["model_name"] != args["model_name"]:
+        raise UserError(f"checkpoint {path} is from model {state['config']['model_name']}, not "
+                        f"{args['model_name']}: resume it with --model_name {state['config']['model_name']}")
+    return path, state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def resume_command_line(argv: list) -> str:
@@ -70,13 +82,14 @@ def resume_command_line(argv: list) -> str:
 def main(argv=None) -> None:
     args = merge_config(vars(build_parser().parse_args(argv)), str(PROJECT_ROOT / "config"))
     helper.check_names(args)
+    if args["ddp"]:
+        raise UserError("--ddp 1: multi-process training is not in this version yet; run without --ddp")
     exp_dir = experiment_folder(args, PROJECT_ROOT)
     resume_path, resumed = resume_state(args, exp_dir) if args["load_pretrained"] else (None, None)
     setup_logging(os.path.join(exp_dir, "training.log"))
     device = select_device(args["gpu_num"])
     logger.info("configuration: %s", args)
-    atomic_write_json(os.path.join(exp_dir, "config.json"), args)
-    torch.manual_seed(args["seed"])
+    seed_everything(args["seed"])
 
     train_set, train_loader = helper.load_datasetloader(args, torch.float32, 1, 0, "train")
     val_set, val_loader = helper.load_datasetloader(args, torch.float32, 1, 0, "val")
@@ -86,6 +99,7 @@ def main(argv=None) -> None:
     solver = helper.load_solver(args, device=device, class_names=train_set.class_names,
                                 steps_per_epoch=steps_per_epoch)
     solver.model.print_model_summary()
+    atomic_write_json(os.path.join(exp_dir, "config.json"), args)
     ground_truth = load_ground_truth(val_set.coco_path)
 
     start_epoch, skip_steps, global_step, best_map, history, epoch_sums = 0, 0, 0, -1.0, [], {}

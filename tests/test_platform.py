@@ -1,9 +1,9 @@
 """The platform end to end: train.py and test.py, exact resume, Ctrl-C, non-finite losses, checkpoints,
 configuration merging and every bad input promised to be rejected before heavy work."""
 
-import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,19 +22,34 @@ from utils.config import load_json, merge_config
 from utils.errors import UserError
 
 
+def tiny_flags(embedded_dir, folder, exp_dir="exp", *extra):
+    """Command-line flags of a tiny CPU run on the small embedded dataset: 2 cameras at 96x64, a slim head."""
+    return ["--dataset_dir", embedded_dir, "--save_dir", str(folder / exp_dir), "--num_epochs", "2",
+            "--batch_size", "4", "--num_cores", "0", "--seed", "3",
+            "--cfg", "data.2DObjDet.image.w=96", "--cfg", "data.2DObjDet.image.h=64",
+            "--cfg", 'data.2DObjDet.cameras=["CAM_FRONT", "CAM_BACK"]',
+            "--cfg", f"data.2DObjDet.label_cache_dir={folder / 'cache'}",
+            "--cfg", "model.Yolo.fpn_channels=32", "--cfg", "model.Yolo.head_convs=1", *extra]
+
+
 @pytest.fixture
 def tiny_run(embedded_dir, tmp_path):
-    """Command-line flags of a tiny CPU run on the small embedded dataset: 2 cameras at 96x64, a slim head."""
+    return lambda exp_dir="exp", *extra: tiny_flags(embedded_dir, tmp_path, exp_dir, *extra)
 
-    def flags(exp_dir="exp", *extra):
-        return ["--dataset_dir", embedded_dir, "--save_dir", str(tmp_path / exp_dir), "--num_epochs", "2",
-                "--batch_size", "4", "--num_cores", "0", "--seed", "3",
-                "--cfg", "data.2DObjDet.image.w=96", "--cfg", "data.2DObjDet.image.h=64",
-                "--cfg", 'data.2DObjDet.cameras=["CAM_FRONT", "CAM_BACK"]',
-                "--cfg", f"data.2DObjDet.label_cache_dir={tmp_path / 'cache'}",
-                "--cfg", "model.Yolo.fpn_channels=32", "--cfg", "model.Yolo.head_convs=1", *extra]
 
-    return flags
+@pytest.fixture(scope="module")
+def trained(embedded_dir, tmp_path_factory):
+    """One tiny 2-epoch experiment, trained once for the tests that only read it; returns its folder."""
+    folder = tmp_path_factory.mktemp("trained")
+    train.main(tiny_flags(embedded_dir, folder))
+    return folder / "exp"
+
+
+@pytest.fixture
+def trained_copy(trained, tmp_path, embedded_dir):
+    """A copy of the trained experiment that a test may change, and the flags that name it."""
+    shutil.copytree(trained, tmp_path / "exp")
+    return tmp_path / "exp", lambda *extra: tiny_flags(embedded_dir, tmp_path, "exp", *extra)
 
 
 def state_tensors(path):
@@ -43,14 +58,8 @@ def state_tensors(path):
                    **{f"ema.{k}": v for k, v in state["ema"].items()}}
 
 
-def file_digest(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def test_train_then_test_end_to_end(tiny_run, tmp_path):
-    train.main(tiny_run())
-    exp = tmp_path / "exp"
+def test_train_then_test_end_to_end(trained_copy):
+    exp, _ = trained_copy
     for name in ("best.pt", "last.pt", "config.json", "training.log", "curves.png", "metrics.json",
                  "detections.json"):
         assert (exp / name).is_file(), name
@@ -121,12 +130,12 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_run, tmp_p
         assert torch.equal(tensor, resumed_tensors[name]), name
 
 
-def test_resume_may_train_longer(tiny_run, tmp_path):
-    train.main(tiny_run())
-    train.main(tiny_run("exp", "--load_pretrained", "1", "--num_epochs", "3"))
-    state = load_checkpoint(str(tmp_path / "exp" / "last.pt"))
+def test_resume_may_train_longer(trained_copy):
+    exp, flags = trained_copy
+    train.main(flags("--load_pretrained", "1", "--num_epochs", "3"))
+    state = load_checkpoint(str(exp / "last.pt"))
     assert state["epoch"] == 3 and [row["epoch"] for row in state["history"]] == [1, 2, 3]
-    assert "rebuilt for 3 epochs" in (tmp_path / "exp" / "training.log").read_text()
+    assert "rebuilt for 3 epochs" in (exp / "training.log").read_text()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path, monkeypatch):
@@ -149,9 +158,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_
     assert "non-finite loss at epoch 2 step 2" in log and "total_loss=nan" in log and "box_loss=" in log
 
 
-def test_checkpoint_round_trip(tiny_run, tmp_path):
-    train.main(tiny_run())
-    path = str(tmp_path / "exp" / "last.pt")
+def test_checkpoint_round_trip(trained):
+    path = str(trained / "last.pt")
     state = torch.load(path, weights_only=True)
     args = state["config"]
     solver = helper.load_solver(args, device=torch.device("cpu"), class_names=[str(i) for i in range(10)],
@@ -164,22 +172,38 @@ def test_checkpoint_round_trip(tiny_run, tmp_path):
     assert again["scheduler"] == state["scheduler"]
 
 
-def test_bad_checkpoints(tiny_run, tmp_path):
-    train.main(tiny_run())
-    exp = tmp_path / "exp"
+def test_bad_checkpoints(trained_copy, capsys):
+    exp, flags = trained_copy
+    config_before = (exp / "config.json").read_bytes()
     with open(exp / "last.pt", "r+b") as f:
         f.truncate(1000)
     with pytest.raises(SystemExit) as failed:
-        train.main(tiny_run("exp", "--load_pretrained", "1"))
-    assert failed.value.code == 2
+        train.main(flags("--load_pretrained", "1"))
+    assert failed.value.code == 2 and "last.pt is corrupt or not a DSTorch checkpoint" in capsys.readouterr().err
 
     state = torch.load(exp / "best.pt", weights_only=True)
     state["config"]["model_name"] = "Detr"
     torch.save(state, exp / "last.pt")
+    with pytest.raises(SystemExit) as failed:
+        train.main(flags("--load_pretrained", "1"))
+    assert "is from model Detr, not Yolo: resume it with --model_name Detr" in capsys.readouterr().err
     with pytest.raises(UserError, match="from model Detr, not Yolo"):
-        solver = helper.load_solver(json.loads((exp / "config.json").read_text()), device=torch.device("cpu"),
+        solver = helper.load_solver(json.loads(config_before), device=torch.device("cpu"),
                                     class_names=list("abcdefghij"), steps_per_epoch=3)
-        solver.load_state_dict(load_checkpoint(str(exp / "last.pt")), 0)
+        solver.load_weights(load_checkpoint(str(exp / "last.pt")))
+    assert (exp / "config.json").read_bytes() == config_before  # nothing overwritten by the failed runs
+
+
+def test_mixed_precision_step_on_the_cpu(trained):
+    """--bool_mixed_precision 1 on the CPU: bf16 autocast, the same code path as CUDA's fp16 with a scaler."""
+    args = json.loads((trained / "config.json").read_text())
+    args["bool_mixed_precision"] = 1
+    solver = helper.load_solver(args, device=torch.device("cpu"), class_names=list("abcdefghij"), steps_per_epoch=3)
+    assert solver.amp_dtype == torch.bfloat16 and not solver.scaler.is_enabled()
+    batch = {"images": torch.randn(1, 2, 3, 64, 96), "boxes": torch.tensor([[10.0, 10.0, 40.0, 50.0]]),
+             "labels": torch.tensor([2]), "box_image_index": torch.tensor([1])}
+    losses = solver.train(batch)
+    assert all(torch.isfinite(torch.tensor(value)) for value in losses.values())
 
 
 def run_train_cli(*flags):

@@ -1,6 +1,7 @@
 """Optimizers and learning-rate schedules by name, from torch.optim. Every schedule is stepped once per
 optimizer step, so epoch-based settings are converted to steps here."""
 
+import re
 import warnings
 
 import torch
@@ -51,6 +52,6 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: in
 def fast_forward(scheduler, steps: int) -> None:
     """Advance a freshly built scheduler by `steps` optimizer steps (resuming with a longer schedule)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
         for _ in range(steps):
             scheduler.step()

@@ -3,7 +3,7 @@ Each file is written atomically."""
 
 import torch
 from matplotlib.figure import Figure  # without pyplot: no backend, no global figure state
-from torchvision.io import write_png
+from torchvision.transforms.v2.functional import to_pil_image
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 from utils.io import atomic_write
@@ -55,4 +55,4 @@ def save_detection_mosaic(images: torch.Tensor, ground_truth: list, predictions:
             image = draw_bounding_boxes(image, boxes, names, colors="red")
         drawn.append(image)
     grid = make_grid(torch.stack(drawn), nrow=columns, padding=4, pad_value=255)
-    atomic_write(path, lambda tmp_path: write_png(grid, tmp_path))
+    atomic_write(path, lambda tmp_path: to_pil_image(grid).save(tmp_path, format="PNG"))

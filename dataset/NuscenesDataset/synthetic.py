@@ -10,7 +10,8 @@ In each scene the ego car drives a gently curved four-lane road; around it are t
 pedestrians and roadside objects of all 23 nuScenes categories with realistic sizes. Every camera image is rendered
 from that 3D scene (pinhole camera, near-plane clipping, back-face culling, painter's order, shaded cuboids with
 class-specific stripes, a little noise), so what a 2D label says is visibly there. The visibility token of each
-annotation is the rendered fraction of the object that is not occluded, over all six cameras.
+annotation is the rendered fraction of the object that is not occluded, over all six cameras; as in nuScenes, an
+object is annotated only over the keyframes between the first and the last in which some camera sees it.
 
 Frames, as in nuScenes: global (z up, ground at z = 0); ego (x forward, y left, z up); camera (z forward, x right,
 y down). Distances in metres, times in microseconds, image coordinates in pixels with pixel i covering [i, i + 1).
@@ -435,6 +436,7 @@ def generate_scene(job: dict) -> dict:
     sample_tokens = [token("sample", k) for k in range(n_samples)]
     instance_tokens = [token("instance", i) for i in range(len(objects))]
     annotation_tokens = [[token("annotation", i, k) for k in range(n_samples)] for i in range(len(objects))]
+    per_sample = []  # (time in s, object states, visible px (n,), silhouette px (n,)) of each keyframe
     for k, t_s in enumerate(sample_times):
         timestamp = start_us + k * KEYFRAME_PERIOD_US
         tables["sample"].append({"token": sample_tokens[k], "timestamp": timestamp,
@@ -467,22 +469,33 @@ def generate_scene(job: dict) -> dict:
                 "is_key_frame": True, "height": height, "width": width, "filename": filename,
                 "prev": token("sample_data", channel, k - 1) if k > 0 else "",
                 "next": token("sample_data", channel, k + 1) if k + 1 < n_samples else ""})
-        for i, (obj, (center, yaw)) in enumerate(zip(objects, states, strict=True)):
-            fraction = visible_pixels[i] / silhouette_area[i] if silhouette_area[i] >= 1.0 else 0.0
+        per_sample.append((t_s, states, visible_pixels, silhouette_area))
+
+    # As in nuScenes, an object is annotated only while some sensor sees it: from the first to the last keyframe
+    # in which a camera shows at least one pixel of it (an object never seen is not annotated at all).
+    for i, obj in enumerate(objects):
+        seen = [k for k, (_, _, pixels, _) in enumerate(per_sample) if pixels[i] > 0]
+        if not seen:
+            continue
+        annotated = range(seen[0], seen[-1] + 1)
+        for k in annotated:
+            t_s, states, pixels, area = per_sample[k]
+            center, yaw = states[i]
+            fraction = pixels[i] / area[i] if area[i] >= 1.0 else 0.0
             distance = float(np.linalg.norm(center[:2] - road.point(ego_speed * t_s, 0.0)))
             tables["sample_annotation"].append({
                 "token": annotation_tokens[i][k], "sample_token": sample_tokens[k],
                 "instance_token": instance_tokens[i], "visibility_token": visibility_token(fraction),
                 "attribute_tokens": [make_token(seed, "attribute", a) for a in obj["attributes"]],
                 "translation": center.tolist(), "size": list(obj["size"]), "rotation": yaw_rotation(yaw),
-                "prev": annotation_tokens[i][k - 1] if k > 0 else "",
-                "next": annotation_tokens[i][k + 1] if k + 1 < n_samples else "",
+                "prev": annotation_tokens[i][k - 1] if k > annotated.start else "",
+                "next": annotation_tokens[i][k + 1] if k + 1 < annotated.stop else "",
                 "num_lidar_pts": int(max(1, 4000 * obj["size"][1] * obj["size"][2] / max(distance, 1.0) ** 2)),
                 "num_radar_pts": int(rng.integers(0, 5)) if obj["category"].startswith("vehicle.") else 0})
-    for i, obj in enumerate(objects):
         tables["instance"].append({"token": instance_tokens[i], "category_token": make_token(seed, obj["category"]),
-                                   "nbr_annotations": n_samples, "first_annotation_token": annotation_tokens[i][0],
-                                   "last_annotation_token": annotation_tokens[i][-1]})
+                                   "nbr_annotations": len(annotated),
+                                   "first_annotation_token": annotation_tokens[i][annotated.start],
+                                   "last_annotation_token": annotation_tokens[i][annotated.stop - 1]})
     n_objects = len(objects)
     tables["scene"].append({"token": token("scene"), "log_token": log_token, "nbr_samples": n_samples,
                             "first_sample_token": sample_tokens[0], "last_sample_token": sample_tokens[-1],
