@@ -80,12 +80,13 @@ def main() -> None:
     targets = random_targets(args.batch_images, width, height)
     results = []
 
-    ours = Yolo(load("model")["Yolo"], (width, height), NUM_CLASSES)
+    ours = Yolo(load("model")["Yolo"], (width, height), NUM_CLASSES)  # the configured model
     loss_fn = DetectionLoss(load("loss")["Yolo"], STRIDES)
     collated = {"boxes": torch.cat([t["boxes"] for t in targets]), "labels": torch.cat([t["labels"] for t in targets]),
                 "box_image_index": torch.arange(len(targets)).repeat_interleave(10)}
+    model_cfg = load("model")["Yolo"]
     results.append(measure(
-        "DSTorch Yolo (resnet18, FPN 128, anchor-free)", ours,
+        f"DSTorch Yolo ({model_cfg['backbone']}, FPN {model_cfg['fpn_channels']}, anchor-free)", ours,
         lambda: loss_fn(ours(images[None]), collated)["total_loss"].backward(),
         lambda: ours(images[None, :1]), args.iterations, args.batch_images))
 
