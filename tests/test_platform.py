@@ -89,10 +89,14 @@ def test_train_then_test_end_to_end(trained_copy):
     assert (test_dir / "best" / "metrics.json").is_file() and (test_dir / "last" / "metrics.json").is_file()
 
 
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_run, tmp_path, monkeypatch):
-    """Ctrl-C in the middle of epoch 2 saves last.pt and exits; resuming gives the same per-epoch losses and the
-    same final weights as a run that was never stopped (CPU, fixed seed, --num_cores 0)."""
-    train.main(tiny_run("straight"))
+@pytest.mark.parametrize("num_cores, stop_after_step, stopped_at", [("0", 4, (1, 1)), ("1", 3, (0, 3))],
+                         ids=["mid_epoch_no_workers", "epoch_end_one_worker"])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_run, tmp_path, monkeypatch, num_cores,
+                                                                 stop_after_step, stopped_at):
+    """Ctrl-C saves last.pt and exits; resuming gives the same per-epoch losses and the same final weights as a
+    run that was never stopped (CPU, fixed seed): anywhere with --num_cores 0, at epoch ends with workers.
+    Each epoch has 3 steps of 4 samples."""
+    train.main(tiny_run("straight", "--num_cores", num_cores))
 
     calls = {"n": 0}
     real_train = train.helper.load_solver
@@ -104,7 +108,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_run, tmp_p
         def train_then_interrupt(batch):
             losses = step(batch)
             calls["n"] += 1
-            if calls["n"] == 4:  # epoch 2 has 3 steps of 4 samples: stop after its first
+            if calls["n"] == stop_after_step:
                 os.kill(os.getpid(), signal.SIGINT)
             return losses
 
@@ -113,15 +117,15 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_run, tmp_p
 
     monkeypatch.setattr(train.helper, "load_solver", load_solver_with_ctrl_c)
     with pytest.raises(SystemExit) as stopped:
-        train.main(tiny_run("stopped"))
+        train.main(tiny_run("stopped", "--num_cores", num_cores))
     assert stopped.value.code == 128 + signal.SIGINT
     interrupted = load_checkpoint(str(tmp_path / "stopped" / "last.pt"))
-    assert (interrupted["epoch"], interrupted["step_in_epoch"]) == (1, 1)
+    assert (interrupted["epoch"], interrupted["step_in_epoch"]) == stopped_at
     assert "resume with: python train.py" in (tmp_path / "stopped" / "training.log").read_text()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     monkeypatch.setattr(train.helper, "load_solver", real_train)
 
-    train.main(tiny_run("stopped", "--load_pretrained", "1"))
+    train.main(tiny_run("stopped", "--num_cores", num_cores, "--load_pretrained", "1"))
     straight, straight_tensors = state_tensors(str(tmp_path / "straight" / "last.pt"))
     resumed, resumed_tensors = state_tensors(str(tmp_path / "stopped" / "last.pt"))
     assert [row["total_loss"] for row in resumed["history"]] == [row["total_loss"] for row in straight["history"]]
