@@ -19,16 +19,6 @@ def encode_ltrb(boxes: torch.Tensor, points: torch.Tensor, strides: torch.Tensor
     return distances + torch.log(-torch.expm1(-distances))  # softplus^-1(d) = log(exp(d) - 1), stable form
 
 
-def paired_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """IoU of boxes1[i] with boxes2[i], (N, 4) each -> (N,); torchvision's box_iou computes all N x N pairs."""
-    top_left = torch.maximum(boxes1[:, :2], boxes2[:, :2])
-    bottom_right = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])
-    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=1)
-    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(dim=1)
-    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(dim=1)
-    return intersection / (area1 + area2 - intersection).clamp(min=1e-9)
-
-
 def postprocess_detections(boxes: torch.Tensor, scores: torch.Tensor, score_threshold: float, nms_iou: float,
                            pre_nms_topk: int, max_detections: int, image_size: tuple) -> list:
     """Detections per image from dense predictions: score threshold, the pre_nms_topk best (point, class)
