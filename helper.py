@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from utils.distributed import ResumableDistributedSampler
+from utils.distributed import ResumableDistributedSampler, main_process_first
 from utils.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -41,7 +41,8 @@ def load_datasetloader(args: dict, dtype, world_size: int, rank: int, mode: str)
     without DDP): its order depends only on the seed and the epoch, so runs and resumes are reproducible. In
     evaluation each process gets a disjoint shard with no padding."""
     module = importlib.import_module(args["config"]["loaders"][args["dataset_type"]][args["app_mode"]])
-    dataset = module.DatasetLoader(args, dtype, world_size, rank, mode)
+    with main_process_first(world_size, rank):  # rank 0 generates the embedded dataset or builds the label cache
+        dataset = module.DatasetLoader(args, dtype, world_size, rank, mode)
     training = mode == "train"
     sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=training,
                                           seed=args["seed"], drop_last=training, pad=training)

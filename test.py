@@ -18,6 +18,7 @@ import helper
 from argumentparser import build_parser, flag, non_negative_int
 from utils.checkpoint import load_checkpoint
 from utils.config import merge_config
+from utils.distributed import close_distributed, init_distributed
 from utils.errors import UserError, exit_on_user_error
 from utils.experiment import load_ground_truth, numbered_checkpoints, select_device, setup_logging, write_evaluation
 from utils.plots import plot_precision_recall, save_detection_mosaic
@@ -78,17 +79,31 @@ def main(argv=None) -> None:
     exp_dir = os.path.abspath(args["save_dir"] or os.path.join(
         PROJECT_ROOT, "saved_models", f"{args['dataset_type']}_{args['model_name']}_model{args['exp_id']}"))
     names = chosen_checkpoints(exp_dir, args["model_num"], bool(args["is_test_all"]))
-    setup_logging(os.path.join(exp_dir, "test.log"))
-    device = select_device(args["gpu_num"])
+    world_size, rank, local_rank = init_distributed(args["ddp"], args["config"]["distributed"]["timeout_s"])
+    try:
+        evaluate(args, flags, argv, exp_dir, names, world_size, rank, local_rank)
+    finally:
+        close_distributed()
+
+
+def evaluate(args: dict, flags: dict, argv: list, exp_dir: str, names: list, world_size: int, rank: int,
+             local_rank: int) -> None:
+    """Evaluate each checkpoint in `names`; under --ddp 1 every process takes a shard, rank 0 scores and writes."""
+    setup_logging(os.path.join(exp_dir, "test.log") if rank == 0 else None, rank == 0)
+    device = select_device(local_rank if args["ddp"] else args["gpu_num"])
     for name in names:
         state = load_checkpoint(os.path.join(exp_dir, name))
         run = dict(state["config"])  # evaluate with the settings the checkpoint was trained with
         run.update({key: flags[key] for key in RUN_FLAGS if any(a.startswith(f"--{key}") for a in argv)})
         helper.check_names(run)
-        test_set, test_loader = helper.load_datasetloader(run, torch.float32, 1, 0, "test")
-        solver = helper.load_solver(run, device=device, class_names=test_set.class_names, steps_per_epoch=1)
+        run["ddp"] = args["ddp"]
+        test_set, test_loader = helper.load_datasetloader(run, torch.float32, world_size, rank, "test")
+        solver = helper.load_solver(run, device=device, class_names=test_set.class_names, steps_per_epoch=1,
+                                    world_size=world_size, rank=rank)
         solver.load_weights(state)
-        metrics, detections, pr_curves = solver.eval(test_loader, load_ground_truth(test_set.coco_path))
+        metrics, detections, pr_curves = solver.eval(test_loader, load_ground_truth(test_set.coco_path), rank == 0)
+        if rank != 0:
+            continue
         metrics.update({"checkpoint": name, "epoch": state["epoch"]})
         out_dir = os.path.join(exp_dir, "test", Path(name).stem) if len(names) > 1 else os.path.join(exp_dir, "test")
         write_evaluation(out_dir, metrics, detections)

@@ -21,6 +21,7 @@ from argumentparser import build_parser
 from utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from utils.coco_eval import SUMMARY_NAMES
 from utils.config import merge_config
+from utils.distributed import close_distributed, init_distributed
 from utils.errors import NonFiniteLossError, UserError, exit_on_user_error
 from utils.experiment import (
     StopRequest,
@@ -82,24 +83,33 @@ def resume_command_line(argv: list) -> str:
 def main(argv=None) -> None:
     args = merge_config(vars(build_parser().parse_args(argv)), str(PROJECT_ROOT / "config"))
     helper.check_names(args)
-    if args["ddp"]:
-        raise UserError("--ddp 1: multi-process training is not in this version yet; run without --ddp")
+    world_size, rank, local_rank = init_distributed(args["ddp"], args["config"]["distributed"]["timeout_s"])
+    try:
+        run(args, sys.argv[1:] if argv is None else argv, world_size, rank, local_rank)
+    finally:
+        close_distributed()
+
+
+def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> None:
+    main_process = rank == 0  # the only one that logs, draws progress bars and writes files
     exp_dir = experiment_folder(args, PROJECT_ROOT)
     resume_path, resumed = resume_state(args, exp_dir) if args["load_pretrained"] else (None, None)
-    setup_logging(os.path.join(exp_dir, "training.log"))
-    device = select_device(args["gpu_num"])
+    setup_logging(os.path.join(exp_dir, "training.log") if main_process else None, main_process)
+    device = select_device(local_rank if args["ddp"] else args["gpu_num"])
     logger.info("configuration: %s", args)
-    seed_everything(args["seed"])
+    seed_everything(args["seed"] + rank)
 
-    train_set, train_loader = helper.load_datasetloader(args, torch.float32, 1, 0, "train")
-    val_set, val_loader = helper.load_datasetloader(args, torch.float32, 1, 0, "val")
+    train_set, train_loader = helper.load_datasetloader(args, torch.float32, world_size, rank, "train")
+    val_set, val_loader = helper.load_datasetloader(args, torch.float32, world_size, rank, "val")
     if len(train_loader) == 0:
-        raise UserError(f"--batch_size {args['batch_size']} is larger than the {len(train_set)} training samples")
+        raise UserError(f"--batch_size {args['batch_size']} is larger than the {len(train_set)} training samples "
+                        f"({world_size} process(es))")
     steps_per_epoch = len(train_loader)
     solver = helper.load_solver(args, device=device, class_names=train_set.class_names,
-                                steps_per_epoch=steps_per_epoch)
+                                steps_per_epoch=steps_per_epoch, world_size=world_size, rank=rank)
     solver.model.print_model_summary()
-    atomic_write_json(os.path.join(exp_dir, "config.json"), args)
+    if main_process:
+        atomic_write_json(os.path.join(exp_dir, "config.json"), args)
     ground_truth = load_ground_truth(val_set.coco_path)
 
     start_epoch, skip_steps, global_step, best_map, history, epoch_sums = 0, 0, 0, -1.0, [], {}
@@ -112,8 +122,8 @@ def main(argv=None) -> None:
         set_rng_state(resumed["rng"])
         logger.info("resumed from %s at epoch %d, step %d", resume_path, start_epoch + 1, skip_steps)
 
-    writer = SummaryWriter(os.path.join(exp_dir, "tensorboard"))
-    resume_command = resume_command_line(sys.argv[1:] if argv is None else argv)
+    writer = SummaryWriter(os.path.join(exp_dir, "tensorboard")) if main_process else None
+    resume_command = resume_command_line(argv)
     with logging_redirect_tqdm(), StopRequest() as stop:
         for epoch in range(start_epoch, args["num_epochs"]):
             train_loader.sampler.set_epoch(epoch)  # the sample order and the workers' seeds depend on the epoch only
@@ -122,7 +132,8 @@ def main(argv=None) -> None:
             solver.mode_selection(True)
             epoch_start, images_seen, learning_rate = time.time(), 0, solver.learning_rate()
             bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args['num_epochs']}", initial=skip_steps,
-                       total=skip_steps + len(train_loader), unit="batch", dynamic_ncols=True)
+                       total=skip_steps + len(train_loader), unit="batch", dynamic_ncols=True,
+                       disable=not main_process)
             for step_in_epoch, batch in enumerate(bar, start=skip_steps + 1):
                 try:
                     losses = solver.train(batch)
@@ -139,9 +150,8 @@ def main(argv=None) -> None:
                 bar.set_postfix({key: f"{epoch_sums[key] / step_in_epoch:.3f}" for key in losses if "loss" in key}
                                 | {"lr": f"{learning_rate:.2e}",
                                    "img/s": f"{images_seen / (time.time() - epoch_start):.1f}"})
-                writer.add_scalar("train/lr", learning_rate, global_step)
                 every = args["config"]["solver"]["checkpoint_every_steps"]
-                if stop.requested or (every and global_step % every == 0):
+                if main_process and (stop.requested or (every and global_step % every == 0)):
                     save_checkpoint(os.path.join(exp_dir, "last.pt"), checkpoint_state(
                         solver, args, epoch, step_in_epoch, global_step, best_map, history, epoch_sums))
                 if stop.requested:
@@ -154,14 +164,17 @@ def main(argv=None) -> None:
                    **{key: value / steps_per_epoch for key, value in epoch_sums.items()}}
             epoch_sums = {}
             if (epoch + 1) % args["valid_step"] == 0 or epoch + 1 == args["num_epochs"]:
-                metrics, detections, _ = solver.eval(val_loader, ground_truth)
-                write_evaluation(exp_dir, metrics, detections)
-                row.update({name: metrics[name] for name in SUMMARY_NAMES})
+                metrics, detections, _ = solver.eval(val_loader, ground_truth, show_progress=main_process)
+                if main_process:  # the other processes sent their detections to it
+                    write_evaluation(exp_dir, metrics, detections)
+                    row.update({name: metrics[name] for name in SUMMARY_NAMES})
             history.append(row)
+            if not main_process:
+                continue
             logger.info("epoch %d/%d: %s (%.0f s)", epoch + 1, args["num_epochs"],
                         ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"), time.time() - epoch_start)
             for key, value in row.items():
-                if key != "epoch":
+                if key != "epoch":  # per epoch: train/* losses and lr, val/* metrics
                     writer.add_scalar(f"{'val' if key in SUMMARY_NAMES else 'train'}/{key}", value, epoch + 1)
             plot_curves(history, os.path.join(exp_dir, "curves.png"))
 
@@ -173,7 +186,8 @@ def main(argv=None) -> None:
             if (epoch + 1) % args["save_every"] == 0:
                 save_checkpoint(os.path.join(exp_dir, f"epoch_{epoch + 1}.pt"), state)
                 prune_checkpoints(exp_dir, args["max_num_chkpts"])
-    writer.close()
+    if main_process:
+        writer.close()
     logger.info("done: best validation mAP %.4f; checkpoints in %s", best_map, exp_dir)
 
 
