@@ -92,6 +92,8 @@ def main(argv=None) -> None:
 
 def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> None:
     main_process = rank == 0  # the only one that logs, draws progress bars and writes files
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        args["load_pretrained"] = 1  # torchrun restarted the workers after a failure: continue from last.pt
     exp_dir = experiment_folder(args, PROJECT_ROOT)
     resume_path, resumed = resume_state(args, exp_dir) if args["load_pretrained"] else (None, None)
     setup_logging(os.path.join(exp_dir, "training.log") if main_process else None, main_process)
