@@ -6,6 +6,7 @@ loaders and the solver, resume, then the epoch loop (train, evaluate, checkpoint
 import logging
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from argumentparser import build_parser
 from utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from utils.coco_eval import SUMMARY_NAMES
 from utils.config import merge_config
-from utils.distributed import close_distributed, init_distributed
+from utils.distributed import any_process, close_distributed, gather_to_main, init_distributed
 from utils.errors import NonFiniteLossError, UserError, exit_on_user_error
 from utils.experiment import (
     StopRequest,
@@ -40,10 +41,11 @@ logger = logging.getLogger("train")
 
 
 def checkpoint_state(solver, args: dict, epoch: int, step_in_epoch: int, global_step: int, best_map: float,
-                     history: list, epoch_sums: dict) -> dict:
-    """Everything a resumed run needs to continue exactly: epoch in progress and batches done in it."""
+                     history: list, epoch_sums: dict, rng_states: list) -> dict:
+    """Everything a resumed run needs to continue exactly: epoch in progress and batches done in it, and the
+    random generator states of every process (rank order)."""
     return {**solver.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-            "best_map": best_map, "history": history, "epoch_sums": epoch_sums, "rng": rng_state(), "config": args}
+            "best_map": best_map, "history": history, "epoch_sums": epoch_sums, "rng": rng_states, "config": args}
 
 
 def resume_state(args: dict, exp_dir: str):
@@ -121,7 +123,10 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
         if solver.load_state_dict(resumed, global_step):
             logger.info("--num_epochs changed from %d to %d: the learning-rate schedule is rebuilt for %d epochs",
                         resumed["config"]["num_epochs"], args["num_epochs"], args["num_epochs"])
-        set_rng_state(resumed["rng"])
+        if len(resumed["rng"]) != world_size:
+            logger.warning("resuming a run of %d process(es) with %d: random streams and, mid-epoch, the split of "
+                           "the samples differ from those of an uninterrupted run", len(resumed["rng"]), world_size)
+        set_rng_state(resumed["rng"][rank % len(resumed["rng"])])
         logger.info("resumed from %s at epoch %d, step %d", resume_path, start_epoch + 1, skip_steps)
 
     writer = SummaryWriter(os.path.join(exp_dir, "tensorboard")) if main_process else None
@@ -140,8 +145,8 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
                 try:
                     losses = solver.train(batch)
                 except NonFiniteLossError as error:
-                    logger.error("non-finite loss at epoch %d step %d: %s; stopping, the checkpoints are left as "
-                                 "they were", epoch + 1, step_in_epoch, error)
+                    logger.error("non-finite loss at epoch %d step %d (loss terms of process %d: %s); stopping, the "
+                                 "checkpoints are left as they were", epoch + 1, step_in_epoch, rank, error)
                     sys.exit(1)
                 learning_rate = solver.learning_rate()  # the one this step used
                 solver.learning_rate_step()
@@ -153,13 +158,18 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
                                 | {"lr": f"{learning_rate:.2e}",
                                    "img/s": f"{images_seen / (time.time() - epoch_start):.1f}"})
                 every = args["config"]["solver"]["checkpoint_every_steps"]
-                if main_process and (stop.requested or (every and global_step % every == 0)):
-                    save_checkpoint(os.path.join(exp_dir, "last.pt"), checkpoint_state(
-                        solver, args, epoch, step_in_epoch, global_step, best_map, history, epoch_sums))
-                if stop.requested:
-                    logger.info("stopped by %s at epoch %d step %d; last.pt saved; resume with: %s", stop.signal_name,
-                                epoch + 1, step_in_epoch, resume_command)
-                    sys.exit(128 + stop.signal_number)
+                stop_now = any_process(stop.requested)  # all processes stop after the same step, and save together
+                if stop_now or (every and global_step % every == 0):
+                    rng_states = gather_to_main([rng_state()])
+                    if main_process:
+                        save_checkpoint(os.path.join(exp_dir, "last.pt"), checkpoint_state(
+                            solver, args, epoch, step_in_epoch, global_step, best_map, history, epoch_sums,
+                            rng_states))
+                if stop_now:
+                    logger.info("stopped by %s at epoch %d step %d; last.pt saved; resume with: %s",
+                                stop.signal_name or "a signal to another process", epoch + 1, step_in_epoch,
+                                resume_command)
+                    sys.exit(128 + (stop.signal_number or signal.SIGTERM))
             skip_steps = 0
 
             row = {"epoch": epoch + 1, "lr": learning_rate,
@@ -171,6 +181,7 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
                     write_evaluation(exp_dir, metrics, detections)
                     row.update({name: metrics[name] for name in SUMMARY_NAMES})
             history.append(row)
+            rng_states = gather_to_main([rng_state()])
             if not main_process:
                 continue
             logger.info("epoch %d/%d: %s (%.0f s)", epoch + 1, args["num_epochs"],
@@ -180,7 +191,7 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
                     writer.add_scalar(f"{'val' if key in SUMMARY_NAMES else 'train'}/{key}", value, epoch + 1)
             plot_curves(history, os.path.join(exp_dir, "curves.png"))
 
-            state = checkpoint_state(solver, args, epoch + 1, 0, global_step, best_map, history, {})
+            state = checkpoint_state(solver, args, epoch + 1, 0, global_step, best_map, history, {}, rng_states)
             if row.get("mAP", -1.0) > best_map:
                 best_map = state["best_map"] = row["mAP"]
                 save_checkpoint(os.path.join(exp_dir, "best.pt"), state)

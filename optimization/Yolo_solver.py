@@ -11,7 +11,7 @@ from tqdm import tqdm
 from models.Yolo.yolo import STRIDES, Yolo
 from utils.boxes import to_original_pixels
 from utils.coco_eval import coco_metrics
-from utils.distributed import gather_to_main
+from utils.distributed import any_process, gather_to_main, sync_batchnorm
 from utils.errors import NonFiniteLossError, UserError
 from utils.loss import DetectionLoss
 from utils.optim import build_optimizer, build_scheduler, fast_forward
@@ -43,6 +43,8 @@ class Solver:
         image = args["data"][args["app_mode"]]["image"]
         self.image_size = (image["w"], image["h"])
         self.model = Yolo(args["model"]["Yolo"], self.image_size, len(class_names)).to(device)
+        if world_size > 1 and args["config"]["distributed"]["sync_batchnorm"]:
+            self.model = sync_batchnorm(self.model, device)
         self.loss_fn = DetectionLoss(args["loss"]["Yolo"], STRIDES)
         self.optimizer = build_optimizer(args["optimizer_type"], self.model.parameters(), args["learning_rate"],
                                          args["weight_decay"])
@@ -75,7 +77,9 @@ class Solver:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             outputs = self.trained_model(images)
         losses = self.loss_fn(outputs, targets)  # in float32 whatever the autocast dtype
-        if not torch.isfinite(losses["total_loss"]):
+        # All processes stop together, before the backward pass: one that stopped alone would leave the others
+        # waiting for its gradients.
+        if any_process(not torch.isfinite(losses["total_loss"])):
             raise NonFiniteLossError({key: float(value.detach()) for key, value in losses.items()})
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["total_loss"]).backward()

@@ -1,30 +1,171 @@
-"""torchrun on the CPU (gloo): training to the end with 2 processes, and a 2-process evaluation that equals the
-1-process one exactly (the shards are disjoint, no sample counts twice)."""
+"""torchrun on the CPU (gloo), 2 processes: training to the end through run_train_ddp.sh; the same weights as one
+process with the global batch; an evaluation equal to the 1-process one; a SIGKILLed worker restarted and resumed
+exactly; a stop signal that reaches one process; two torchrun "nodes" on localhost; bounded rendezvous errors."""
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
+from torch import nn
 
 import test as test_script
 import train
 from tests.conftest import PROJECT_ROOT
-from tests.test_platform import tiny_flags
+from tests.test_platform import state_tensors, tiny_flags
+from utils.checkpoint import load_checkpoint
+from utils.distributed import init_distributed, sync_batchnorm
+from utils.errors import UserError
 
 
-def torchrun(*args, nproc=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc_per_node={nproc}", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                            timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+def ddp_flags(embedded_dir, folder, exp_dir, *extra):
+    """The tiny run of 2 epochs with 2 samples per process (3 steps per epoch with 2 processes), where
+    2 x batch b must equal 1 x batch 2b: BatchNorm frozen, no augmentation, and SGD, whose update is linear in the
+    gradient (Adam's divides by its root mean square, which turns float32 rounding of gradients near zero into
+    differences of up to the learning rate); last.pt also every 2 steps."""
+    return tiny_flags(embedded_dir, folder, exp_dir, "--batch_size", "2", "--bool_apply_img_aug", "0",
+                      "--optimizer_type", "sgd", "--cfg", "model.Yolo.freeze_batchnorm=true",
+                      "--cfg", "config.solver.checkpoint_every_steps=2", *extra)
+
+
+def launch(command: list, timeout: float = 300, check: bool = True, **env) -> subprocess.CompletedProcess:
+    """Run a launcher (torchrun or one of the run_train_*.sh scripts) with 1 thread per process."""
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT), **env})
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
+
+
+def torchrun(*args, check: bool = True, **env) -> subprocess.CompletedProcess:
+    return launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+                  check=check, **env)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def assert_same_tensors(path, reference_path):
+    _, tensors = state_tensors(str(path))
+    _, reference = state_tensors(str(reference_path))
+    for name, tensor in reference.items():
+        assert torch.equal(tensor, tensors[name]), name
 
 
 def detection_key(detection):
     return detection["image_id"], detection["category_id"], detection["score"]
+
+
+@pytest.fixture(scope="module")
+def ddp_trained(embedded_dir, tmp_path_factory):
+    """The tiny experiment trained by 2 processes with `bash run_train_ddp.sh 2`; returns its folder."""
+    folder = tmp_path_factory.mktemp("ddp")
+    launch(["bash", "run_train_ddp.sh", "2", *ddp_flags(embedded_dir, folder, "exp")])
+    return folder / "exp"
+
+
+def test_two_processes_train_to_the_end(ddp_trained):
+    log = (ddp_trained / "training.log").read_text()
+    assert "epoch 2/2:" in log and "done: best validation mAP" in log
+    assert {"best.pt", "last.pt", "metrics.json", "detections.json", "curves.png"} <= set(os.listdir(ddp_trained))
+    last = load_checkpoint(str(ddp_trained / "last.pt"))
+    assert (last["epoch"], last["global_step"], len(last["rng"])) == (2, 6, 2)  # one generator state per process
+
+
+def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(ddp_trained, embedded_dir):
+    """After 6 AdamW steps, 2 processes x 2 samples give the weights of 1 process x 4 samples, to float32 rounding
+    (the sums run in another order): the loss is normalized by the positives of the global batch."""
+    folder = ddp_trained.parent
+    train.main(ddp_flags(embedded_dir, folder, "one_process", "--batch_size", "4"))
+    two, two_tensors = state_tensors(str(ddp_trained / "last.pt"))
+    one, one_tensors = state_tensors(str(folder / "one_process" / "last.pt"))
+    assert two["global_step"] == one["global_step"] == 6
+    largest_difference = 0.0
+    for name, tensor in one_tensors.items():
+        if tensor.is_floating_point():
+            assert torch.allclose(two_tensors[name], tensor, rtol=1e-4, atol=1e-5), name
+            largest_difference = max(largest_difference, (two_tensors[name] - tensor).abs().max().item())
+    assert 0 < largest_difference < 1e-5  # not the same code path by accident: rounding differs, a little
+    for two_row, one_row in zip(two["history"], one["history"], strict=True):
+        assert two_row["lr"] == one_row["lr"]
+
+
+def test_two_process_evaluation_equals_one_process(ddp_trained):
+    test_flags = ["--save_dir", str(ddp_trained), "--num_cores", "0", "--batch_size", "3"]  # 4 test samples: 2 + 2
+    torchrun("test.py", "--ddp", "1", *test_flags)
+    two = json.loads((ddp_trained / "test" / "metrics.json").read_text())
+    two_detections = json.loads((ddp_trained / "test" / "detections.json").read_text())
+    test_script.main(test_flags)
+    one = json.loads((ddp_trained / "test" / "metrics.json").read_text())
+    one_detections = json.loads((ddp_trained / "test" / "detections.json").read_text())
+    assert two == one
+    assert sorted(two_detections, key=detection_key) == sorted(one_detections, key=detection_key)
+    assert len({d["image_id"] for d in one_detections}) <= 4 * 2  # 4 test samples x 2 cameras
+
+
+def test_a_killed_worker_is_restarted_and_resumes_exactly(ddp_trained, embedded_dir, tmp_path):
+    """Rank 1 is SIGKILLed as its 5th step starts (epoch 2, step 2); torchrun --max_restarts 1 restarts both
+    workers, which resume from last.pt of step 4 (epoch 2, step 1) and end with the weights of the run that was
+    never interrupted."""
+    flags = ddp_flags(embedded_dir, tmp_path, "exp")
+    result = torchrun("--max_restarts", "1", "tests/train_with_signal.py", "--ddp", "1", *flags, SIGNAL_RANK="1",
+                      SIGNAL_NAME="KILL", SIGNAL_STEP="5", SIGNAL_BEFORE_STEP="1",
+                      TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    assert "exitcode: -9" in result.stderr
+    log = (tmp_path / "exp" / "training.log").read_text()
+    assert "resumed from" in log and "at epoch 2, step 1" in log and "epoch 2/2:" in log
+    last = load_checkpoint(str(tmp_path / "exp" / "last.pt"))
+    assert [row["epoch"] for row in last["history"]] == [1, 2]
+    assert load_checkpoint(str(tmp_path / "exp" / "best.pt"))["best_map"] >= 0
+    assert_same_tensors(tmp_path / "exp" / "last.pt", ddp_trained / "last.pt")
+
+
+def test_a_stop_signal_to_one_process_stops_all_at_the_same_step(ddp_trained, embedded_dir, tmp_path):
+    """SIGTERM reaches rank 1 only, after its 2nd step: both processes stop after that step, rank 0 saves last.pt
+    with both generator states, and resuming with --load_pretrained 1 ends with the uninterrupted run's weights."""
+    flags = ddp_flags(embedded_dir, tmp_path, "exp")
+    result = torchrun("tests/train_with_signal.py", "--ddp", "1", *flags, check=False, SIGNAL_RANK="1",
+                      SIGNAL_NAME="TERM", SIGNAL_STEP="2")
+    assert result.returncode != 0 and f"exitcode  : {128 + signal.SIGTERM}" in result.stderr
+    stopped = load_checkpoint(str(tmp_path / "exp" / "last.pt"))
+    assert (stopped["epoch"], stopped["step_in_epoch"], len(stopped["rng"])) == (0, 2, 2)
+    assert "stopped by a signal to another process at epoch 1 step 2" in (tmp_path / "exp" / "training.log").read_text()
+    launch(["bash", "run_train_ddp.sh", "2", *flags, "--load_pretrained", "1"])
+    assert_same_tensors(tmp_path / "exp" / "last.pt", ddp_trained / "last.pt")
+
+
+def test_two_nodes_on_localhost_train_an_epoch(embedded_dir, tmp_path):
+    """Two torchrun agents (one process each) meet at a c10d rendezvous, as two machines would."""
+    command = ["bash", "run_train_multinode.sh", "2", "1", f"127.0.0.1:{free_port()}",
+               *ddp_flags(embedded_dir, tmp_path, "exp", "--num_epochs", "1")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RDZV_ID": f"test{os.getpid()}", "RDZV_TIMEOUT_S": "120"}
+    nodes = [subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    log = (tmp_path / "exp" / "training.log").read_text()
+    assert "epoch 1/1:" in log and "done: best validation mAP" in log
+    assert load_checkpoint(str(tmp_path / "exp" / "last.pt"))["global_step"] == 3
+
+
+@pytest.mark.parametrize("endpoint", ["192.0.2.1:29400", "127.0.0.1:{port}"], ids=["unreachable", "nobody_joins"])
+def test_a_rendezvous_that_cannot_complete_ends_with_torchruns_error(endpoint, tmp_path):
+    """An address nobody answers (192.0.2.1 is reserved for documentation), or a second node that never comes:
+    torchrun gives up after RDZV_TIMEOUT_S with its rendezvous error, instead of waiting forever."""
+    start = time.monotonic()
+    result = launch(["bash", "run_train_multinode.sh", "2", "1", endpoint.format(port=free_port()),
+                     "--save_dir", str(tmp_path / "exp")], timeout=120, check=False, RDZV_TIMEOUT_S="3")
+    assert result.returncode != 0 and time.monotonic() - start < 60
+    assert "RendezvousConnectionError" in result.stderr or "RendezvousTimeoutError" in result.stderr
+    assert not (tmp_path / "exp").exists()  # no worker started
 
 
 def test_ddp_without_torchrun_is_one_line(tmp_path):
@@ -35,37 +176,29 @@ def test_ddp_without_torchrun_is_one_line(tmp_path):
     assert "--ddp 1 needs torchrun's environment" in stderr and "torchrun --nproc_per_node" in stderr
 
 
-@pytest.fixture(scope="module")
-def ddp_trained(embedded_dir, tmp_path_factory):
-    """A tiny experiment trained by 2 torchrun processes; returns (folder, its flags)."""
-    folder = tmp_path_factory.mktemp("ddp")
-    flags = tiny_flags(embedded_dir, folder, "exp", "--num_epochs", "1", "--batch_size", "2")
-    torchrun("train.py", "--ddp", "1", *flags)
-    return folder / "exp", flags
-
-
-def test_two_processes_train_to_the_end(ddp_trained):
-    exp, _ = ddp_trained
-    log = (exp / "training.log").read_text()
-    assert "epoch 1/1:" in log and "done: best validation mAP" in log
-    assert {"best.pt", "last.pt", "metrics.json", "detections.json", "curves.png"} <= set(os.listdir(exp))
-
-
-def test_two_process_evaluation_equals_one_process(ddp_trained):
-    exp, _ = ddp_trained
-    test_flags = ["--save_dir", str(exp), "--num_cores", "0", "--batch_size", "3"]  # 4 test samples: shards 2 + 2
-    torchrun("test.py", "--ddp", "1", *test_flags)
-    two = json.loads((exp / "test" / "metrics.json").read_text())
-    two_detections = json.loads((exp / "test" / "detections.json").read_text())
-    test_script.main(test_flags)
-    one = json.loads((exp / "test" / "metrics.json").read_text())
-    one_detections = json.loads((exp / "test" / "detections.json").read_text())
-    assert two == one
-    assert sorted(two_detections, key=detection_key) == sorted(one_detections, key=detection_key)
-    assert len({d["image_id"] for d in one_detections}) <= 4 * 2  # 4 test samples x 2 cameras
-
-
 def test_train_main_rejects_ddp_in_process(embedded_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(tiny_flags(embedded_dir, tmp_path, "exp", "--ddp", "1"))
     assert "needs torchrun's environment" in capsys.readouterr().err
+
+
+def test_restarts_with_torchruns_shared_store_are_refused(monkeypatch):
+    """torchrun --max_restarts K without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: refused before the process group
+    starts, naming the variable (restarted workers could otherwise connect to the dead workers' addresses)."""
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29400", "TORCHELASTIC_MAX_RESTARTS": "3",
+                        "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match="--max_restarts 3: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        init_distributed(True, timeout_s=5)
+
+
+def test_sync_batchnorm_switch(caplog):
+    def model():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+    converted = sync_batchnorm(model(), torch.device("cuda", 0))  # converting needs no GPU, running it would
+    assert isinstance(converted[1], nn.SyncBatchNorm)
+    on_the_cpu = sync_batchnorm(model(), torch.device("cpu"))
+    assert type(on_the_cpu[1]) is nn.BatchNorm2d
+    assert "sync_batchnorm ignored: SyncBatchNorm needs CUDA" in caplog.text

@@ -16,6 +16,7 @@ import test as test_script
 import train
 from argumentparser import build_parser
 from tests.conftest import PROJECT_ROOT
+from tests.signal_at_step import load_solver_that_signals
 from utils import loss as loss_module
 from utils.checkpoint import load_checkpoint
 from utils.config import load_json, merge_config
@@ -98,24 +99,9 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_run, tmp_p
     Each epoch has 3 steps of 4 samples."""
     train.main(tiny_run("straight", "--num_cores", num_cores))
 
-    calls = {"n": 0}
-    real_train = train.helper.load_solver
-
-    def load_solver_with_ctrl_c(*args, **kwargs):
-        solver = real_train(*args, **kwargs)
-        step = solver.train
-
-        def train_then_interrupt(batch):
-            losses = step(batch)
-            calls["n"] += 1
-            if calls["n"] == stop_after_step:
-                os.kill(os.getpid(), signal.SIGINT)
-            return losses
-
-        solver.train = train_then_interrupt
-        return solver
-
-    monkeypatch.setattr(train.helper, "load_solver", load_solver_with_ctrl_c)
+    real_load_solver = train.helper.load_solver
+    monkeypatch.setattr(train.helper, "load_solver",
+                        load_solver_that_signals(real_load_solver, stop_after_step, signal.SIGINT))
     with pytest.raises(SystemExit) as stopped:
         train.main(tiny_run("stopped", "--num_cores", num_cores))
     assert stopped.value.code == 128 + signal.SIGINT
@@ -123,7 +109,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_run, tmp_p
     assert (interrupted["epoch"], interrupted["step_in_epoch"]) == stopped_at
     assert "resume with: python train.py" in (tmp_path / "stopped" / "training.log").read_text()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
-    monkeypatch.setattr(train.helper, "load_solver", real_train)
+    monkeypatch.setattr(train.helper, "load_solver", real_load_solver)
 
     train.main(tiny_run("stopped", "--num_cores", num_cores, "--load_pretrained", "1"))
     straight, straight_tensors = state_tensors(str(tmp_path / "straight" / "last.pt"))

@@ -13,21 +13,23 @@ from utils.io import atomic_write
 
 
 def rng_state() -> dict:
-    """The states of Python's, NumPy's and torch's (CPU and CUDA) generators, as tensors and plain values."""
+    """The states of Python's, NumPy's and torch's (CPU and current GPU) generators, as tensors and plain values.
+    Only the current GPU's: under DDP each process owns one GPU, and touching the others would open a CUDA context
+    on each of them."""
     name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.copy()), position, has_gauss,
-                                                   cached_gaussian],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    keys = torch.from_numpy(keys.astype(np.int64))  # (624,) uint32 values; gather_object fails on uint32 tensors
+    return {"python": random.getstate(), "numpy": [name, keys, position, has_gauss, cached_gaussian],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     name, keys, position, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((name, keys.numpy(), position, has_gauss, cached_gaussian))
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_checkpoint(path: str, state: dict) -> None:

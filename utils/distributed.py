@@ -1,14 +1,19 @@
-"""Data sharding across processes (torch.distributed); with one process the same code runs unsharded."""
+"""torch.distributed for training under torchrun: the process group, data sharding, and the few collectives the
+platform needs (gathers, flags, means); with one process the same calls run without torch.distributed."""
 
+import logging
 import os
 from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import DistributedSampler
 
 from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -32,10 +37,37 @@ class ResumableDistributedSampler(DistributedSampler):
         return max(0, total - self.skip)
 
 
+def distributed_world() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def collective_device() -> torch.device:
+    """Where tensors for collectives live: the current GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is True on at least one (e.g. a stop signal that reached one process)."""
+    if not distributed_world():
+        return flag
+    value = torch.tensor([float(flag)], device=collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over all processes (no gradient flows through it)."""
+    if not distributed_world():
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / dist.get_world_size()
+
+
 def gather_to_main(items: list) -> list:
     """All processes' lists concatenated in rank order on rank 0 (an empty list elsewhere); the list itself
     without torch.distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not distributed_world():
         return items
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(items, gathered, dst=0)
@@ -52,6 +84,12 @@ def init_distributed(ddp: bool, timeout_s: float) -> tuple:
     if missing:
         raise UserError(f"--ddp 1 needs torchrun's environment ({', '.join(missing)} unset): launch with "
                         f"'torchrun --nproc_per_node N train.py --ddp 1 ...' (see README, Distributed training)")
+    max_restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if max_restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise UserError(f"torchrun --max_restarts {max_restarts}: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
+                        f"torchrun's environment (run_train_ddp.sh and run_train_multinode.sh do), else restarted "
+                        f"workers can read the dead workers' addresses from torchrun's shared store and fail to "
+                        f"connect (PyTorch issue 135712)")
     local_rank = int(os.environ["LOCAL_RANK"])
     backend = "gloo"
     if torch.cuda.is_available():
@@ -62,6 +100,16 @@ def init_distributed(ddp: bool, timeout_s: float) -> tuple:
         backend = "nccl"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return dist.get_world_size(), dist.get_rank(), local_rank
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model with its BatchNorm layers synchronized across processes (statistics over the global batch);
+    torch's SyncBatchNorm runs on CUDA only, so on the CPU the model is returned as it is, with a warning."""
+    if device.type != "cuda":
+        logger.warning("config.distributed.sync_batchnorm ignored: SyncBatchNorm needs CUDA (training on the %s)",
+                       device.type)
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def close_distributed() -> None:
