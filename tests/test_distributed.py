@@ -182,14 +182,25 @@ def test_train_main_rejects_ddp_in_process(embedded_dir, tmp_path, capsys):
     assert "needs torchrun's environment" in capsys.readouterr().err
 
 
+def set_torchrun_environment(monkeypatch, **extra):
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29400", **extra}.items():
+        monkeypatch.setenv(name, value)
+
+
 def test_restarts_with_torchruns_shared_store_are_refused(monkeypatch):
     """torchrun --max_restarts K without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: refused before the process group
     starts, naming the variable (restarted workers could otherwise connect to the dead workers' addresses)."""
-    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": "29400", "TORCHELASTIC_MAX_RESTARTS": "3",
-                        "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
-        monkeypatch.setenv(name, value)
+    set_torchrun_environment(monkeypatch, TORCHELASTIC_MAX_RESTARTS="3", TORCHELASTIC_USE_AGENT_STORE="True")
     with pytest.raises(UserError, match="--max_restarts 3: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        init_distributed(True, timeout_s=5)
+
+
+def test_more_processes_per_node_than_gpus(monkeypatch):
+    set_torchrun_environment(monkeypatch, RANK="1", LOCAL_RANK="1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="2 processes on this node but 1 GPU.s.: use --nproc_per_node 1"):
         init_distributed(True, timeout_s=5)
 
 
