@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from argumentparser import build_parser
-from bench.model import random_targets
+from bench.model import synthetic_batch
 from helper import load_solver
 from utils.config import merge_config
 from utils.distributed import close_distributed, init_distributed
@@ -33,17 +33,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 NUM_CAMERAS = 6
 CONFIGURATIONS = [(1, 1), (1, 2), (2, 1)]  # (processes, threads per process)
-
-
-def synthetic_batch(batch_size: int, width: int, height: int) -> dict:
-    """A collated batch as the loader makes it: images (B, N_cam, 3, H, W), boxes (T, 4), labels (T,),
-    box_image_index (T,) (index of the image among the B x N_cam)."""
-    num_images = batch_size * NUM_CAMERAS
-    targets = random_targets(num_images, width, height)
-    images = torch.randn(batch_size, NUM_CAMERAS, 3, height, width, generator=torch.Generator().manual_seed(0))
-    return {"images": images, "boxes": torch.cat([t["boxes"] for t in targets]),
-            "labels": torch.cat([t["labels"] for t in targets]),
-            "box_image_index": torch.cat([torch.full((len(t["labels"]),), i) for i, t in enumerate(targets)])}
 
 
 def timed_allreduce_hook(intervals: list):
@@ -83,7 +72,7 @@ def worker(options) -> None:
         intervals = []
         if world_size > 1:
             solver.trained_model.register_comm_hook(None, timed_allreduce_hook(intervals))
-        batch = synthetic_batch(options.batch_size, options.width, options.height)
+        batch = synthetic_batch(options.batch_size, NUM_CAMERAS, options.width, options.height)
         solver.mode_selection(True)
         step_times, allreduce_times = [], []
         for step in range(options.warmup + options.steps):

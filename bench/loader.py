@@ -1,8 +1,11 @@
-"""Loader speed: samples/s of this loader (label cache, reduced-scale JPEG decoding) against the original approach
-(re-projecting every annotation with shapely inside __getitem__, decoding each image at full size, then
-resizing), both through a DataLoader with one worker, on the same embedded dataset at nuScenes' 1600x900.
+"""Loader speed, on an embedded dataset at nuScenes' 1600x900, in one run: (1) samples/s of this loader (label
+cache, reduced-scale JPEG decoding) against the original approach (re-projecting every annotation with shapely
+inside __getitem__, decoding each image at full size, then resizing), both through a DataLoader with one worker;
+(2) whether this loader with 2 workers (--num_cores 2) and augmentation keeps up with the Solver's training step
+on this CPU: images/s of the loader alone, of the training step alone on one batch, and of training fed by the
+loader (the workers then share the cores with training).
 
-    python -m bench.loader [--samples_per_scene 3] [--repeats 2]
+    python -m bench.loader [--samples_per_scene 3] [--repeats 2] [--train_steps 12]
 
 The baseline re-projects with the devkit script's own `get_2d_boxes` (its canvas, 1600x900, is right here) and
 decodes with OpenCV's libjpeg-turbo, the fastest full-size decoder installed; both loaders use one thread.
@@ -21,10 +24,13 @@ from nuscenes.eval.detection.utils import category_to_detection_name
 from nuscenes.scripts import export_2d_annotations_as_json as devkit_export
 from torch.utils.data import DataLoader, Dataset
 
+from argumentparser import build_parser
 from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.labels import CATEGORY_IDS, load_nuscenes
 from dataset.NuscenesDataset.loader_2d_obj_det import PROJECT_ROOT, DatasetLoader
+from helper import load_solver
 from utils.collate import collate_detection
+from utils.config import merge_config
 
 DEVKIT_POST_PROCESS_COORDS = devkit_export.post_process_coords
 
@@ -76,25 +82,72 @@ class OriginalApproachDataset(Dataset):
                 "orig_sizes": torch.tensor([(image["width"], image["height"]) for image in self.samples[index]])}
 
 
-def samples_per_second(dataset: Dataset, repeats: int) -> float:
-    """Samples/s over `repeats` passes through a one-worker DataLoader, after one warm-up batch."""
-    loader = DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=collate_detection, persistent_workers=True)
+def samples_per_second(dataset: Dataset, repeats: int, num_workers: int = 1, batch_size: int = 1) -> float:
+    """Samples/s over `repeats` passes through a DataLoader, after one warm-up batch."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_detection,
+                        persistent_workers=True)
     iterator = iter(loader)
     next(iterator)
     start, count = time.perf_counter(), 0
-    for _ in iterator:
-        count += 1
+    for batch in iterator:
+        count += len(batch["images"])
     for _ in range(repeats - 1):
-        for _ in loader:
-            count += 1
+        for batch in loader:
+            count += len(batch["images"])
     return count / (time.perf_counter() - start)
 
 
-def main() -> None:
+def training_images_per_second(solver, batches, steps: int) -> float:
+    """Images/s of `steps` Solver.train steps on the batches `batches` yields (after one warm-up step)."""
+    iterator = iter(batches)
+    solver.train(next(iterator))
+    start, images = time.perf_counter(), 0
+    for _ in range(steps):
+        batch = next(iterator)
+        solver.train(batch)
+        images += batch["images"].shape[0] * batch["images"].shape[1]
+    return images / (time.perf_counter() - start)
+
+
+def cycle(loader):
+    while True:
+        yield from loader
+
+
+def keeps_up(dataroot: str, cache_dir: str, repeats: int, train_steps: int) -> None:
+    """Part (2): the platform's defaults (batch 2, augmentation on, 2 threads) with --num_cores 2."""
+    args = merge_config(vars(build_parser().parse_args([
+        "--dataset_dir", dataroot, "--num_cores", "2", "--val_ratio", "0.2",
+        "--cfg", f"data.2DObjDet.label_cache_dir={cache_dir}"])), str(PROJECT_ROOT / "config"))
+    torch.set_num_threads(2)
+    cv2.setNumThreads(1)
+    dataset = DatasetLoader(args, mode="train")
+    cameras = len(dataset.samples[0])
+    loader_rate = samples_per_second(dataset, repeats, args["num_cores"], args["batch_size"]) * cameras
+    loader = DataLoader(dataset, batch_size=args["batch_size"], shuffle=True, num_workers=args["num_cores"],
+                        collate_fn=collate_detection, persistent_workers=True, drop_last=True)
+    fixed_batch = next(iter(loader))
+    solver = load_solver(args, device=torch.device("cpu"), class_names=dataset.class_names, steps_per_epoch=1)
+    solver.mode_selection(True)
+    step_rate = training_images_per_second(solver, iter(lambda: fixed_batch, None), train_steps)
+    fed_rate = training_images_per_second(solver, cycle(loader), train_steps)
+    print(f"\n(2) --num_cores 2 (2 workers), batch {args['batch_size']} x {cameras} cameras, augmentation on, "
+          f"{dataset.input_size[0]}x{dataset.input_size[1]} input, training with 2 threads")
+    print(f"{'':<52}{'images/s':>10}")
+    print(f"{'loader alone':<52}{loader_rate:>10.1f}")
+    print(f"{'training step alone (one batch, no loading)':<52}{step_rate:>10.1f}")
+    print(f"{'training fed by the loader':<52}{fed_rate:>10.1f}")
+    verdict = "keeps up" if loader_rate >= step_rate else "does not keep up"
+    print(f"the loader {verdict}: it delivers {loader_rate / step_rate:.1f}x what the step consumes; fed training "
+          f"runs at {fed_rate / step_rate:.0%} of the step alone")
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples_per_scene", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="passes over the samples for each loader")
-    args = parser.parse_args()
+    parser.add_argument("--train_steps", type=int, default=12, help="timed training steps in (2)")
+    args = parser.parse_args(argv)
     with open(PROJECT_ROOT / "config" / "data.json") as f:
         data = json.load(f)
     cfg = data["2DObjDet"]
@@ -111,13 +164,14 @@ def main() -> None:
         cv2.setNumThreads(1)
         ours_rate = samples_per_second(ours, args.repeats)
         original_rate = samples_per_second(original, args.repeats)
-    width, height = ours.input_size
-    print(f"{len(ours)} samples x {len(cfg['cameras'])} cameras, 1600x900 JPEGs -> {width}x{height} input, "
-          f"1 worker, batch 1")
-    print(f"{'loader':<50}{'samples/s':>10}")
-    print(f"{'this loader (label cache, reduced-scale decode)':<50}{ours_rate:>10.2f}")
-    print(f"{'original (re-project per item, full decode)':<50}{original_rate:>10.2f}")
-    print(f"speed-up: {ours_rate / original_rate:.1f}x")
+        width, height = ours.input_size
+        print(f"(1) {len(ours)} samples x {len(cfg['cameras'])} cameras, 1600x900 JPEGs -> {width}x{height} input, "
+              f"1 worker, batch 1")
+        print(f"{'loader':<50}{'samples/s':>10}")
+        print(f"{'this loader (label cache, reduced-scale decode)':<50}{ours_rate:>10.2f}")
+        print(f"{'original (re-project per item, full decode)':<50}{original_rate:>10.2f}")
+        print(f"speed-up: {ours_rate / original_rate:.1f}x (target >= 5x)")
+        keeps_up(dataroot, cfg["label_cache_dir"], args.repeats, args.train_steps)
 
 
 if __name__ == "__main__":

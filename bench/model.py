@@ -44,13 +44,26 @@ def random_targets(num_images: int, width: int, height: int, boxes_per_image: in
     return targets
 
 
-def torchvision_detector(kind: str, width: int, height: int) -> nn.Module:
+def synthetic_batch(batch_size: int, num_cameras: int, width: int, height: int) -> dict:
+    """A collated batch as the loader makes it, fixed by a seed: images (B, N_cam, 3, H, W), boxes (T, 4),
+    labels (T,), box_image_index (T,) (index of the image among the B x N_cam)."""
+    targets = random_targets(batch_size * num_cameras, width, height)
+    images = torch.randn(batch_size, num_cameras, 3, height, width, generator=torch.Generator().manual_seed(0))
+    return {"images": images, "boxes": torch.cat([t["boxes"] for t in targets]),
+            "labels": torch.cat([t["labels"] for t in targets]),
+            "box_image_index": torch.cat([torch.full((len(t["labels"]),), i) for i, t in enumerate(targets)])}
+
+
+def torchvision_detector(kind: str, width: int, height: int, **options) -> nn.Module:
+    """FCOS or RetinaNet on a resnet18-FPN backbone (P3-P7, trainable BatchNorm, no weights) whose transform keeps
+    the input size; `options` go to the detector (e.g. image_mean, score_thresh)."""
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d,
                                    trainable_layers=5, returned_layers=[2, 3, 4],
                                    extra_blocks=LastLevelP6P7(256, 256))
     detector = FCOS if kind == "fcos" else RetinaNet
     # num_classes + 1: torchvision's detectors keep class 0 for the background
-    return detector(backbone, num_classes=NUM_CLASSES + 1, min_size=min(width, height), max_size=max(width, height))
+    return detector(backbone, num_classes=NUM_CLASSES + 1, min_size=min(width, height), max_size=max(width, height),
+                    **options)
 
 
 def measure(name: str, model: nn.Module, train_step, flops_forward, iterations: int, batch_images: int) -> dict:

@@ -3,14 +3,13 @@ train step, the evaluation pass and the state that goes into checkpoints. To sta
 this file to optimization/<ModelName>_solver.py and change the model, the loss and the evaluation."""
 
 import torch
-from pycocotools.coco import COCO
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from models.Yolo.yolo import STRIDES, Yolo
 from utils.boxes import to_original_pixels
-from utils.coco_eval import coco_metrics
+from utils.coco_eval import COCO, coco_metrics
 from utils.distributed import any_process, gather_to_main, sync_batchnorm
 from utils.errors import NonFiniteLossError, UserError
 from utils.loss import DetectionLoss
@@ -102,7 +101,7 @@ class Solver:
     @torch.no_grad()
     def eval(self, loader, ground_truth: COCO, show_progress: bool = True) -> tuple:
         """Detect on every image of `loader` with the EMA weights (the trained ones without EMA) and score the
-        detections against `ground_truth` with pycocotools, in original image pixels.
+        detections against `ground_truth` (COCO metrics, utils.coco_eval), in original image pixels.
 
         Returns (metrics, detections, pr_curves): see utils.coco_eval.coco_metrics; detections in COCO results
         format (image_id, category_id, bbox [x, y, w, h] in original px, score). Under DDP every process detects

@@ -1,11 +1,13 @@
-"""COCO box metrics with pycocotools, for any detector whose ground truth is a COCO file."""
+"""COCO box metrics for any detector whose ground truth is a COCO file, computed by faster-coco-eval: pycocotools'
+algorithm in C++, the same numbers (tests/test_coco_eval.py checks it against pycocotools) about 9 times faster
+(bench/eval.py: 6.1 s vs 54 s for 10,000 images)."""
 
 import contextlib
 import io
 
 import numpy as np
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from faster_coco_eval import COCO
+from faster_coco_eval import COCOeval_faster as COCOeval
 
 SUMMARY_NAMES = ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")  # the first six of COCOeval.stats
 
@@ -25,7 +27,7 @@ def coco_metrics(ground_truth: COCO, detections: list, image_ids: list) -> tuple
     pr_curves = {name: (np.linspace(0, 1, 101), -np.ones(101)) for name in names.values()}
     if not detections:
         return metrics, pr_curves
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and table
+    with contextlib.redirect_stdout(io.StringIO()):  # the evaluator prints its progress and table
         evaluator = COCOeval(ground_truth, ground_truth.loadRes(detections), "bbox")
         evaluator.params.imgIds = list(image_ids)
         evaluator.evaluate()

@@ -9,8 +9,8 @@ import signal
 import sys
 
 import torch
-from pycocotools.coco import COCO
 
+from utils.coco_eval import COCO
 from utils.errors import UserError
 from utils.io import atomic_write_json
 
@@ -51,7 +51,7 @@ def select_device(gpu_num: int) -> torch.device:
 
 
 def load_ground_truth(coco_path: str) -> COCO:
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while indexing
+    with contextlib.redirect_stdout(io.StringIO()):  # the COCO API prints while indexing
         return COCO(coco_path)
 
 

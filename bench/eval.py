@@ -1,0 +1,159 @@
+"""Evaluation cost, in one run: (1) a full evaluation pass (forward, decoding, NMS, COCO metrics: Solver.eval)
+against the forward pass alone over the same split; (2) the COCO metrics alone for 10,000 synthetic images with
+pycocotools and with faster-coco-eval (the platform's backend), and whether their numbers are identical.
+
+    python -m bench.eval [--repeats 3] [--coco_images 10000] [--flags train.py flags ...]
+
+(1) runs on the test split of the embedded dataset (generated on first use) at the configured input size, with
+the batches decoded beforehand (bench/loader.py measures loading) and a model that keeps its 100 best detections
+of every image (score threshold 0): the most work decoding, NMS and the metrics can have.
+"""
+
+import argparse
+import contextlib
+import io
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from faster_coco_eval import COCO as FasterCOCO
+from faster_coco_eval import COCOeval_faster
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from argumentparser import build_parser
+from helper import load_datasetloader, load_solver
+from utils.config import merge_config
+from utils.experiment import load_ground_truth
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def synthetic_coco(num_images: int, boxes_per_image: int = 8, detections_per_image: int = 30, seed: int = 0) -> tuple:
+    """(ground truth dict, detections list) in COCO format at 1600x900, 10 categories: each ground-truth box has a
+    detection jittered by ~10% of its size (wrong class 1 time in 5), and the rest are random boxes with lower
+    scores. Box sides of 4-200 px, so that the small, medium and large ranges all have boxes."""
+    rng = np.random.default_rng(seed)
+    images = [{"id": index + 1, "width": 1600, "height": 900} for index in range(num_images)]
+    annotations, detections = [], []
+    for image in images:
+        corners = rng.uniform(0, [1400, 750], size=(detections_per_image, 2))
+        sizes = rng.uniform(4, 200, size=(detections_per_image, 2))
+        categories = rng.integers(1, 11, size=detections_per_image)
+        for k in range(detections_per_image):
+            (x, y), (w, h), category = corners[k], sizes[k], int(categories[k])
+            if k < boxes_per_image:
+                annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": category,
+                                    "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+                dx, dy, dw, dh = rng.normal(0, 0.1, 4) * [w, h, w, h]
+                x, y, w, h = x + dx, y + dy, max(1.0, w + dw), max(1.0, h + dh)
+                category = category if rng.random() < 0.8 else int(rng.integers(1, 11))
+                score = rng.random()
+            else:
+                score = rng.random() * 0.5
+            detections.append({"image_id": image["id"], "category_id": category,
+                               "bbox": [float(x), float(y), float(w), float(h)], "score": float(score)})
+    ground_truth = {"images": images, "annotations": [{**a, "bbox": [float(v) for v in a["bbox"]],
+                                                       "area": float(a["area"])} for a in annotations],
+                    "categories": [{"id": index, "name": f"class{index}"} for index in range(1, 11)]}
+    return ground_truth, detections
+
+
+def reference_evaluation(coco_class, eval_class, ground_truth: dict, detections: list) -> tuple:
+    """(stats (12,), precision array) of one COCO bbox evaluation with the given API."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground = coco_class()
+        ground.dataset = ground_truth
+        ground.createIndex()
+        evaluator = eval_class(ground, ground.loadRes(detections), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return np.array(evaluator.stats[:12]), evaluator.eval["precision"]
+
+
+class Preloaded:
+    """Batches decoded once, iterated like the DataLoader they came from (Solver.eval reads .dataset)."""
+
+    def __init__(self, loader):
+        self.dataset, self.batches = loader.dataset, list(loader)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def evaluation_pass_vs_forward(repeats: int, flags: list) -> None:
+    args = merge_config(vars(build_parser().parse_args(["--num_cores", "1", "--cfg",
+                                                        "model.Yolo.postprocess.score_threshold=0.0", *flags])),
+                        str(PROJECT_ROOT / "config"))
+    test_set, test_loader = load_datasetloader(args, torch.float32, 1, 0, "test")
+    batches = Preloaded(test_loader)
+    ground_truth = load_ground_truth(test_set.coco_path)
+    solver = load_solver(args, device=torch.device("cpu"), class_names=test_set.class_names, steps_per_epoch=1)
+    model = solver.ema.module if solver.ema is not None else solver.model  # the weights Solver.eval uses
+    model.eval()
+
+    @torch.no_grad()
+    def forward_alone():
+        for batch in batches:
+            model(batch["images"])
+
+    def full_pass():
+        return solver.eval(batches, ground_truth, show_progress=False)
+
+    full_pass()  # warm-up (and the number of detections)
+    _, detections, _ = full_pass()
+    times = {"forward": [], "full": []}
+    for _ in range(repeats):
+        for name, run in (("forward", forward_alone), ("full", full_pass)):
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    forward_s, full_s = statistics.median(times["forward"]), statistics.median(times["full"])
+    images = len(test_set.image_ids)
+    print(f"(1) test split: {images} images at {test_set.input_size[0]}x{test_set.input_size[1]}, "
+          f"{len(detections)} detections ({len(detections) / images:.0f} per image), {torch.get_num_threads()} "
+          f"threads, median of {repeats}")
+    print(f"{'pass':<56}{'s':>8}{'images/s':>10}")
+    print(f"{'forward alone':<56}{forward_s:>8.2f}{images / forward_s:>10.1f}")
+    print(f"{'full evaluation (forward, decode, NMS, COCO metrics)':<56}{full_s:>8.2f}{images / full_s:>10.1f}")
+    print(f"ratio full / forward: {full_s / forward_s:.3f} (target <= 1.3)")
+
+
+def coco_backends(num_images: int) -> None:
+    ground_truth, detections = synthetic_coco(num_images)
+    start = time.perf_counter()
+    faster_stats, faster_precision = reference_evaluation(FasterCOCO, COCOeval_faster, ground_truth, detections)
+    faster_s = time.perf_counter() - start
+    start = time.perf_counter()
+    stats, precision = reference_evaluation(COCO, COCOeval, ground_truth, detections)
+    pycocotools_s = time.perf_counter() - start
+    print(f"\n(2) COCO bbox metrics alone: {num_images} images, {len(ground_truth['annotations'])} boxes, "
+          f"{len(detections)} detections (load results, evaluate, accumulate, summarize)")
+    print(f"{'backend':<24}{'s':>8}{'mAP':>10}{'AP50':>10}")
+    print(f"{'pycocotools':<24}{pycocotools_s:>8.2f}{stats[0]:>10.6f}{stats[1]:>10.6f}")
+    print(f"{'faster-coco-eval':<24}{faster_s:>8.2f}{faster_stats[0]:>10.6f}{faster_stats[1]:>10.6f}")
+    stats_difference = np.abs(stats - faster_stats).max()
+    precision_difference = np.abs(precision - faster_precision).max()
+    print(f"speed-up {pycocotools_s / faster_s:.1f}x; largest difference: of the 12 summary numbers "
+          f"{stats_difference:.1e}, of the precision array {precision_difference:.1e}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes of each kind in (1)")
+    parser.add_argument("--coco_images", type=int, default=10000, help="synthetic images in (2)")
+    parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
+                        help="train.py flags for (1), e.g. --dataset_dir DIR --cfg data.2DObjDet.image.w=...")
+    options = parser.parse_args(argv)
+    evaluation_pass_vs_forward(options.repeats, options.flags)
+    coco_backends(options.coco_images)
+
+
+if __name__ == "__main__":
+    main()
