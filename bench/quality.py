@@ -12,7 +12,7 @@ testing on mini_val; input 320x192 (config/data.json), all 6 cameras.
 The three PyTorch contenders train on the same batches (DSTorch's loader and augmentation, 2 samples x 6 cameras,
 one loader worker) with the same optimizer and schedule (AdamW, OneCycle, gradient clipping, config defaults):
 DSTorch through its Solver (EMA included), FCOS and RetinaNet through torchvision's own losses. The schedule
-spans the steps that fit in the budget, estimated from the first steps' speed. YOLOv8n trains with Ultralytics'
+spans the steps that fit in the budget, estimated from the speed of steps 3-10. YOLOv8n trains with Ultralytics'
 own recipe and augmentation (imgsz 320, 12 images per batch, `time=` the budget); Ultralytics needs numpy 2,
 which nuscenes-devkit's numpy<2 excludes, so it runs in its own virtual environment (.cache/venv-ultralytics,
 created by --setup_ultralytics on top of this machine's torch) through bench/quality_ultralytics.py.
@@ -44,7 +44,7 @@ from utils.optim import build_optimizer, build_scheduler
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VENV = PROJECT_ROOT / ".cache" / "venv-ultralytics"
 CONTENDERS = ("dstorch", "fcos", "retinanet", "yolov8n")
-CALIBRATION_STEPS = 8  # steps timed before the schedule's length is fixed
+WARMUP_STEPS, CALIBRATION_STEPS = 2, 10  # steps 3-10 are timed to fix the schedule's length (not the slow first ones)
 SCORE_THRESHOLD, MAX_DETECTIONS = 0.05, 100
 
 
@@ -53,24 +53,27 @@ def bench_args(dataroot: Path, work_dir: Path, extra: list) -> dict:
     return merge_config(vars(build_parser().parse_args(flags)), str(PROJECT_ROOT / "config"))
 
 
-def schedule_length(steps_done: int, elapsed_s: float, budget_s: float) -> int:
-    """Steps that fit in the budget at the speed measured so far (3% kept for the slack of the last steps)."""
-    return max(steps_done + 1, int(steps_done / elapsed_s * budget_s * 0.97))
+def schedule_length(steps_done: int, elapsed_s: float, step_s: float, budget_s: float) -> int:
+    """Steps done plus those that fit in the rest of the budget at `step_s` seconds per step (2% kept for slack)."""
+    return steps_done + max(1, int((budget_s - elapsed_s) * 0.98 / step_s))
 
 
 def train_within(budget_s: float, loader: DataLoader, step, on_length_known) -> int:
     """Call step(batch) over epochs of `loader` until the budget is spent or the schedule ends; after
     CALIBRATION_STEPS, on_length_known(total_steps) fixes the schedule. Returns the steps done."""
-    start, steps, total_steps = time.monotonic(), 0, None
+    start, steps, total_steps, calibration_start = time.monotonic(), 0, None, None
     while True:
         for batch in loader:
             step(batch)
             steps += 1
-            elapsed = time.monotonic() - start
+            now = time.monotonic()
+            if steps == WARMUP_STEPS:
+                calibration_start = now
             if steps == CALIBRATION_STEPS:
-                total_steps = schedule_length(steps, elapsed, budget_s)
+                step_s = (now - calibration_start) / (CALIBRATION_STEPS - WARMUP_STEPS)
+                total_steps = schedule_length(steps, now - start, step_s, budget_s)
                 on_length_known(total_steps)
-            if elapsed >= budget_s or (total_steps is not None and steps >= total_steps):
+            if now - start >= budget_s or (total_steps is not None and steps >= total_steps):
                 return steps
 
 
@@ -111,6 +114,8 @@ def train_torchvision(kind: str, args: dict, train_set, loader: DataLoader, budg
     model = torchvision_detector(kind, width, height, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0],
                                  score_thresh=SCORE_THRESHOLD, detections_per_img=MAX_DETECTIONS)
     optimizer = build_optimizer(args["optimizer_type"], model.parameters(), args["learning_rate"], args["weight_decay"])
+    # as in the Solver, a schedule built now (and not stepped) sets the starting learning rate of the calibration steps
+    build_scheduler(args["lr_schd_type"], optimizer, args["num_epochs"], 1, args, args["config"]["schedulers"])
     schedule = {"scheduler": None}
     model.train()
 
