@@ -23,15 +23,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from argumentparser import build_parser
-from bench.model import synthetic_batch
+from bench.model import NUM_CAMERAS, platform_args, synthetic_batch
 from helper import load_solver
-from utils.config import merge_config
 from utils.distributed import close_distributed, init_distributed
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
-NUM_CAMERAS = 6
 CONFIGURATIONS = [(1, 1), (1, 2), (2, 1)]  # (processes, threads per process)
 
 
@@ -64,9 +61,9 @@ def worker(options) -> None:
     torch.set_num_threads(options.threads)
     world_size, rank, _ = init_distributed(options.procs > 1, timeout_s=600)
     try:
-        args = merge_config(vars(build_parser().parse_args([
-            "--batch_size", str(options.batch_size), "--cfg", f"data.2DObjDet.image.w={options.width}",
-            "--cfg", f"data.2DObjDet.image.h={options.height}"])), str(PROJECT_ROOT / "config"))
+        args = platform_args(["--batch_size", str(options.batch_size),
+                              "--cfg", f"data.2DObjDet.image.w={options.width}",
+                              "--cfg", f"data.2DObjDet.image.h={options.height}"])
         solver = load_solver(args, device=torch.device("cpu"), class_names=[str(i) for i in range(10)],
                              steps_per_epoch=options.warmup + options.steps, world_size=world_size, rank=rank)
         intervals = []

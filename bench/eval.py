@@ -14,7 +14,6 @@ import contextlib
 import io
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,12 +22,9 @@ from faster_coco_eval import COCOeval_faster
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from argumentparser import build_parser
+from bench.model import platform_args
 from helper import load_datasetloader, load_solver
-from utils.config import merge_config
 from utils.experiment import load_ground_truth
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def synthetic_coco(num_images: int, boxes_per_image: int = 8, detections_per_image: int = 30, seed: int = 0) -> tuple:
@@ -61,13 +57,16 @@ def synthetic_coco(num_images: int, boxes_per_image: int = 8, detections_per_ima
     return ground_truth, detections
 
 
-def reference_evaluation(coco_class, eval_class, ground_truth: dict, detections: list) -> tuple:
-    """(stats (12,), precision array) of one COCO bbox evaluation with the given API."""
+def reference_evaluation(coco_class, eval_class, ground_truth: dict, detections: list, image_ids=None) -> tuple:
+    """(stats (12,), precision array) of one COCO bbox evaluation with the given API, on `image_ids` (all images
+    by default)."""
     with contextlib.redirect_stdout(io.StringIO()):
         ground = coco_class()
         ground.dataset = ground_truth
         ground.createIndex()
         evaluator = eval_class(ground, ground.loadRes(detections), "bbox")
+        if image_ids is not None:
+            evaluator.params.imgIds = list(image_ids)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -88,9 +87,7 @@ class Preloaded:
 
 
 def evaluation_pass_vs_forward(repeats: int, flags: list) -> None:
-    args = merge_config(vars(build_parser().parse_args(["--num_cores", "1", "--cfg",
-                                                        "model.Yolo.postprocess.score_threshold=0.0", *flags])),
-                        str(PROJECT_ROOT / "config"))
+    args = platform_args(["--num_cores", "1", "--cfg", "model.Yolo.postprocess.score_threshold=0.0", *flags])
     test_set, test_loader = load_datasetloader(args, torch.float32, 1, 0, "test")
     batches = Preloaded(test_loader)
     ground_truth = load_ground_truth(test_set.coco_path)

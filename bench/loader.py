@@ -24,13 +24,12 @@ from nuscenes.eval.detection.utils import category_to_detection_name
 from nuscenes.scripts import export_2d_annotations_as_json as devkit_export
 from torch.utils.data import DataLoader, Dataset
 
-from argumentparser import build_parser
+from bench.model import platform_args
 from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.labels import CATEGORY_IDS, load_nuscenes
 from dataset.NuscenesDataset.loader_2d_obj_det import PROJECT_ROOT, DatasetLoader
 from helper import load_solver
 from utils.collate import collate_detection
-from utils.config import merge_config
 
 DEVKIT_POST_PROCESS_COORDS = devkit_export.post_process_coords
 
@@ -116,9 +115,8 @@ def cycle(loader):
 
 def keeps_up(dataroot: str, cache_dir: str, repeats: int, train_steps: int) -> None:
     """Part (2): the platform's defaults (batch 2, augmentation on, 2 threads) with --num_cores 2."""
-    args = merge_config(vars(build_parser().parse_args([
-        "--dataset_dir", dataroot, "--num_cores", "2", "--val_ratio", "0.2",
-        "--cfg", f"data.2DObjDet.label_cache_dir={cache_dir}"])), str(PROJECT_ROOT / "config"))
+    args = platform_args(["--dataset_dir", dataroot, "--num_cores", "2", "--val_ratio", "0.2",
+                          "--cfg", f"data.2DObjDet.label_cache_dir={cache_dir}"])
     torch.set_num_threads(2)
     cv2.setNumThreads(1)
     dataset = DatasetLoader(args, mode="train")

@@ -20,11 +20,19 @@ from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from argumentparser import build_parser
 from models.Yolo.yolo import STRIDES, Yolo
+from utils.config import merge_config
 from utils.loss import DetectionLoss
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 NUM_CLASSES = 10
+NUM_CAMERAS = 6
+
+
+def platform_args(flags: list) -> dict:
+    """The merged configuration train.py would run with these flags (the config files under them)."""
+    return merge_config(vars(build_parser().parse_args(flags)), str(CONFIG_DIR))
 
 
 def load(name: str) -> dict:

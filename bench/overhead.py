@@ -13,20 +13,14 @@ import argparse
 import copy
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from argumentparser import build_parser
-from bench.model import synthetic_batch
+from bench.model import NUM_CAMERAS, platform_args, synthetic_batch
 from helper import load_solver
 from models.Yolo.yolo import STRIDES
-from utils.config import merge_config
 from utils.loss import DetectionLoss
 from utils.optim import build_optimizer, build_scheduler
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-NUM_CAMERAS = 6
 
 
 def main(argv=None) -> None:
@@ -35,8 +29,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=2, help="samples of 6 cameras per step")
     options = parser.parse_args(argv)
-    args = merge_config(vars(build_parser().parse_args(["--batch_size", str(options.batch_size)])),
-                        str(PROJECT_ROOT / "config"))
+    args = platform_args(["--batch_size", str(options.batch_size)])
     image = args["data"]["2DObjDet"]["image"]
     batch = synthetic_batch(options.batch_size, NUM_CAMERAS, image["w"], image["h"])
     total_steps = options.warmup + options.steps

@@ -30,14 +30,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from argumentparser import build_parser
-from bench.model import torchvision_detector
+from bench.model import platform_args, torchvision_detector
 from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
 from helper import load_solver
-from utils.boxes import to_original_pixels
-from utils.coco_eval import coco_metrics
-from utils.config import merge_config
+from utils.coco_eval import coco_detections, coco_metrics
 from utils.experiment import load_ground_truth
 from utils.optim import build_optimizer, build_scheduler
 
@@ -50,7 +47,7 @@ SCORE_THRESHOLD, MAX_DETECTIONS = 0.05, 100
 
 def bench_args(dataroot: Path, work_dir: Path, extra: list) -> dict:
     flags = ["--dataset_dir", str(dataroot), "--cfg", f"data.2DObjDet.label_cache_dir={work_dir / 'labels'}", *extra]
-    return merge_config(vars(build_parser().parse_args(flags)), str(PROJECT_ROOT / "config"))
+    return platform_args(flags)
 
 
 def schedule_length(steps_done: int, elapsed_s: float, step_s: float, budget_s: float) -> int:
@@ -150,14 +147,7 @@ def evaluate(predict, test_set) -> dict:
     loader = DataLoader(test_set, batch_size=1, num_workers=1, collate_fn=test_set.collate_fn)
     detections = []
     for batch in loader:
-        found = predict(batch["images"].flatten(0, 1))
-        for result, image_id, size in zip(found, batch["image_ids"].flatten().tolist(),
-                                          batch["orig_sizes"].flatten(0, 1).tolist(), strict=True):
-            boxes = to_original_pixels(result["boxes"].float(), test_set.input_size, size)
-            detections += [{"image_id": image_id, "category_id": int(label) + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
-                            "score": float(score)}
-                           for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), result["scores"].tolist(),
-                                                                     result["labels"].tolist(), strict=True)]
+        detections += coco_detections(predict(batch["images"].flatten(0, 1)), batch, test_set.input_size)
     return score(detections, test_set)
 
 

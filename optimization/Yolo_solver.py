@@ -8,8 +8,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from models.Yolo.yolo import STRIDES, Yolo
-from utils.boxes import to_original_pixels
-from utils.coco_eval import COCO, coco_metrics
+from utils.coco_eval import COCO, coco_detections, coco_metrics
 from utils.distributed import any_process, gather_to_main, sync_batchnorm
 from utils.errors import NonFiniteLossError, UserError
 from utils.loss import DetectionLoss
@@ -112,13 +111,7 @@ class Solver:
         for batch in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not show_progress):
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
                 predictions = model.predict(batch["images"].to(self.device, non_blocking=True))
-            for found, image_id, size in zip(predictions, batch["image_ids"].flatten().tolist(),
-                                             batch["orig_sizes"].flatten(0, 1).tolist(), strict=True):
-                boxes = to_original_pixels(found["boxes"].float().cpu(), self.image_size, size)
-                for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), found["scores"].float().tolist(),
-                                                          found["labels"].tolist(), strict=True):
-                    detections.append({"image_id": image_id, "category_id": label + 1,
-                                       "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+            detections += coco_detections(predictions, batch, self.image_size)
         detections = gather_to_main(detections)
         if self.rank != 0:
             return {}, [], {}

@@ -9,7 +9,24 @@ import numpy as np
 from faster_coco_eval import COCO
 from faster_coco_eval import COCOeval_faster as COCOeval
 
+from utils.boxes import to_original_pixels
+
 SUMMARY_NAMES = ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")  # the first six of COCOeval.stats
+
+
+def coco_detections(predictions: list, batch: dict, input_size: tuple) -> list:
+    """COCO results (image_id, category_id = label + 1, bbox [x, y, w, h] in original px, score) of a collated
+    batch's images: predictions[i] = {boxes (D, 4) in input px, scores (D,), labels (D,) 0-based} for image i of
+    the B x N_cam, in the batch's order."""
+    detections = []
+    for found, image_id, size in zip(predictions, batch["image_ids"].flatten().tolist(),
+                                     batch["orig_sizes"].flatten(0, 1).tolist(), strict=True):
+        boxes = to_original_pixels(found["boxes"].float().cpu(), input_size, size)
+        for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), found["scores"].float().tolist(),
+                                                  found["labels"].tolist(), strict=True):
+            detections.append({"image_id": image_id, "category_id": int(label) + 1,
+                               "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+    return detections
 
 
 def coco_metrics(ground_truth: COCO, detections: list, image_ids: list) -> tuple:
