@@ -20,8 +20,14 @@ def available_solvers() -> list:
                   if name.endswith("_solver.py"))
 
 
+def solver_class(model_name: str):
+    """The Solver class of optimization/<model_name>_solver.py."""
+    return importlib.import_module(f"optimization.{model_name}_solver").Solver
+
+
 def check_names(args: dict) -> None:
-    """Reject an unknown model, dataset or task before any heavy work, listing the valid names."""
+    """Reject an unknown model, dataset or task, or a model whose solver does not take the task's batches (its
+    Solver.app_modes), before any heavy work, listing the valid names."""
     if args["model_name"] not in available_solvers():
         raise UserError(f"--model_name {args['model_name']}: no optimization/{args['model_name']}_solver.py; "
                         f"available: {', '.join(available_solvers())}")
@@ -33,6 +39,11 @@ def check_names(args: dict) -> None:
         raise UserError(f"--app_mode {args['app_mode']}: no loader for it with --dataset_type "
                         f"{args['dataset_type']} in config/config.json; available: "
                         f"{', '.join(loaders[args['dataset_type']])}")
+    if args["app_mode"] not in solver_class(args["model_name"]).app_modes:
+        fitting = [name for name in available_solvers() if args["app_mode"] in solver_class(name).app_modes]
+        raise UserError(f"--model_name {args['model_name']} is for --app_mode "
+                        f"{', '.join(solver_class(args['model_name']).app_modes)}, not {args['app_mode']}: use "
+                        f"--model_name {' or '.join(fitting) or '(none yet: add a solver whose app_modes has it)'}")
 
 
 def load_datasetloader(args: dict, dtype, world_size: int, rank: int, mode: str) -> tuple:
@@ -55,6 +66,5 @@ def load_datasetloader(args: dict, dtype, world_size: int, rank: int, mode: str)
 
 
 def load_solver(args: dict, **kwargs):
-    """The Solver class of optimization/<model_name>_solver.py, built with `args` and `kwargs`."""
-    module = importlib.import_module(f"optimization.{args['model_name']}_solver")
-    return module.Solver(args, **kwargs)
+    """The Solver of optimization/<model_name>_solver.py, built with `args` and `kwargs`."""
+    return solver_class(args["model_name"])(args, **kwargs)

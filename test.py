@@ -3,9 +3,10 @@
     python test.py --exp_id N [--model_num K | --is_test_all 1] [--visualization 1]
 
 Default: best.pt of the experiment. Writes, under <experiment>/test/ (one subfolder per checkpoint with
---is_test_all 1): metrics.json, detections.json (COCO results, original pixels), pr_curves/<class>.png
-(precision-recall at IoU 0.5) and, with --visualization 1, visualization/sample_<i>.png camera mosaics with the
-ground truth (green) and the detections (red). The model and data settings are the checkpoint's own."""
+--is_test_all 1): metrics.json, the solver's other evaluation files (Yolo: detections.json, COCO results in original
+pixels), pr_curves/<name>.png (precision-recall curves) and, with --visualization 1, the solver's drawings of a few
+samples under visualization/ (Yolo: camera mosaics with the ground truth in green and the detections in red). The
+model and data settings are the checkpoint's own."""
 
 import logging
 import os
@@ -20,8 +21,8 @@ from utils.checkpoint import load_checkpoint
 from utils.config import merge_config
 from utils.distributed import close_distributed, init_distributed
 from utils.errors import UserError, exit_on_user_error
-from utils.experiment import load_ground_truth, numbered_checkpoints, select_device, setup_logging, write_evaluation
-from utils.plots import plot_precision_recall, save_detection_mosaic
+from utils.experiment import numbered_checkpoints, select_device, setup_logging, write_evaluation
+from utils.plots import plot_precision_recall
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 RUN_FLAGS = ("gpu_num", "num_cores", "batch_size", "dataset_dir")  # taken from this command line, not the checkpoint
@@ -54,23 +55,6 @@ def chosen_checkpoints(exp_dir: str, model_num, test_all: bool) -> list:
     return [name]
 
 
-def visualize(solver, dataset, out_dir: str, count: int, score_threshold: float) -> None:
-    """Mosaics of the first `count` test samples, cameras laid out as config/data.json lists them, 3 per row."""
-    model = solver.ema.module if solver.ema is not None else solver.model
-    for index in range(min(count, len(dataset))):
-        item = dataset[index]
-        found = model.predict(item["images"][None].to(solver.device))
-        boxes = item["boxes"].split(item["counts"].tolist())
-        labels = item["labels"].split(item["counts"].tolist())
-        predictions = []
-        for detections in found:
-            keep = detections["scores"] >= score_threshold
-            predictions.append(tuple(detections[key][keep].cpu() for key in ("boxes", "labels", "scores")))
-        save_detection_mosaic(dataset.denormalize(item["images"]), list(zip(boxes, labels, strict=True)), predictions,
-                              dataset.class_names, columns=3,
-                              path=os.path.join(out_dir, "visualization", f"sample_{index}.png"))
-
-
 @exit_on_user_error
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
@@ -101,24 +85,24 @@ def evaluate(args: dict, flags: dict, argv: list, exp_dir: str, names: list, wor
         solver = helper.load_solver(run, device=device, class_names=test_set.class_names, steps_per_epoch=1,
                                     world_size=world_size, rank=rank)
         solver.load_weights(state)
-        metrics, detections, pr_curves = solver.eval(test_loader, load_ground_truth(test_set.coco_path), rank == 0)
+        metrics, outputs, curves = solver.eval(test_loader, show_progress=rank == 0)
         if rank != 0:
             continue
         metrics.update({"checkpoint": name, "epoch": state["epoch"]})
         out_dir = os.path.join(exp_dir, "test", Path(name).stem) if len(names) > 1 else os.path.join(exp_dir, "test")
-        write_evaluation(out_dir, metrics, detections)
-        for class_name, (recall, precision) in pr_curves.items():
-            path = os.path.join(out_dir, "pr_curves", f"{class_name}.png")
-            plot_precision_recall(recall, precision, class_name, path)
+        write_evaluation(out_dir, metrics, outputs)
+        for curve_name, (recall, precision) in curves.items():
+            path = os.path.join(out_dir, "pr_curves", f"{curve_name}.png")
+            plot_precision_recall(recall, precision, curve_name, path)
         if args["visualization"]:
-            visualize(solver, test_set, out_dir, args["config"]["test"]["visualizations"],
-                      args["config"]["test"]["visualization_score_threshold"])
-        logger.info("%s (epoch %d) on %d test samples: mAP %.4f, AP50 %.4f, AP75 %.4f, small/medium/large "
-                    "%.4f/%.4f/%.4f", name, state["epoch"], len(test_set), metrics["mAP"], metrics["AP50"],
-                    metrics["AP75"], metrics["AP_small"], metrics["AP_medium"], metrics["AP_large"])
-        logger.info("%-22s %s", "class", "AP@[.5:.95]")
-        for class_name, value in metrics["per_class_AP"].items():
-            logger.info("%-22s %s", class_name, "no ground truth" if value is None else f"{value:.4f}")
+            solver.visualize(test_set, out_dir, args["config"]["test"]["visualizations"])
+        logger.info("%s (epoch %d) on %d test samples: %s", name, state["epoch"], len(test_set),
+                    ", ".join(f"{metric} {metrics[metric]:.4f}" for metric in solver.metric_names))
+        for table, values in metrics.items():
+            if isinstance(values, dict):  # per-class values, e.g. per_class_AP
+                logger.info("%-22s %s", "class", table)
+                for class_name, value in values.items():
+                    logger.info("%-22s %s", class_name, "no ground truth" if value is None else f"{value:.4f}")
         logger.info("results in %s", out_dir)
 
 

@@ -20,14 +20,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import helper
 from argumentparser import build_parser
 from utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from utils.coco_eval import SUMMARY_NAMES
 from utils.config import merge_config
 from utils.distributed import any_process, close_distributed, gather_to_main, init_distributed
 from utils.errors import NonFiniteLossError, UserError, exit_on_user_error
 from utils.experiment import (
     StopRequest,
     experiment_folder,
-    load_ground_truth,
     prune_checkpoints,
     select_device,
     setup_logging,
@@ -40,12 +38,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("train")
 
 
-def checkpoint_state(solver, args: dict, epoch: int, step_in_epoch: int, global_step: int, best_map: float,
+def checkpoint_state(solver, args: dict, epoch: int, step_in_epoch: int, global_step: int, best_score: float,
                      history: list, epoch_sums: dict, rng_states: list) -> dict:
-    """Everything a resumed run needs to continue exactly: epoch in progress and batches done in it, and the
-    random generator states of every process (rank order)."""
+    """Everything a resumed run needs to continue exactly: epoch in progress and batches done in it, the best
+    validation value of the solver's first metric so far, and the random generator states of every process (rank
+    order)."""
     return {**solver.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-            "best_map": best_map, "history": history, "epoch_sums": epoch_sums, "rng": rng_states, "config": args}
+            "best_score": best_score, "history": history, "epoch_sums": epoch_sums, "rng": rng_states, "config": args}
 
 
 def resume_state(args: dict, exp_dir: str):
@@ -114,12 +113,12 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
     solver.model.print_model_summary()
     if main_process:
         atomic_write_json(os.path.join(exp_dir, "config.json"), args)
-    ground_truth = load_ground_truth(val_set.coco_path)
+    best_metric = solver.metric_names[0]  # selects best.pt; higher is better
 
-    start_epoch, skip_steps, global_step, best_map, history, epoch_sums = 0, 0, 0, -1.0, [], {}
+    start_epoch, skip_steps, global_step, best_score, history, epoch_sums = 0, 0, 0, -1.0, [], {}
     if resumed is not None:
         start_epoch, skip_steps, global_step = resumed["epoch"], resumed["step_in_epoch"], resumed["global_step"]
-        best_map, history, epoch_sums = resumed["best_map"], resumed["history"], resumed["epoch_sums"]
+        best_score, history, epoch_sums = resumed["best_score"], resumed["history"], resumed["epoch_sums"]
         if solver.load_state_dict(resumed, global_step):
             logger.info("--num_epochs changed from %d to %d: the learning-rate schedule is rebuilt for %d epochs",
                         resumed["config"]["num_epochs"], args["num_epochs"], args["num_epochs"])
@@ -163,7 +162,7 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
                     rng_states = gather_to_main([rng_state()])
                     if main_process:
                         save_checkpoint(os.path.join(exp_dir, "last.pt"), checkpoint_state(
-                            solver, args, epoch, step_in_epoch, global_step, best_map, history, epoch_sums,
+                            solver, args, epoch, step_in_epoch, global_step, best_score, history, epoch_sums,
                             rng_states))
                 if stop_now:
                     logger.info("stopped by %s at epoch %d step %d; last.pt saved; resume with: %s",
@@ -176,10 +175,10 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
                    **{key: value / steps_per_epoch for key, value in epoch_sums.items()}}
             epoch_sums = {}
             if (epoch + 1) % args["valid_step"] == 0 or epoch + 1 == args["num_epochs"]:
-                metrics, detections, _ = solver.eval(val_loader, ground_truth, show_progress=main_process)
-                if main_process:  # the other processes sent their detections to it
-                    write_evaluation(exp_dir, metrics, detections)
-                    row.update({name: metrics[name] for name in SUMMARY_NAMES})
+                metrics, outputs, _ = solver.eval(val_loader, show_progress=main_process)
+                if main_process:  # the other processes sent their predictions to it
+                    write_evaluation(exp_dir, metrics, outputs)
+                    row.update({name: metrics[name] for name in solver.metric_names})
             history.append(row)
             rng_states = gather_to_main([rng_state()])
             if not main_process:
@@ -188,12 +187,12 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
                         ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"), time.time() - epoch_start)
             for key, value in row.items():
                 if key != "epoch":  # per epoch: train/* losses and lr, val/* metrics
-                    writer.add_scalar(f"{'val' if key in SUMMARY_NAMES else 'train'}/{key}", value, epoch + 1)
-            plot_curves(history, os.path.join(exp_dir, "curves.png"))
+                    writer.add_scalar(f"{'val' if key in solver.metric_names else 'train'}/{key}", value, epoch + 1)
+            plot_curves(history, solver.metric_names, os.path.join(exp_dir, "curves.png"))
 
-            state = checkpoint_state(solver, args, epoch + 1, 0, global_step, best_map, history, {}, rng_states)
-            if row.get("mAP", -1.0) > best_map:
-                best_map = state["best_map"] = row["mAP"]
+            state = checkpoint_state(solver, args, epoch + 1, 0, global_step, best_score, history, {}, rng_states)
+            if row.get(best_metric, -1.0) > best_score:
+                best_score = state["best_score"] = row[best_metric]
                 save_checkpoint(os.path.join(exp_dir, "best.pt"), state)
             save_checkpoint(os.path.join(exp_dir, "last.pt"), state)
             if (epoch + 1) % args["save_every"] == 0:
@@ -201,7 +200,7 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
                 prune_checkpoints(exp_dir, args["max_num_chkpts"])
     if main_process:
         writer.close()
-    logger.info("done: best validation mAP %.4f; checkpoints in %s", best_map, exp_dir)
+    logger.info("done: best validation %s %.4f; checkpoints in %s", best_metric, best_score, exp_dir)
 
 
 if __name__ == "__main__":

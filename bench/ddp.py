@@ -68,7 +68,7 @@ def worker(options) -> None:
                              steps_per_epoch=options.warmup + options.steps, world_size=world_size, rank=rank)
         intervals = []
         if world_size > 1:
-            solver.trained_model.register_comm_hook(None, timed_allreduce_hook(intervals))
+            solver.parts.trained_model.register_comm_hook(None, timed_allreduce_hook(intervals))
         batch = synthetic_batch(options.batch_size, NUM_CAMERAS, options.width, options.height)
         solver.mode_selection(True)
         step_times, allreduce_times = [], []

@@ -24,7 +24,6 @@ from pycocotools.cocoeval import COCOeval
 
 from bench.model import platform_args
 from helper import load_datasetloader, load_solver
-from utils.experiment import load_ground_truth
 
 
 def synthetic_coco(num_images: int, boxes_per_image: int = 8, detections_per_image: int = 30, seed: int = 0) -> tuple:
@@ -90,9 +89,8 @@ def evaluation_pass_vs_forward(repeats: int, flags: list) -> None:
     args = platform_args(["--num_cores", "1", "--cfg", "model.Yolo.postprocess.score_threshold=0.0", *flags])
     test_set, test_loader = load_datasetloader(args, torch.float32, 1, 0, "test")
     batches = Preloaded(test_loader)
-    ground_truth = load_ground_truth(test_set.coco_path)
     solver = load_solver(args, device=torch.device("cpu"), class_names=test_set.class_names, steps_per_epoch=1)
-    model = solver.ema.module if solver.ema is not None else solver.model  # the weights Solver.eval uses
+    model = solver.parts.evaluated_model()  # the weights Solver.eval uses
     model.eval()
 
     @torch.no_grad()
@@ -101,10 +99,10 @@ def evaluation_pass_vs_forward(repeats: int, flags: list) -> None:
             model(batch["images"])
 
     def full_pass():
-        return solver.eval(batches, ground_truth, show_progress=False)
+        return solver.eval(batches, show_progress=False)
 
     full_pass()  # warm-up (and the number of detections)
-    _, detections, _ = full_pass()
+    detections = full_pass()[1]["detections.json"]
     times = {"forward": [], "full": []}
     for _ in range(repeats):
         for name, run in (("forward", forward_alone), ("full", full_pass)):

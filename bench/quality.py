@@ -34,8 +34,7 @@ from bench.model import platform_args, torchvision_detector
 from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
 from helper import load_solver
-from utils.coco_eval import coco_detections, coco_metrics
-from utils.experiment import load_ground_truth
+from utils.coco_eval import coco_detections, coco_metrics, load_coco
 from utils.optim import build_optimizer, build_scheduler
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -96,11 +95,11 @@ def train_dstorch(args: dict, train_set, loader: DataLoader, budget_s: float) ->
             solver.learning_rate_step()
 
     def on_length_known(total_steps):
-        solver.scheduler = solver.new_scheduler(total_steps)  # steps_per_epoch=1: one "epoch" per step
+        solver.parts.scheduler = solver.parts.new_scheduler(total_steps)  # steps_per_epoch=1: one "epoch" per step
         scheduled["on"] = True
 
     steps = train_within(budget_s, loader, step, on_length_known)
-    model = solver.ema.module if solver.ema is not None else solver.model
+    model = solver.parts.evaluated_model()
     model.eval()
     return (lambda images: model.predict(images[:, None])), steps
 
@@ -152,7 +151,7 @@ def evaluate(predict, test_set) -> dict:
 
 
 def score(detections: list, test_set) -> dict:
-    metrics, _ = coco_metrics(load_ground_truth(test_set.coco_path), detections, test_set.image_ids)
+    metrics, _ = coco_metrics(load_coco(test_set.coco_path), detections, test_set.image_ids)
     return {name: metrics[name] for name in ("mAP", "AP50", "AP_small", "AP_medium", "AP_large")}
 
 

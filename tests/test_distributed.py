@@ -124,7 +124,7 @@ def test_a_killed_worker_is_restarted_and_resumes_exactly(ddp_trained, embedded_
     assert "resumed from" in log and "at epoch 2, step 1" in log and "epoch 2/2:" in log
     last = load_checkpoint(str(tmp_path / "exp" / "last.pt"))
     assert [row["epoch"] for row in last["history"]] == [1, 2]
-    assert load_checkpoint(str(tmp_path / "exp" / "best.pt"))["best_map"] >= 0
+    assert load_checkpoint(str(tmp_path / "exp" / "best.pt"))["best_score"] >= 0
     assert_same_tensors(tmp_path / "exp" / "last.pt", ddp_trained / "last.pt")
 
 

@@ -76,7 +76,7 @@ def test_train_then_test_end_to_end(trained_copy):
 
     state = torch.load(exp / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and len(state["history"]) == 2 and state["config"]["exp_id"] == 0
-    assert {"model", "ema", "optimizer", "scheduler", "scaler", "rng", "global_step", "best_map"} <= set(state)
+    assert {"model", "ema", "optimizer", "scheduler", "scaler", "rng", "global_step", "best_score"} <= set(state)
 
     test_script.main(["--save_dir", str(exp), "--num_cores", "0", "--visualization", "1"])
     test_dir = exp / "test"
@@ -189,7 +189,7 @@ def test_mixed_precision_step_on_the_cpu(trained):
     args = json.loads((trained / "config.json").read_text())
     args["bool_mixed_precision"] = 1
     solver = helper.load_solver(args, device=torch.device("cpu"), class_names=list("abcdefghij"), steps_per_epoch=3)
-    assert solver.amp_dtype == torch.bfloat16 and not solver.scaler.is_enabled()
+    assert solver.parts.amp_dtype == torch.bfloat16 and not solver.parts.scaler.is_enabled()
     batch = {"images": torch.randn(1, 2, 3, 64, 96), "boxes": torch.tensor([[10.0, 10.0, 40.0, 50.0]]),
              "labels": torch.tensor([2]), "box_image_index": torch.tensor([1])}
     losses = solver.train(batch)
@@ -217,7 +217,7 @@ def test_bad_flags_are_one_line(flags, message, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--model_name", "Detr"], "--model_name Detr: no optimization/Detr_solver.py; available: Yolo"),
+    (["--model_name", "Detr"], "--model_name Detr: no optimization/Detr_solver.py; available: "),
     (["--dataset_type", "kitti"], "--dataset_type kitti: not in 'loaders' of config/config.json; available: nuscenes"),
     (["--app_mode", "3DObjDet"], "--app_mode 3DObjDet: no loader for it with --dataset_type nuscenes"),
     (["--cfg", "model.Yolo.backbone_name=resnet34"], "unknown key 'model.Yolo.backbone_name'"),

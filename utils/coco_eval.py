@@ -14,6 +14,12 @@ from utils.boxes import to_original_pixels
 SUMMARY_NAMES = ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")  # the first six of COCOeval.stats
 
 
+def load_coco(path: str) -> COCO:
+    """A COCO annotation file, indexed (quietly: the COCO API prints while indexing)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(path)
+
+
 def coco_detections(predictions: list, batch: dict, input_size: tuple) -> list:
     """COCO results (image_id, category_id = label + 1, bbox [x, y, w, h] in original px, score) of a collated
     batch's images: predictions[i] = {boxes (D, 4) in input px, scores (D,), labels (D,) 0-based} for image i of

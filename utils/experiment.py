@@ -1,7 +1,5 @@
 """The experiment around a training run: its folder, device, logging, evaluation files and stop signals."""
 
-import contextlib
-import io
 import logging
 import os
 import re
@@ -10,7 +8,6 @@ import sys
 
 import torch
 
-from utils.coco_eval import COCO
 from utils.errors import UserError
 from utils.io import atomic_write_json
 
@@ -50,15 +47,12 @@ def select_device(gpu_num: int) -> torch.device:
     return torch.device("cuda", gpu_num)
 
 
-def load_ground_truth(coco_path: str) -> COCO:
-    with contextlib.redirect_stdout(io.StringIO()):  # the COCO API prints while indexing
-        return COCO(coco_path)
-
-
-def write_evaluation(folder: str, metrics: dict, detections: list) -> None:
-    """metrics.json and detections.json (COCO results format) of one evaluation, atomically."""
+def write_evaluation(folder: str, metrics: dict, outputs: dict) -> None:
+    """metrics.json and the solver's other files of one evaluation (outputs: {file name: JSON value}),
+    atomically; metrics.json last, so that its presence means the evaluation's files are complete."""
     os.makedirs(folder, exist_ok=True)
-    atomic_write_json(os.path.join(folder, "detections.json"), detections)
+    for name, value in outputs.items():
+        atomic_write_json(os.path.join(folder, name), value)
     atomic_write_json(os.path.join(folder, "metrics.json"), metrics)
 
 

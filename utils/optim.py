@@ -1,5 +1,5 @@
-"""Optimizers and learning-rate schedules by name, from torch.optim. Every schedule is stepped once per
-optimizer step, so epoch-based settings are converted to steps here."""
+"""Optimizers and learning-rate schedules by name, from torch.optim, and the EMA update of the weights. Every
+schedule is stepped once per optimizer step, so epoch-based settings are converted to steps here."""
 
 import re
 import warnings
@@ -55,3 +55,18 @@ def fast_forward(scheduler, steps: int) -> None:
         warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
         for _ in range(steps):
             scheduler.step()
+
+
+def ema_multi_avg_fn(decay: float):
+    """EMA update for AveragedModel whose decay ramps up as min(decay, (1 + n) / (10 + n)) after n updates (as in
+    tf.train.ExponentialMovingAverage), so that short runs are not dominated by the random initial weights."""
+
+    @torch.no_grad()
+    def update(averaged_params, current_params, num_averaged):  # one device and dtype per call
+        if not torch.is_floating_point(averaged_params[0]):  # counters such as BatchNorm's num_batches_tracked
+            torch._foreach_copy_(averaged_params, current_params)
+            return
+        n = float(num_averaged)
+        torch._foreach_lerp_(averaged_params, current_params, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+
+    return update

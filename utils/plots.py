@@ -1,4 +1,4 @@
-"""Figures written by training and testing: loss and mAP curves, precision-recall curves, detection mosaics.
+"""Figures written by training and testing: loss and metric curves, precision-recall curves, detection mosaics.
 Each file is written atomically."""
 
 import torch
@@ -13,31 +13,31 @@ def save_figure(figure: Figure, path: str) -> None:
     atomic_write(path, lambda tmp_path: figure.savefig(tmp_path, format="png", dpi=100, bbox_inches="tight"))
 
 
-def plot_curves(history: list, path: str) -> None:
+def plot_curves(history: list, metric_names: tuple, path: str) -> None:
     """history: one dict per epoch with 'epoch', the mean training loss terms ('*_loss') and, on evaluated
-    epochs, 'mAP' and 'AP50'. Left: losses per epoch; right: validation mAP and AP50."""
+    epochs, the validation metrics `metric_names` (values in [0, 1]). Left: losses per epoch; right: metrics."""
     figure = Figure(figsize=(11, 4))
-    loss_axis, map_axis = figure.subplots(1, 2)
+    loss_axis, metric_axis = figure.subplots(1, 2)
     epochs = [row["epoch"] for row in history]
     for key in [key for key in history[-1] if key.endswith("_loss")]:
         loss_axis.plot(epochs, [row.get(key) for row in history], marker=".", label=key)
     loss_axis.set(xlabel="epoch", ylabel="training loss", yscale="log", title="losses")
     loss_axis.legend()
-    evaluated = [row for row in history if "mAP" in row]
-    for key in ("mAP", "AP50"):
-        map_axis.plot([row["epoch"] for row in evaluated], [row[key] for row in evaluated], marker="o", label=key)
-    map_axis.set(xlabel="epoch", ylabel="validation AP", ylim=(0, 1), title="validation")
-    map_axis.legend()
+    evaluated = [row for row in history if metric_names[0] in row]
+    for key in metric_names:
+        metric_axis.plot([row["epoch"] for row in evaluated], [row[key] for row in evaluated], marker="o", label=key)
+    metric_axis.set(xlabel="epoch", ylabel="validation metric", ylim=(0, 1), title="validation")
+    metric_axis.legend()
     save_figure(figure, path)
 
 
 def plot_precision_recall(recall, precision, class_name: str, path: str) -> None:
-    """Precision-recall curve of one class at IoU 0.5 (COCO's 101 recall points; -1 = undefined)."""
+    """Precision-recall curve of one class (precision -1 = undefined, not drawn)."""
     figure = Figure(figsize=(5, 4))
     axis = figure.subplots()
     defined = precision > -1
     axis.plot(recall[defined], precision[defined])
-    axis.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=f"{class_name} (IoU 0.5)")
+    axis.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=class_name)
     save_figure(figure, path)
 
 
