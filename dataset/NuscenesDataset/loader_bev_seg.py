@@ -1,0 +1,178 @@
+"""nuScenes bird's-eye-view (BEV) segmentation from the cameras: one item is one sample (keyframe) with its N_cam
+camera images, each camera's projection from the BEV frame to its input pixels, and the occupancy grid of each class
+around the ego car.
+
+The BEV frame is the ego frame (x forward, y left, z up, metres) at the timestamp of data.json's
+"ego_pose_channel" sensor of the sample. Each camera's projection chains, with the devkit's records, BEV frame ->
+global -> the ego frame at that camera's own timestamp -> camera -> its intrinsics, scaled to the input size, so that
+the ego motion between the cameras' capture times is accounted for.
+
+Ground truth: the sample's 3D annotations of each class (category name prefixes in data.json "classes", visibility
+tokens in "visibilities"), moved into the BEV frame with the devkit's `Box`; a cell is occupied when its centre,
+raised to the box's centre height, is inside the box (the devkit's `points_in_box`): the box's footprint filled on
+the grid. The grid (data.json "bev") covers x in x_range_m and y in y_range_m with square cells of cell_m: row 0 is
+the far front (x max), column 0 the far left (y max), so that drawn as an image the ego car faces up.
+
+An item is a dict:
+    images       (N_cam, 3, H, W) `dtype`, normalized with data.json "normalize"; (H, W) = data.json "image"
+    projections  (N_cam, 3, 4) float32: [u*d, v*d, d] = P @ [x, y, z, 1] maps a point of the BEV frame (m) to input
+                 pixel (u, v) at depth d (m) in front of the camera; pixel i covers [i, i + 1)
+    target       (C, X, Y) float32 in {0, 1}: occupancy of class c in the cell at row i, column j
+    index        () int64: the sample's position in the dataset (sample_tokens[index] names it)
+Items have fixed shapes, so the DataLoader's default collate batches them.
+"""
+
+import logging
+import os
+
+import numpy as np
+import torch
+from nuscenes.utils.geometry_utils import points_in_box
+from pyquaternion import Quaternion
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from dataset.NuscenesDataset.labels import load_nuscenes, split_scene_names
+from dataset.NuscenesDataset.loader_2d_obj_det import MODES, read_image, resolve_dataroot, train_val_scenes
+from utils.errors import UserError
+from utils.segmentation import grid_shape
+
+logger = logging.getLogger(__name__)
+
+
+def rigid_transform(record: dict) -> np.ndarray:
+    """4x4 matrix of a devkit ego_pose or calibrated_sensor record: its frame -> the parent frame."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = Quaternion(record["rotation"]).rotation_matrix
+    matrix[:3, 3] = record["translation"]
+    return matrix
+
+
+class DatasetLoader(Dataset):
+    """Samples of one mode: train and val split the training scenes by --val_ratio, test is the official
+    validation split (mini_val on v1.0-mini), as in the 2D detection loader.
+
+    args: the merged configuration dict; this reads args["app_mode"], args["dataset_dir"] (None: data.json's),
+    args["val_ratio"], args["bool_apply_img_aug"] and args["data"][app_mode] (config/data.json).
+    dtype: the images' dtype. world_size and rank: the platform's signature; under DDP the sampler shards."""
+
+    def __init__(self, args: dict, dtype=torch.float32, world_size: int = 1, rank: int = 0, mode: str = "train"):
+        if mode not in MODES:
+            raise UserError(f"mode '{mode}': choose one of {', '.join(MODES)}")
+        cfg = args["data"][args["app_mode"]]
+        self.dtype, self.mode, self.cameras = dtype, mode, cfg["cameras"]
+        self.dataroot = resolve_dataroot(args, cfg)
+        version = cfg["version"]
+        if version not in cfg["splits"]:
+            raise UserError(f"version '{version}' has no entry in 'splits' of config/data.json "
+                            f"(entries: {', '.join(cfg['splits'])})")
+        nusc = load_nuscenes(self.dataroot, version)
+        scene_names = split_scene_names(nusc, cfg["splits"][version]["test" if mode == "test" else "train"])
+        if mode != "test":
+            train_scenes, val_scenes = train_val_scenes(scene_names, args["val_ratio"])
+            scene_names = train_scenes if mode == "train" else val_scenes
+
+        self.class_names = list(cfg["classes"])
+        self.grid = grid_shape(cfg["bev"])
+        self.bev = cfg["bev"]
+        self.input_size = (cfg["image"]["w"], cfg["image"]["h"])
+        # per sample: its token, [(image path, (width, height) px)] per camera, (N_cam, 3, 4) projections, and
+        # per class a list of the devkit's Box in the BEV frame
+        self.sample_tokens, self.images, self.projections, self.boxes = [], [], [], []
+        scenes = {scene["name"]: scene for scene in nusc.scene}
+        for name in sorted(scene_names):
+            sample_token = scenes[name]["first_sample_token"]
+            while sample_token:
+                sample = nusc.get("sample", sample_token)
+                self.add_sample(nusc, sample, cfg)
+                sample_token = sample["next"]
+        missing = [path for files in self.images for path, _ in files if not os.path.isfile(path)]
+        if missing:
+            raise UserError(f"image {missing[0]} is missing ({len(missing)} images are): restore the dataset folder "
+                            f"or regenerate it")
+
+        std = torch.tensor(cfg["normalize"]["std"]).view(3, 1, 1)
+        self.scale = 1.0 / (255.0 * std)  # normalized = pixel * scale + bias = (pixel / 255 - mean) / std
+        self.bias = -torch.tensor(cfg["normalize"]["mean"]).view(3, 1, 1) / std
+        jitter = cfg["augmentation"]
+        # photometric only: a geometric change of an image would have to move its projection matrix with it
+        self.augmentation = (v2.ColorJitter(jitter["brightness"], jitter["contrast"], jitter["saturation"],
+                                            jitter["hue"])
+                             if mode == "train" and args["bool_apply_img_aug"] else None)
+
+    def add_sample(self, nusc, sample: dict, cfg: dict) -> None:
+        """Record one sample: its image files, its cameras' projections and its boxes per class."""
+        reference = cfg["ego_pose_channel"]
+        if reference not in sample["data"]:
+            raise UserError(f"sample {sample['token']} has no {reference} data: set 'ego_pose_channel' in "
+                            f"config/data.json to one of {', '.join(sorted(sample['data']))}")
+        bev_to_global = rigid_transform(nusc.get("ego_pose", nusc.get("sample_data", sample["data"][reference])
+                                                 ["ego_pose_token"]))
+        files, projections = [], []
+        for channel in self.cameras:
+            if channel not in sample["data"]:
+                raise UserError(f"sample {sample['token']} has no {channel} image: set 'cameras' in "
+                                f"config/data.json to channels of the dataset ({', '.join(sorted(sample['data']))})")
+            record = nusc.get("sample_data", sample["data"][channel])
+            sensor = nusc.get("calibrated_sensor", record["calibrated_sensor_token"])
+            ego_to_global = rigid_transform(nusc.get("ego_pose", record["ego_pose_token"]))
+            bev_to_camera = np.linalg.inv(rigid_transform(sensor)) @ np.linalg.inv(ego_to_global) @ bev_to_global
+            to_input_pixels = np.diag([self.input_size[0] / record["width"], self.input_size[1] / record["height"], 1])
+            projections.append(to_input_pixels @ np.asarray(sensor["camera_intrinsic"]) @ bev_to_camera[:3])
+            files.append((os.path.join(self.dataroot, record["filename"]), (record["width"], record["height"])))
+        rotation = Quaternion(matrix=bev_to_global[:3, :3])
+        boxes = [[] for _ in self.class_names]
+        for annotation_token in sample["anns"]:
+            annotation = nusc.get("sample_annotation", annotation_token)
+            if annotation["visibility_token"] not in cfg["visibilities"]:
+                continue
+            for class_index, prefixes in enumerate(cfg["classes"].values()):
+                if annotation["category_name"].startswith(tuple(prefixes)):
+                    box = nusc.get_box(annotation_token)  # global frame
+                    box.translate(-bev_to_global[:3, 3])
+                    box.rotate(rotation.inverse)
+                    boxes[class_index].append(box)
+        self.sample_tokens.append(sample["token"])
+        self.images.append(files)
+        self.projections.append(torch.tensor(np.stack(projections), dtype=torch.float32))
+        self.boxes.append(boxes)
+
+    def rasterize(self, boxes: list) -> torch.Tensor:
+        """(C, X, Y) float32 occupancy of each class's boxes (devkit Box, BEV frame): the cells whose centres, at
+        the box's centre height, are inside it. Only the window of cells under the box's footprint is tested."""
+        target = np.zeros((len(self.class_names), *self.grid), dtype=np.float32)
+        x_max, y_max, cell = self.bev["x_range_m"][1], self.bev["y_range_m"][1], self.bev["cell_m"]
+        for class_index, class_boxes in enumerate(boxes):
+            for box in class_boxes:
+                corners = box.bottom_corners()[:2]  # (2, 4) x, y in m
+                # rows i cover x in (x_max - (i + 1) cell, x_max - i cell]; columns j likewise from y_max
+                row_start, row_stop = np.clip([np.floor((x_max - corners[0].max()) / cell),
+                                               np.ceil((x_max - corners[0].min()) / cell)], 0, self.grid[0]).astype(int)
+                col_start, col_stop = np.clip([np.floor((y_max - corners[1].max()) / cell),
+                                               np.ceil((y_max - corners[1].min()) / cell)], 0, self.grid[1]).astype(int)
+                if row_start >= row_stop or col_start >= col_stop:
+                    continue  # outside the grid
+                rows, columns = np.meshgrid(np.arange(row_start, row_stop), np.arange(col_start, col_stop),
+                                            indexing="ij")
+                centres = np.stack([x_max - (rows.ravel() + 0.5) * cell, y_max - (columns.ravel() + 0.5) * cell,
+                                    np.full(rows.size, box.center[2])])  # (3, n) m
+                inside = points_in_box(box, centres).reshape(rows.shape)
+                target[class_index, row_start:row_stop, col_start:col_stop] += inside
+        return torch.from_numpy(np.minimum(target, 1.0))
+
+    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Items' images (..., 3, H, W) back to uint8 RGB, for drawing."""
+        return ((images.float() - self.bias) / self.scale).round().clamp(0, 255).to(torch.uint8)
+
+    def __len__(self) -> int:
+        return len(self.sample_tokens)
+
+    def __getitem__(self, index: int) -> dict:
+        images = []
+        for path, full_size in self.images[index]:
+            pixels = read_image(path, self.input_size, full_size)
+            if self.augmentation is not None:
+                pixels = self.augmentation(pixels)
+            images.append(torch.addcmul(self.bias, pixels.float(), self.scale).to(self.dtype))
+        return {"images": torch.stack(images), "projections": self.projections[index],
+                "target": self.rasterize(self.boxes[index]), "index": torch.tensor(index)}

@@ -1,0 +1,137 @@
+"""The Solver of the LiftBEV bird's-eye-view segmenter (--app_mode BEVSeg): its model and loss, the train step, the
+evaluation pass (IoU per class over the split) and the drawings of test.py --visualization 1. The optimizer, LR
+schedule, mixed precision, EMA, DDP wrapper and their checkpointed states are utils.training.TrainingParts. Started
+as a copy of Yolo_solver.py; docs/NEW_TASK.md walks through what changed and why."""
+
+import os
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+from models.LiftBEV.lift_bev import LiftBEV
+from utils.distributed import gather_to_main
+from utils.plots import save_figure
+from utils.segmentation import OccupancyHistogram, SegmentationLoss, grid_shape
+from utils.training import TrainingParts
+
+
+class Solver:
+    """args: the merged configuration dict; device: where to train; class_names: BEV class index -> name;
+    steps_per_epoch: optimizer steps per epoch (for the LR schedule); world_size, rank: of torch.distributed."""
+
+    app_modes = ("BEVSeg",)  # the --app_mode values whose batches this solver takes
+    metric_names = ("mIoU",)  # scalar validation metrics, logged per epoch; the first selects best.pt
+
+    def __init__(self, args: dict, device: torch.device, class_names: list, steps_per_epoch: int,
+                 world_size: int = 1, rank: int = 0):
+        self.args, self.device, self.class_names, self.rank = args, device, class_names, rank
+        data, cfg = args["data"][args["app_mode"]], args["model"]["LiftBEV"]
+        self.bev = data["bev"]
+        self.threshold = cfg["threshold"]  # a cell is predicted occupied where its probability is at least this
+        model = LiftBEV(cfg, (data["image"]["w"], data["image"]["h"]), self.bev, grid_shape(self.bev),
+                        len(class_names), len(data["cameras"])).to(device)
+        self.parts = TrainingParts(model, args, device, steps_per_epoch, world_size)  # optimizer, LR, AMP, EMA, DDP
+        self.model = self.parts.model
+        self.loss_fn = SegmentationLoss(args["loss"]["LiftBEV"])
+
+    def mode_selection(self, is_train: bool) -> None:
+        self.model.train(is_train)
+
+    def train(self, batch: dict) -> dict:
+        """One optimizer step on a batch (images, projections, target); returns the loss terms as floats."""
+        images, projections, target = (batch[key].to(self.device, non_blocking=True)
+                                       for key in ("images", "projections", "target"))
+        with self.parts.autocast():
+            logits = self.parts.trained_model(images, projections)
+        return self.parts.step(self.loss_fn(logits, target))  # the loss in float32 whatever the autocast dtype
+
+    def learning_rate_step(self) -> None:
+        self.parts.learning_rate_step()
+
+    def learning_rate(self) -> float:
+        return self.parts.learning_rate()
+
+    @torch.no_grad()
+    def eval(self, loader, show_progress: bool = True) -> tuple:
+        """Segment every sample of `loader` with the EMA weights (the trained ones without EMA) and score the grid
+        cells of the whole split against the ground truth.
+
+        Returns (metrics, outputs, pr_curves): metrics {"mIoU": mean over the classes with ground truth or
+        predictions, "per_class_IoU": {class: IoU at the threshold}, "per_class_IoU_all_occupied": {class: IoU of
+        predicting every cell occupied, a baseline}, "threshold"}; outputs {"per_sample_iou.json": [{"sample_token",
+        "iou": {class: IoU or None}}]}; pr_curves {class: (recall (100,), precision (100,))} over the thresholds
+        k / 100. Under DDP every process takes its shard and the main process (rank 0) adds up the histograms; the
+        others get empty results."""
+        model = self.parts.evaluated_model()
+        model.eval()
+        histogram, per_sample = OccupancyHistogram(len(self.class_names)), []
+        for batch in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not show_progress):
+            with self.parts.autocast():
+                logits = model(batch["images"].to(self.device, non_blocking=True),
+                               batch["projections"].to(self.device, non_blocking=True))
+            probabilities, target = torch.sigmoid(logits.float()).cpu(), batch["target"]
+            histogram.update(probabilities, target)
+            predicted = probabilities >= self.threshold
+            overlap = (predicted & (target > 0)).sum(dim=(2, 3))  # (B, C)
+            union = (predicted | (target > 0)).sum(dim=(2, 3))
+            for index, sample_overlap, sample_union in zip(batch["index"].tolist(), overlap.tolist(), union.tolist(),
+                                                           strict=True):
+                per_sample.append({"sample_token": loader.dataset.sample_tokens[index], "iou": {
+                    name: (o / u if u else None) for name, o, u in zip(self.class_names, sample_overlap,
+                                                                       sample_union, strict=True)}})
+        histograms, per_sample = gather_to_main([histogram]), gather_to_main(per_sample)
+        if self.rank != 0:
+            return {}, {}, {}
+        histogram.merge(histograms[1:])  # histograms[0] is this process's own
+        iou = histogram.iou(self.threshold)
+        scored = [value for value in iou if value is not None]
+        recall, precision = histogram.precision_recall()
+        metrics = {"mIoU": float(np.mean(scored)) if scored else 0.0,
+                   "per_class_IoU": dict(zip(self.class_names, iou, strict=True)),
+                   "per_class_IoU_all_occupied": dict(zip(self.class_names, histogram.iou_all_occupied(),
+                                                          strict=True)),
+                   "threshold": self.threshold}
+        curves = {name: (recall[c], precision[c]) for c, name in enumerate(self.class_names)}
+        return metrics, {"per_sample_iou.json": per_sample}, curves
+
+    @torch.no_grad()
+    def visualize(self, dataset, out_dir: str, count: int) -> None:
+        """out_dir/visualization/sample_<i>.png for the first `count` samples of `dataset`: the cameras (3 per
+        row, config/data.json order) and, per class, the BEV grid with the ego car at the centre facing up: cells
+        both predicted and true in green, missed in blue, false in red."""
+        model = self.parts.evaluated_model()
+        model.eval()
+        x_range, y_range = self.bev["x_range_m"], self.bev["y_range_m"]
+        for index in range(min(count, len(dataset))):
+            item = dataset[index]
+            logits = model(item["images"][None].to(self.device), item["projections"][None].to(self.device))
+            predicted = (torch.sigmoid(logits[0].float()) >= self.threshold).cpu().numpy()
+            true = item["target"].numpy() > 0
+            figure = Figure(figsize=(6 + 4 * len(self.class_names), 4))
+            axes = figure.subplots(1, 1 + len(self.class_names), width_ratios=[1.5] + [1] * len(self.class_names))
+            cameras = make_grid(dataset.denormalize(item["images"]), nrow=3, padding=4, pad_value=255)
+            axes[0].imshow(cameras.permute(1, 2, 0).numpy())
+            axes[0].set(title=dataset.sample_tokens[index][:12], xticks=[], yticks=[])
+            for axis, name, pred, gt in zip(axes[1:], self.class_names, predicted, true, strict=True):
+                colours = np.full((*gt.shape, 3), 255, dtype=np.uint8)
+                colours[gt & ~pred] = (40, 80, 230)
+                colours[pred & ~gt] = (230, 50, 40)
+                colours[pred & gt] = (40, 180, 60)
+                # column 0 is y max (left), row 0 is x max (front): extent (left, right, bottom, top) in m
+                axis.imshow(colours, extent=(y_range[1], y_range[0], x_range[0], x_range[1]))
+                axis.plot([0], [0], marker="^", color="black")  # the ego car
+                axis.set(title=f"{name}: green hit, blue missed, red false", xlabel="y (m, left +)",
+                         ylabel="x (m, forward +)")
+            save_figure(figure, os.path.join(out_dir, "visualization", f"sample_{index}.png"))
+
+    def state_dict(self) -> dict:
+        return self.parts.state_dict()
+
+    def load_weights(self, state: dict) -> None:
+        self.parts.load_weights(state)
+
+    def load_state_dict(self, state: dict, global_step: int) -> bool:
+        return self.parts.load_state_dict(state, global_step)
