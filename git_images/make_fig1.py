@@ -27,6 +27,7 @@ def facts() -> dict:
     loaders = json.loads((PROJECT_ROOT / "config" / "config.json").read_text())["loaders"]
     loader_modules = sorted({module for per_mode in loaders.values() for module in per_mode.values()})
     solver_methods = [name for name, _ in inspect.getmembers(Solver, inspect.isfunction) if not name.startswith("_")]
+    solver_methods = ["app_modes", "metric_names"] + [f"{name}()" for name in solver_methods]
     return {"flags": flags, "config_files": config_files, "loader_modules": loader_modules,
             "helper_functions": [n for n in ("load_datasetloader", "load_solver") if hasattr(helper, n)],
             "solvers": [f"optimization/{name}_solver.py" for name in helper.available_solvers()],
@@ -61,11 +62,13 @@ def draw(path: Path) -> None:
     arrow(7.6, 10.4, 6.0, 9.7)
     box(0.3, 5.5, 4.2, 1.8, "helper.py", [f"{name}()" for name in found["helper_functions"]], "#e3f2e1")
     arrow(4.0, 8.1, 2.6, 7.3)
-    loader_lines = [part for module in found["loader_modules"] for part in module.split(".")[1:]]
+    packages = sorted({module.split(".")[1] for module in found["loader_modules"]})
+    loader_lines = [f"{package}/" for package in packages] + [
+        f"  {module.split('.')[-1]}.py" for module in found["loader_modules"]]
     box(0.3, 1.0, 4.2, 3.7, "(1) dataset/", loader_lines + ["DatasetLoader", "collate_fn"])
-    solver_lines = found["solvers"] + ["class Solver:"] + [f"  {m}()" for m in found["solver_methods"]]
+    solver_lines = found["solvers"] + ["class Solver:"] + [f"  {m}" for m in found["solver_methods"]]
     box(5.5, 1.9, 4.2, 5.4, "(2) optimization/", solver_lines)
-    box(5.5, 0.2, 4.2, 1.3, "(3) models/ + utils/loss.py", ["model, loss, post-processing"])
+    box(5.5, 0.2, 4.2, 1.3, "(3) models/ + utils/", ["model; loss, metric, TrainingParts"])
     arrow(1.6, 5.5, 1.6, 4.7)
     arrow(4.5, 6.4, 5.5, 6.4)
     arrow(7.6, 1.9, 7.6, 1.5)
