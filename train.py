@@ -118,7 +118,9 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
     start_epoch, skip_steps, global_step, best_score, history, epoch_sums = 0, 0, 0, -1.0, [], {}
     if resumed is not None:
         start_epoch, skip_steps, global_step = resumed["epoch"], resumed["step_in_epoch"], resumed["global_step"]
-        best_score, history, epoch_sums = resumed["best_score"], resumed["history"], resumed["epoch_sums"]
+        history, epoch_sums = resumed["history"], resumed["epoch_sums"]
+        # checkpoints written before solvers named their metrics (metric_names) kept the best mAP as "best_map"
+        best_score = resumed["best_score"] if "best_score" in resumed else resumed["best_map"]
         if solver.load_state_dict(resumed, global_step):
             logger.info("--num_epochs changed from %d to %d: the learning-rate schedule is rebuilt for %d epochs",
                         resumed["config"]["num_epochs"], args["num_epochs"], args["num_epochs"])

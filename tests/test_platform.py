@@ -18,7 +18,7 @@ from argumentparser import build_parser
 from tests.conftest import PROJECT_ROOT
 from tests.signal_at_step import load_solver_that_signals
 from utils import loss as loss_module
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import load_json, merge_config
 from utils.errors import UserError
 
@@ -121,10 +121,15 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_run, tmp_p
 
 
 def test_resume_may_train_longer(trained_copy):
+    """Also from a checkpoint written before the solver named its metric, which stored the best mAP as best_map."""
     exp, flags = trained_copy
+    state = load_checkpoint(str(exp / "last.pt"))
+    state["best_map"] = state.pop("best_score")
+    save_checkpoint(str(exp / "last.pt"), state)
     train.main(flags("--load_pretrained", "1", "--num_epochs", "3"))
     state = load_checkpoint(str(exp / "last.pt"))
     assert state["epoch"] == 3 and [row["epoch"] for row in state["history"]] == [1, 2, 3]
+    assert state["best_score"] == max(row["mAP"] for row in state["history"])
     assert "rebuilt for 3 epochs" in (exp / "training.log").read_text()
 
 
