@@ -31,6 +31,7 @@ class Solver:
         data, cfg = args["data"][args["app_mode"]], args["model"]["LiftBEV"]
         self.bev = data["bev"]
         self.threshold = cfg["threshold"]  # a cell is predicted occupied where its probability is at least this
+        OccupancyHistogram.check_threshold(self.threshold, "model.LiftBEV.threshold in config/model.json")
         model = LiftBEV(cfg, (data["image"]["w"], data["image"]["h"]), self.bev, grid_shape(self.bev),
                         len(class_names), len(data["cameras"])).to(device)
         self.parts = TrainingParts(model, args, device, steps_per_epoch, world_size)  # optimizer, LR, AMP, EMA, DDP
@@ -74,7 +75,7 @@ class Solver:
                                batch["projections"].to(self.device, non_blocking=True))
             probabilities, target = torch.sigmoid(logits.float()).cpu(), batch["target"]
             histogram.update(probabilities, target)
-            predicted = probabilities >= self.threshold
+            predicted = histogram.occupied(probabilities, self.threshold)
             overlap = (predicted & (target > 0)).sum(dim=(2, 3))  # (B, C)
             union = (predicted | (target > 0)).sum(dim=(2, 3))
             for index, sample_overlap, sample_union in zip(batch["index"].tolist(), overlap.tolist(), union.tolist(),
@@ -108,7 +109,7 @@ class Solver:
         for index in range(min(count, len(dataset))):
             item = dataset[index]
             logits = model(item["images"][None].to(self.device), item["projections"][None].to(self.device))
-            predicted = (torch.sigmoid(logits[0].float()) >= self.threshold).cpu().numpy()
+            predicted = OccupancyHistogram.occupied(torch.sigmoid(logits[0].float()), self.threshold).cpu().numpy()
             true = item["target"].numpy() > 0
             figure = Figure(figsize=(6 + 4 * len(self.class_names), 4))
             axes = figure.subplots(1, 1 + len(self.class_names), width_ratios=[1.5] + [1] * len(self.class_names))

@@ -109,24 +109,29 @@ def test_targets_are_the_footprints_filled(test_split, embedded_dir):
     assert occupied_cells > 500
 
 
-def test_lift_reads_each_cameras_feature_where_the_point_projects():
-    """A camera looking along +x whose feature map holds each pixel's column: every BEV cell it sees gets the
-    column its centre projects to; cells behind it get 0."""
+def test_lift_reads_the_feature_centred_on_each_point():
+    """A camera looking along +x with a stride-8 feature map whose feature k holds k: every BEV cell it sees reads
+    the (interpolated) feature centred on the pixel its centre projects to, k = (u - 0.5) / 8 (ResNet's stride-8
+    feature k is centred on input pixel 8k, i.e. at 8k + 0.5 with pixel i covering [i, i + 1)); cells behind the
+    camera or outside its image read 0."""
     bev = {"x_range_m": [-8.0, 8.0], "y_range_m": [-8.0, 8.0], "cell_m": 1.0}
     model = LiftBEV({**SMALL_MODEL, "heights_m": [1.0]}, (64, 32), bev, grid_shape(bev), 1, 1)
     ego_to_camera = np.array([[0.0, -1, 0, 0], [0, 0, -1, 1.0], [1, 0, 0, 0]])  # x forward -> camera z
     intrinsic = np.array([[16.0, 0, 32], [0, 16, 16], [0, 0, 1]])
     projection = torch.tensor(intrinsic @ ego_to_camera, dtype=torch.float32)[None, None]
-    columns = torch.arange(64, dtype=torch.float32).add(0.5).expand(32, 64)  # pixel centres' u
-    lifted = model.lift(columns[None, None].clone(), projection)[0, 0]  # (16, 16)
+    feature_index = torch.arange(8, dtype=torch.float32).expand(4, 8)  # (h, w) = (32 / 8, 64 / 8)
+    lifted = model.lift(feature_index[None, None].clone(), projection)[0, 0]  # (16, 16)
     x = 8.0 - (torch.arange(16) + 0.5)  # rows: x of the cell centres
     y = 8.0 - (torch.arange(16) + 0.5)
+    seen = 0
     for i in range(16):
         for j in range(16):
-            u = 32 + 16 * (-y[j]) / x[i]
-            inside = x[i] > 0 and 0 <= u <= 64  # v = 16 for every point at the camera's height
-            expected = float(min(max(u, 0.5), 63.5)) if inside else 0.0  # the border pixels' centres bound it
-            assert lifted[i, j].item() == pytest.approx(expected, abs=1e-3)
+            u = 32 + 16 * (-y[j]) / x[i]  # v = 16 for every point at the camera's height
+            inside = x[i] > 0 and 0 <= u <= 64
+            expected = float(min(max((u - 0.5) / 8, 0.0), 7.0)) if inside else 0.0  # border features bound it
+            assert lifted[i, j].item() == pytest.approx(expected, abs=1e-4)
+            seen += inside
+    assert seen > 40
 
 
 def test_occupancy_histogram_iou_and_curves():
@@ -147,6 +152,10 @@ def test_occupancy_histogram_iou_and_curves():
     tp = (predicted[:, 0] & occupied[:, 0]).sum().item()
     assert precision[0, 50] == pytest.approx(tp / predicted[:, 0].sum().item())
     assert OccupancyHistogram(1).iou(0.5) == [None]  # nothing true, nothing predicted
+    at_boundary = torch.full((1, 1, 1, 1), 0.53)  # float32(0.53) * 100 < 53: bin 52, so not occupied at 0.53
+    one_cell = OccupancyHistogram(1)
+    one_cell.update(at_boundary, torch.ones(1, 1, 1, 1))
+    assert one_cell.iou(0.53) == [float(OccupancyHistogram.occupied(at_boundary, 0.53).item())]
 
 
 def test_the_model_fits_two_samples(embedded_dir):
@@ -193,15 +202,23 @@ def test_train_one_epoch_then_test(embedded_dir, tmp_path):
     assert sorted(p.name for p in (test_dir / "visualization").iterdir()) == ["sample_0.png", "sample_1.png"]
 
 
-def test_mixed_precision_step(embedded_dir, tmp_path):
-    """--bool_mixed_precision 1 on the CPU: bf16 autocast for the networks, float32 for the projections (a bf16
-    pixel coordinate would be off by up to a pixel at 320 px), finite float32 losses."""
+def test_mixed_precision_step(embedded_dir, tmp_path, monkeypatch):
+    """--bool_mixed_precision 1 on the CPU: bf16 autocast for the networks, float32 for the projections and the
+    feature sampling (a bf16 pixel coordinate would be off by up to a pixel at 320 px), finite float32 losses."""
     flags = build_parser().parse_args(bev_flags(embedded_dir, tmp_path, "--bool_mixed_precision", "1"))
     args = merge_config(vars(flags), str(PROJECT_ROOT / "config"))
     dataset, loader = helper.load_datasetloader(args, torch.float32, 1, 0, "train")
     solver = helper.load_solver(args, device=torch.device("cpu"), class_names=dataset.class_names, steps_per_epoch=1)
     assert solver.parts.amp_dtype == torch.bfloat16
+    sampled_dtypes, grid_sample = [], torch.nn.functional.grid_sample
+
+    def recording_grid_sample(features, grid, **kwargs):
+        sampled_dtypes.append((features.dtype, grid.dtype))
+        return grid_sample(features, grid, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "grid_sample", recording_grid_sample)
     losses = solver.train(next(iter(loader)))
+    assert sampled_dtypes == [(torch.float32, torch.float32)]
     assert set(losses) == {"bce_loss", "dice_loss", "total_loss"} and all(np.isfinite(list(losses.values())))
 
 
@@ -229,6 +246,7 @@ def test_ddp_training_and_evaluation(embedded_dir, tmp_path):
     (["--cfg", "data.BEVSeg.bev.cell_m=0.7"], "x_range_m [-20.0, 20.0] must be [low, high] with high > low, a whole"),
     (["--cfg", "data.BEVSeg.bev.x_range_m=[-20.0, 21.0]"], "BEV grid 41x40 cells"),
     (["--cfg", "data.BEVSeg.ego_pose_channel=LIDAR_TOP"], "has no LIDAR_TOP data: set 'ego_pose_channel'"),
+    (["--cfg", "model.LiftBEV.threshold=0.555"], "model.LiftBEV.threshold in config/model.json 0.555: must be a"),
 ])
 def test_bad_bev_settings_are_one_line(embedded_dir, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as stop:
@@ -239,5 +257,5 @@ def test_bad_bev_settings_are_one_line(embedded_dir, tmp_path, capsys, extra, me
 
 
 def test_loader_rejects_a_grid_that_is_not_whole_cells(embedded_dir):
-    with pytest.raises(UserError, match="whole number of cells"):
+    with pytest.raises(UserError, match="cell_m 0.0 must be > 0"):
         DatasetLoader(bev_args(embedded_dir, {"bev": {**BEV_20M, "cell_m": 0.0}}), mode="test")

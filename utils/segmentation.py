@@ -14,13 +14,16 @@ from utils.errors import UserError
 def grid_shape(bev: dict) -> tuple:
     """(X rows, Y columns) of the grid over bev["x_range_m"] x bev["y_range_m"] with square cells of bev["cell_m"]
     (config/data.json "bev"); one line if the ranges are not whole numbers of cells."""
+    cell = bev["cell_m"]
+    if not cell > 0:
+        raise UserError(f"'bev' in config/data.json: cell_m {cell} must be > 0 (the cell side in m)")
     shape = []
     for key in ("x_range_m", "y_range_m"):
         low, high = bev[key]
-        cells = (high - low) / bev["cell_m"] if bev["cell_m"] > 0 else 0.5
-        if not high > low or abs(cells - round(cells)) > 1e-6:
+        cells = (high - low) / cell
+        if not (high > low and abs(cells - round(cells)) < 1e-6):
             raise UserError(f"'bev' in config/data.json: {key} {bev[key]} must be [low, high] with high > low, a "
-                            f"whole number of cells of cell_m {bev['cell_m']} m (> 0)")
+                            f"whole number of cells of cell_m {cell} m")
         shape.append(round(cells))
     return tuple(shape)
 
@@ -47,16 +50,34 @@ class SegmentationLoss(nn.Module):
 class OccupancyHistogram:
     """Counts of the cells' predicted probabilities in `bins` equal bins, per class, separately for occupied and
     free cells: enough for the IoU, precision and recall at every threshold k / bins over a whole split, in
-    O(C x bins) memory. Histograms of several processes add up (`merge`)."""
+    O(C x bins) memory. Histograms of several processes add up (`merge`). A cell counts as predicted occupied at a
+    threshold by one rule everywhere (`occupied`), so per-sample and whole-split numbers agree."""
 
-    def __init__(self, num_classes: int, bins: int = 100):
-        self.bins = bins
-        self.counts = torch.zeros(num_classes, 2, bins, dtype=torch.int64)  # [class, occupied?, bin]
+    bins = 100
+
+    def __init__(self, num_classes: int):
+        self.counts = torch.zeros(num_classes, 2, self.bins, dtype=torch.int64)  # [class, occupied?, bin]
+
+    @classmethod
+    def check_threshold(cls, threshold: float, where: str) -> None:
+        """One line unless `threshold` is one of the thresholds k / bins, 0 < k < bins; `where` names its setting."""
+        if not (0 < threshold < 1 and abs(threshold * cls.bins - round(threshold * cls.bins)) < 1e-9):
+            raise UserError(f"{where} {threshold}: must be a multiple of {1 / cls.bins:g} between 0 and 1 (the "
+                            f"IoU is counted in {cls.bins} probability bins)")
+
+    @classmethod
+    def bin_index(cls, probabilities: torch.Tensor) -> torch.Tensor:
+        return (probabilities.float() * cls.bins).long().clamp(0, cls.bins - 1)
+
+    @classmethod
+    def occupied(cls, probabilities: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Cells predicted occupied at `threshold`, by the same rule as the counts (bin >= threshold * bins)."""
+        return cls.bin_index(probabilities) >= round(threshold * cls.bins)
 
     def update(self, probabilities: torch.Tensor, target: torch.Tensor) -> None:
         """probabilities, target (B, C, X, Y)."""
         num_classes = self.counts.shape[0]
-        bin_index = (probabilities.float() * self.bins).long().clamp(0, self.bins - 1)
+        bin_index = self.bin_index(probabilities)
         class_index = torch.arange(num_classes, device=bin_index.device).view(1, -1, 1, 1)
         flat = (class_index * 2 + target.long()) * self.bins + bin_index
         self.counts += torch.bincount(flat.flatten(), minlength=self.counts.numel()).view_as(self.counts).cpu()

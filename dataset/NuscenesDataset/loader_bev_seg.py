@@ -60,7 +60,7 @@ class DatasetLoader(Dataset):
         if mode not in MODES:
             raise UserError(f"mode '{mode}': choose one of {', '.join(MODES)}")
         cfg = args["data"][args["app_mode"]]
-        self.dtype, self.mode, self.cameras = dtype, mode, cfg["cameras"]
+        self.dtype, self.cameras = dtype, cfg["cameras"]
         self.dataroot = resolve_dataroot(args, cfg)
         version = cfg["version"]
         if version not in cfg["splits"]:

@@ -89,17 +89,23 @@ class LiftBEV(nn.Module):
         point's feature averaged over the cameras that see it (0 where none does)."""
         batch, cameras = projections.shape[:2]
         num_heights = self.points.shape[0]
+        image_size = features.new_tensor(self.image_size, dtype=torch.float32)  # (W, H) input px
+        stride = image_size[0] / features.shape[-1]  # input px per feature column
         with torch.autocast(features.device.type, enabled=False):  # pixel coordinates need float32
             projected = torch.einsum("bnij,pj->bnpi", projections.float(), self.points.view(-1, 4))  # (B, N, P, 3)
             depth = projected[..., 2]
             pixels = projected[..., :2] / depth.clamp(min=MIN_DEPTH_M)[..., None]  # (B, N, P, 2) input px
-            normalized = pixels / pixels.new_tensor(self.image_size) * 2.0 - 1.0  # grid_sample's [-1, 1]
-            seen = (depth > MIN_DEPTH_M) & (normalized.abs() <= 1.0).all(dim=-1)  # (B, N, P)
-        # "border": a point in the outer half pixel reads that pixel, not a blend with zeros
-        sampled = F.grid_sample(features, normalized.flatten(0, 1)[:, None].to(features.dtype),
-                                padding_mode="border", align_corners=False)  # (B * N, F, 1, P)
-        sampled = sampled.view(batch, cameras, -1, sampled.shape[-1]) * seen[:, :, None].to(sampled.dtype)
-        mean = sampled.sum(dim=1) / seen.sum(dim=1).clamp(min=1)[:, None].to(sampled.dtype)  # (B, F, P)
+            seen = (depth > MIN_DEPTH_M) & ((pixels >= 0) & (pixels <= image_size)).all(dim=-1)  # (B, N, P)
+            # Feature k of a stride-s ResNet map is centred on input pixel s * k (the strided convolutions keep
+            # the first pixel's centre), i.e. at s * k + 0.5 in these coordinates; grid_sample(align_corners=
+            # False) puts it at s * (k + 0.5). Shifting the points by (s - 1) / 2 px reads the feature centred on
+            # them (3.5 px at stride 8: about a cell at 40 m).
+            normalized = (pixels + (stride - 1) / 2) / image_size * 2.0 - 1.0  # grid_sample's [-1, 1]
+            # "border": a point in the outer half feature reads that feature, not a blend with zeros
+            sampled = F.grid_sample(features.float(), normalized.flatten(0, 1)[:, None], padding_mode="border",
+                                    align_corners=False)  # (B * N, F, 1, P)
+        sampled = sampled.view(batch, cameras, -1, sampled.shape[-1]) * seen[:, :, None]
+        mean = sampled.sum(dim=1) / seen.sum(dim=1).clamp(min=1)[:, None]  # (B, F, P)
         return mean.view(batch, -1, num_heights, *self.grid).flatten(1, 2)  # channels: feature-major, then height
 
     def forward(self, images: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
