@@ -3,7 +3,9 @@ grid's 3D points project (parameter-free lifting, as in Simple-BEV, Harley et al
 
 1. Images: a torchvision ResNet and FPN per camera (the backbone of models/Yolo, called, not copied); the FPN's
    three levels (image_channels each) upsampled to stride 8 and summed, as Panoptic FPN's semantic branch does,
-   are the camera's feature map. Every FPN parameter gets a gradient, which DDP requires.
+   are the camera's feature map. Every FPN parameter gets a gradient, which DDP requires. (Bilinear upsampling
+   places the coarser levels' features up to half their stride off their receptive fields' centres; they are
+   coarse anyway. The stride-8 level is read at its exact centres, see `lift`.)
 2. Lift: every BEV cell centre is raised to the heights of config/model.json "heights_m" (m above the ego frame's
    origin, which nuScenes puts on the ground); each point is projected into every camera with the item's (3, 4)
    projection, and the feature there is read with bilinear interpolation (`grid_sample`). A camera that has the
