@@ -2,6 +2,7 @@
 JSON value for one run. The parser comes from a function so that test.py and the tests reuse it."""
 
 import argparse
+import math
 import sys
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -30,10 +31,38 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
+def seed_value(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**31:  # NumPy takes seeds below 2**32, and each process adds its rank
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**31 - 1, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
     value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def open_fraction(text: str) -> float:
+    value = finite_float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (both excluded), got {text}")
     return value
 
 
@@ -44,7 +73,9 @@ def flag(text: str) -> int:
 
 
 def build_parser(description: str = "Train a model (DSTorch).") -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # allow_abbrev=False: "--batch 4" is an error, not --batch_size, so that test.py can tell which flags were given
+    parser = OneLineErrorParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)
     add = parser.add_argument
     # what to run
     add("--app_mode", default="2DObjDet", help="task; with --dataset_type it names the loader in config/config.json")
@@ -52,12 +83,12 @@ def build_parser(description: str = "Train a model (DSTorch).") -> argparse.Argu
     add("--dataset_type", default="nuscenes", help="dataset; see 'loaders' in config/config.json")
     add("--exp_id", type=non_negative_int, default=0, help="experiment number: names the experiment folder")
     add("--gpu_num", type=non_negative_int, default=0, help="CUDA device index; the CPU is used when CUDA is absent")
-    add("--seed", type=int, default=0, help="seed of every random number generator")
+    add("--seed", type=seed_value, default=0, help="seed of every random number generator")
     # data
     add("--dataset_dir", default=None, help="dataset folder (default: 'dataset_dir' in config/data.json)")
     add("--save_dir", default=None,
         help="experiment folder (default: saved_models/<dataset_type>_<model_name>_model<exp_id>)")
-    add("--val_ratio", type=float, default=0.25, help="share of the training scenes held out for validation")
+    add("--val_ratio", type=open_fraction, default=0.25, help="share of the training scenes held out for validation")
     add("--batch_size", type=positive_int, default=2, help="samples (each with all its cameras) per step per process")
     add("--num_cores", type=non_negative_int, default=1, help="DataLoader worker processes (0: load in the main one)")
     add("--bool_apply_img_aug", type=flag, default=1, help="training augmentation: flip, colour, scale, translate")
@@ -72,12 +103,12 @@ def build_parser(description: str = "Train a model (DSTorch).") -> argparse.Argu
     # optimization
     add("--optimizer_type", choices=OPTIMIZERS, default="adamw", help="optimizer")
     add("--learning_rate", type=positive_float, default=3e-3, help="(peak) learning rate")
-    add("--weight_decay", type=float, default=0.05, help="weight decay (decoupled for adamw)")
-    add("--grad_clip", type=float, default=10.0, help="clip the gradient norm to this (0: no clipping)")
+    add("--weight_decay", type=non_negative_float, default=0.05, help="weight decay (decoupled for adamw)")
+    add("--grad_clip", type=non_negative_float, default=10.0, help="clip the gradient norm to this (0: no clipping)")
     add("--apply_lr_scheduling", type=flag, default=1, help="0: constant learning rate")
     add("--lr_schd_type", choices=LR_SCHEDULERS, default="OnecycleLR", help="learning-rate schedule, stepped per step")
     add("--div_factor", type=positive_float, default=25.0, help="OnecycleLR: initial lr = learning_rate / div_factor")
-    add("--pct_start", type=float, default=0.15, help="OnecycleLR: share of the steps spent warming up")
+    add("--pct_start", type=open_fraction, default=0.15, help="OnecycleLR: share of the steps spent warming up")
     add("--final_div_factor", type=positive_float, default=100.0,
         help="OnecycleLR: final lr = initial lr / final_div_factor")
     add("--bool_mixed_precision", type=flag, default=0,

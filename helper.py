@@ -8,10 +8,26 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from utils.config import FLAG, check_values, number
 from utils.distributed import ResumableDistributedSampler, main_process_first
 from utils.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent
+# config/config.json: the platform's settings (train.py, test.py, utils/training.py, utils/optim.py)
+PLATFORM_RULES = {
+    "config.solver.ema": FLAG,
+    "config.solver.ema_decay": number(0, 1, high_open=True),
+    "config.solver.checkpoint_every_steps": number(0, integer=True),
+    "config.distributed.timeout_s": number(0, low_open=True),
+    "config.distributed.sync_batchnorm": FLAG,
+    "config.schedulers.StepLR.step_epochs": number(1, integer=True),
+    "config.schedulers.StepLR.gamma": number(0, 1, low_open=True),
+    "config.schedulers.ExponentialLR.gamma_per_epoch": number(0, 1, low_open=True),
+    "config.schedulers.CosineLR.warmup_epochs": number(0),
+    "config.schedulers.CosineLR.min_lr_ratio": number(0, 1, low_open=True),
+    "config.test.visualizations": number(0, integer=True),
+    "config.test.visualization_score_threshold": number(0, 1),
+}
 
 
 def available_solvers() -> list:
@@ -46,14 +62,34 @@ def check_names(args: dict) -> None:
                         f"--model_name {' or '.join(fitting) or '(none yet: add a solver whose app_modes has it)'}")
 
 
+def loader_module(args: dict):
+    """The loader module that config/config.json names for (dataset_type, app_mode)."""
+    return importlib.import_module(args["config"]["loaders"][args["dataset_type"]][args["app_mode"]])
+
+
+def check_config(args: dict) -> None:
+    """Reject, before any heavy work, unknown names (check_names) and any configuration value out of its range:
+    the platform's (PLATFORM_RULES) and the task's, from DatasetLoader.config_rules and Solver.config_rules, whose
+    keys "data.<key>", "model.<key>" and "loss.<key>" are read within data.<app_mode>, model.<model_name> and
+    loss.<model_name>."""
+    check_names(args)
+    task_rules = {**getattr(loader_module(args).DatasetLoader, "config_rules", {}),
+                  **getattr(solver_class(args["model_name"]), "config_rules", {})}
+    sections = {"data": args["app_mode"], "model": args["model_name"], "loss": args["model_name"]}
+    rules = dict(PLATFORM_RULES)
+    for key, rule in task_rules.items():
+        section, _, rest = key.partition(".")
+        rules[f"{section}.{sections[section]}.{rest}" if section in sections else key] = rule
+    check_values(args, rules)
+
+
 def load_datasetloader(args: dict, dtype, world_size: int, rank: int, mode: str) -> tuple:
     """(dataset, DataLoader) of `mode` ('train', 'val' or 'test') from the loader module that config/config.json
     names for (dataset_type, app_mode). Every mode goes through a ResumableDistributedSampler (one replica
     without DDP): its order depends only on the seed and the epoch, so runs and resumes are reproducible. In
     evaluation each process gets a disjoint shard with no padding."""
-    module = importlib.import_module(args["config"]["loaders"][args["dataset_type"]][args["app_mode"]])
     with main_process_first(world_size, rank):  # rank 0 generates the embedded dataset or builds the label cache
-        dataset = module.DatasetLoader(args, dtype, world_size, rank, mode)
+        dataset = loader_module(args).DatasetLoader(args, dtype, world_size, rank, mode)
     training = mode == "train"
     sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=training,
                                           seed=args["seed"], drop_last=training, pad=training)

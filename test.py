@@ -5,9 +5,14 @@
 Default: best.pt of the experiment. Writes, under <experiment>/test/ (one subfolder per checkpoint with
 --is_test_all 1): metrics.json, the solver's other evaluation files (Yolo: detections.json, COCO results in original
 pixels), pr_curves/<name>.png (precision-recall curves) and, with --visualization 1, the solver's drawings of a few
-samples under visualization/ (Yolo: camera mosaics with the ground truth in green and the detections in red). The
-model and data settings are the checkpoint's own."""
+samples under visualization/ (Yolo: camera mosaics with the ground truth in green and the detections in red).
 
+Configuration, one rule: each checkpoint's own configuration, then the flags given on this command line and its
+`--cfg` overrides on top (e.g. `--batch_size 8`, `--dataset_dir DIR`, `--cfg config.test.visualizations=8`). The
+config/*.json files of the checkout are not read for the evaluation; they only give the defaults that locate the
+experiment (--exp_id, --save_dir) and distributed.timeout_s under --ddp 1."""
+
+import copy
 import logging
 import os
 import sys
@@ -18,14 +23,13 @@ import torch
 import helper
 from argumentparser import build_parser, flag, non_negative_int
 from utils.checkpoint import load_checkpoint
-from utils.config import merge_config
+from utils.config import CONFIG_SECTIONS, apply_override, merge_config
 from utils.distributed import close_distributed, init_distributed
 from utils.errors import UserError, exit_on_user_error
-from utils.experiment import numbered_checkpoints, select_device, setup_logging, write_evaluation
+from utils.experiment import experiment_path, numbered_checkpoints, select_device, setup_logging, write_evaluation
 from utils.plots import plot_precision_recall
 
 PROJECT_ROOT = Path(__file__).resolve().parent
-RUN_FLAGS = ("gpu_num", "num_cores", "batch_size", "dataset_dir")  # taken from this command line, not the checkpoint
 logger = logging.getLogger("test")
 
 
@@ -36,6 +40,31 @@ def build_test_parser():
     parser.add_argument("--is_test_all", type=flag, default=0, help="1: evaluate every checkpoint of the experiment")
     parser.add_argument("--visualization", type=flag, default=0, help="1: also draw a few camera mosaics")
     return parser
+
+
+def given_flags(argv: list) -> dict:
+    """The flags that `argv` gives explicitly, without the parser's defaults ("cfg": the --cfg overrides)."""
+    parser, not_given = build_test_parser(), object()
+    parser.set_defaults(**{name: not_given for name in vars(parser.parse_args([])) if name != "cfg"})
+    return {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not not_given}
+
+
+def checkpoint_configuration(path: str, state: dict, given: dict) -> dict:
+    """The configuration to evaluate a checkpoint with: its own, then the given flags and --cfg overrides."""
+    run = copy.deepcopy(state["config"])
+    run.update({name: value for name, value in given.items() if name != "cfg"})
+    missing = [key for key in (*CONFIG_SECTIONS, "app_mode", "dataset_type") if key not in run]
+    if missing:
+        raise UserError(f"checkpoint {path}: its configuration lacks {', '.join(missing)}: evaluate a checkpoint "
+                        f"that train.py wrote")
+    for override in given["cfg"]:
+        apply_override(run, override, CONFIG_SECTIONS)
+    helper.check_config(run)
+    return run
+
+
+def format_metric(value) -> str:
+    return "n/a (no ground truth)" if value is None else f"{value:.4f}"
 
 
 def chosen_checkpoints(exp_dir: str, model_num, test_all: bool) -> list:
@@ -58,29 +87,27 @@ def chosen_checkpoints(exp_dir: str, model_num, test_all: bool) -> list:
 @exit_on_user_error
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    flags = vars(build_test_parser().parse_args(argv))
-    args = merge_config(flags, str(PROJECT_ROOT / "config"))
-    exp_dir = os.path.abspath(args["save_dir"] or os.path.join(
-        PROJECT_ROOT, "saved_models", f"{args['dataset_type']}_{args['model_name']}_model{args['exp_id']}"))
+    args = merge_config(vars(build_test_parser().parse_args(argv)), str(PROJECT_ROOT / "config"))
+    given = given_flags(argv)
+    exp_dir = experiment_path(args, PROJECT_ROOT)
     names = chosen_checkpoints(exp_dir, args["model_num"], bool(args["is_test_all"]))
+    states = {name: load_checkpoint(os.path.join(exp_dir, name)) for name in names}
+    runs = {name: checkpoint_configuration(os.path.join(exp_dir, name), state, given)  # all checked first
+            for name, state in states.items()}
     world_size, rank, local_rank = init_distributed(args["ddp"], args["config"]["distributed"]["timeout_s"])
     try:
-        evaluate(args, flags, argv, exp_dir, names, world_size, rank, local_rank)
+        evaluate(args, exp_dir, states, runs, world_size, rank, local_rank)
     finally:
         close_distributed()
 
 
-def evaluate(args: dict, flags: dict, argv: list, exp_dir: str, names: list, world_size: int, rank: int,
-             local_rank: int) -> None:
-    """Evaluate each checkpoint in `names`; under --ddp 1 every process takes a shard, rank 0 scores and writes."""
+def evaluate(args: dict, exp_dir: str, states: dict, runs: dict, world_size: int, rank: int, local_rank: int) -> None:
+    """Evaluate each checkpoint {name: state} with its configuration runs[name]; under --ddp 1 every process takes a
+    shard, rank 0 scores and writes."""
     setup_logging(os.path.join(exp_dir, "test.log") if rank == 0 else None, rank == 0)
     device = select_device(local_rank if args["ddp"] else args["gpu_num"])
-    for name in names:
-        state = load_checkpoint(os.path.join(exp_dir, name))
-        run = dict(state["config"])  # evaluate with the settings the checkpoint was trained with
-        run.update({key: flags[key] for key in RUN_FLAGS if any(a.startswith(f"--{key}") for a in argv)})
-        helper.check_names(run)
-        run["ddp"] = args["ddp"]
+    for name, state in states.items():
+        run = runs[name]
         test_set, test_loader = helper.load_datasetloader(run, torch.float32, world_size, rank, "test")
         solver = helper.load_solver(run, device=device, class_names=test_set.class_names, steps_per_epoch=1,
                                     world_size=world_size, rank=rank)
@@ -89,20 +116,20 @@ def evaluate(args: dict, flags: dict, argv: list, exp_dir: str, names: list, wor
         if rank != 0:
             continue
         metrics.update({"checkpoint": name, "epoch": state["epoch"]})
-        out_dir = os.path.join(exp_dir, "test", Path(name).stem) if len(names) > 1 else os.path.join(exp_dir, "test")
+        out_dir = os.path.join(exp_dir, "test", Path(name).stem) if len(states) > 1 else os.path.join(exp_dir, "test")
         write_evaluation(out_dir, metrics, outputs)
         for curve_name, (recall, precision) in curves.items():
             path = os.path.join(out_dir, "pr_curves", f"{curve_name}.png")
             plot_precision_recall(recall, precision, curve_name, path)
         if args["visualization"]:
-            solver.visualize(test_set, out_dir, args["config"]["test"]["visualizations"])
+            solver.visualize(test_set, out_dir, run["config"]["test"]["visualizations"])
         logger.info("%s (epoch %d) on %d test samples: %s", name, state["epoch"], len(test_set),
-                    ", ".join(f"{metric} {metrics[metric]:.4f}" for metric in solver.metric_names))
+                    ", ".join(f"{metric} {format_metric(metrics[metric])}" for metric in solver.metric_names))
         for table, values in metrics.items():
             if isinstance(values, dict):  # per-class values, e.g. per_class_AP
                 logger.info("%-22s %s", "class", table)
                 for class_name, value in values.items():
-                    logger.info("%-22s %s", class_name, "no ground truth" if value is None else f"{value:.4f}")
+                    logger.info("%-22s %s", class_name, format_metric(value))
         logger.info("results in %s", out_dir)
 
 

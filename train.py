@@ -1,14 +1,17 @@
 """Train a model: python train.py --exp_id 0 --gpu_num 0
 
 Reads top to bottom: parse and merge the configuration, check it, set up the experiment folder, seed, build the
-loaders and the solver, resume, then the epoch loop (train, evaluate, checkpoint). The step lives in the Solver."""
+loaders and the solver, resume, then the epoch loop (train_epoch, end_epoch: evaluate, checkpoint). The step lives
+in the Solver."""
 
 import logging
 import os
 import random
+import shlex
 import signal
 import sys
 import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -38,26 +41,55 @@ PROJECT_ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("train")
 
 
-def checkpoint_state(solver, args: dict, epoch: int, step_in_epoch: int, global_step: int, best_score: float,
-                     history: list, epoch_sums: dict, rng_states: list) -> dict:
-    """Everything a resumed run needs to continue exactly: epoch in progress and batches done in it, the best
-    validation value of the solver's first metric so far, and the random generator states of every process (rank
-    order)."""
-    return {**solver.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-            "best_score": best_score, "history": history, "epoch_sums": epoch_sums, "rng": rng_states, "config": args}
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint (as top-level keys) so that a resumed run continues
+    exactly."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # optimizer steps done in the epoch in progress
+    samples_in_epoch: int = 0  # training samples that all processes together consumed in the epoch in progress
+    global_step: int = 0  # optimizer steps since the start
+    best_score: float = -1.0  # best validation value of the solver's first metric (higher is better)
+    history: list = field(default_factory=list)  # per epoch: epoch, lr, samples, mean loss terms, metrics
+    epoch_sums: dict = field(default_factory=dict)  # sums of the loss terms over the epoch's steps so far
 
 
-def resume_state(args: dict, exp_dir: str):
-    """The checkpoint to resume from with --load_pretrained 1 (last.pt, or epoch_<start_epoch>.pt)."""
+def launch_id():
+    """torchrun's id of this launch (its --rdzv_id; a new one per launch with --standalone); None without
+    torchrun. A restarted worker continues from last.pt only if its launch wrote it."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
+
+
+def resume_state(args: dict, exp_dir: str, restarted: bool):
+    """(path, state) of the checkpoint to continue from, or (None, None) to start afresh: after a torchrun
+    restart, last.pt if this launch wrote it (the newest state); otherwise, with --load_pretrained 1,
+    epoch_<start_epoch>.pt or last.pt; otherwise nothing."""
+    last = os.path.join(exp_dir, "last.pt")
+    if restarted and os.path.isfile(last):
+        state = load_checkpoint(last)
+        if state.get("launch_id") == launch_id():
+            return last, state
+    if not args["load_pretrained"]:
+        if restarted:
+            logger.info("torchrun restarted the workers before this run saved a checkpoint: training starts afresh")
+        return None, None
     name = f"epoch_{args['start_epoch']}.pt" if args["start_epoch"] else "last.pt"
     path = os.path.join(exp_dir, name)
     if not os.path.isfile(path):
         raise UserError(f"--load_pretrained 1: no checkpoint {path} to resume from; train without "
                         f"--load_pretrained, or check --exp_id/--save_dir/--start_epoch")
     state = load_checkpoint(path)
+    missing = [key for key in [f.name for f in fields(Progress)] + ["rng", "steps_per_epoch"] if key not in state]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {', '.join(missing)} (written by an older DSTorch): evaluate it "
+                        f"with test.py, or train anew")
     if state["config"]["model_name"] != args["model_name"]:
         raise UserError(f"checkpoint {path} is from model {state['config']['model_name']}, not "
                         f"{args['model_name']}: resume it with --model_name {state['config']['model_name']}")
+    if state["epoch"] >= args["num_epochs"] and not restarted:
+        raise UserError(f"checkpoint {path} has trained {state['epoch']} epochs already: raise --num_epochs "
+                        f"(now {args['num_epochs']}) to train more")
     return path, state
 
 
@@ -68,7 +100,8 @@ def seed_everything(seed: int) -> None:
 
 
 def resume_command_line(argv: list) -> str:
-    """This run's command line with --load_pretrained 1 (and without --start_epoch)."""
+    """This run's command line with --load_pretrained 1 (and without --start_epoch), quoted for the shell; under
+    torchrun, as a torchrun command (HOST:PORT: the rendezvous address of a multi-node run)."""
     kept, skip_value = [], False
     for arg in argv:
         if skip_value:
@@ -77,13 +110,23 @@ def resume_command_line(argv: list) -> str:
             skip_value = "=" not in arg
         else:
             kept.append(arg)
-    return " ".join(["python train.py", *kept, "--load_pretrained 1"])
+    launcher = ["python"]
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        per_node, nodes = os.environ["LOCAL_WORLD_SIZE"], int(os.environ["WORLD_SIZE"]) // int(
+            os.environ["LOCAL_WORLD_SIZE"])
+        launcher = (["torchrun", "--standalone", "--nproc_per_node", per_node] if nodes == 1 else
+                    ["torchrun", "--nnodes", str(nodes), "--nproc_per_node", per_node, "--rdzv_backend", "c10d",
+                     "--rdzv_endpoint", "HOST:PORT"])
+    return shlex.join([*launcher, "train.py", *kept, "--load_pretrained", "1"])
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
     args = merge_config(vars(build_parser().parse_args(argv)), str(PROJECT_ROOT / "config"))
-    helper.check_names(args)
+    if args["start_epoch"] and not args["load_pretrained"]:
+        raise UserError(f"--start_epoch {args['start_epoch']} resumes from epoch_{args['start_epoch']}.pt: add "
+                        f"--load_pretrained 1, or leave --start_epoch out to train anew")
+    helper.check_config(args)
     world_size, rank, local_rank = init_distributed(args["ddp"], args["config"]["distributed"]["timeout_s"])
     try:
         run(args, sys.argv[1:] if argv is None else argv, world_size, rank, local_rank)
@@ -93,11 +136,10 @@ def main(argv=None) -> None:
 
 def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> None:
     main_process = rank == 0  # the only one that logs, draws progress bars and writes files
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        args["load_pretrained"] = 1  # torchrun restarted the workers after a failure: continue from last.pt
-    exp_dir = experiment_folder(args, PROJECT_ROOT)
-    resume_path, resumed = resume_state(args, exp_dir) if args["load_pretrained"] else (None, None)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun restarted the workers
+    exp_dir = experiment_folder(args, PROJECT_ROOT, fresh=not (args["load_pretrained"] or restarted))
     setup_logging(os.path.join(exp_dir, "training.log") if main_process else None, main_process)
+    resume_path, resumed = resume_state(args, exp_dir, restarted)
     device = select_device(local_rank if args["ddp"] else args["gpu_num"])
     logger.info("configuration: %s", args)
     seed_everything(args["seed"] + rank)
@@ -113,96 +155,126 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
     solver.model.print_model_summary()
     if main_process:
         atomic_write_json(os.path.join(exp_dir, "config.json"), args)
-    best_metric = solver.metric_names[0]  # selects best.pt; higher is better
 
-    start_epoch, skip_steps, global_step, best_score, history, epoch_sums = 0, 0, 0, -1.0, [], {}
+    progress = Progress()
     if resumed is not None:
-        start_epoch, skip_steps, global_step = resumed["epoch"], resumed["step_in_epoch"], resumed["global_step"]
-        history, epoch_sums = resumed["history"], resumed["epoch_sums"]
-        # checkpoints written before solvers named their metrics (metric_names) kept the best mAP as "best_map"
-        best_score = resumed["best_score"] if "best_score" in resumed else resumed["best_map"]
-        if solver.load_state_dict(resumed, global_step):
-            logger.info("--num_epochs changed from %d to %d: the learning-rate schedule is rebuilt for %d epochs",
-                        resumed["config"]["num_epochs"], args["num_epochs"], args["num_epochs"])
+        progress = Progress(**{f.name: resumed[f.name] for f in fields(Progress)})
+        # the schedule stands where this run's remaining steps of the epoch end it on time
+        train_loader.sampler.start_epoch(progress.epoch, progress.samples_in_epoch)
+        rescheduled = solver.load_state_dict(resumed, (progress.epoch + 1) * steps_per_epoch - len(train_loader))
+        if rescheduled:
+            logger.info("%s", rescheduled)
         if len(resumed["rng"]) != world_size:
-            logger.warning("resuming a run of %d process(es) with %d: random streams and, mid-epoch, the split of "
-                           "the samples differ from those of an uninterrupted run", len(resumed["rng"]), world_size)
+            logger.warning("resuming a run of %d process(es) with %d: random streams differ from those of an "
+                           "uninterrupted run", len(resumed["rng"]), world_size)
         set_rng_state(resumed["rng"][rank % len(resumed["rng"])])
-        logger.info("resumed from %s at epoch %d, step %d", resume_path, start_epoch + 1, skip_steps)
+        logger.info("resumed from %s at epoch %d, step %d", resume_path, progress.epoch + 1, progress.step_in_epoch)
 
     writer = SummaryWriter(os.path.join(exp_dir, "tensorboard")) if main_process else None
-    resume_command = resume_command_line(argv)
+    save = CheckpointWriter(exp_dir, solver, args, progress, main_process)
     with logging_redirect_tqdm(), StopRequest() as stop:
-        for epoch in range(start_epoch, args["num_epochs"]):
-            train_loader.sampler.set_epoch(epoch)  # the sample order and the workers' seeds depend on the epoch only
-            train_loader.generator.manual_seed(args["seed"] * 1000 + epoch)
-            train_loader.sampler.skip = skip_steps * args["batch_size"]
-            solver.mode_selection(True)
-            epoch_start, images_seen, learning_rate = time.time(), 0, solver.learning_rate()
-            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args['num_epochs']}", initial=skip_steps,
-                       total=skip_steps + len(train_loader), unit="batch", dynamic_ncols=True,
-                       disable=not main_process)
-            for step_in_epoch, batch in enumerate(bar, start=skip_steps + 1):
-                try:
-                    losses = solver.train(batch)
-                except NonFiniteLossError as error:
-                    logger.error("non-finite loss at epoch %d step %d (loss terms of process %d: %s); stopping, the "
-                                 "checkpoints are left as they were", epoch + 1, step_in_epoch, rank, error)
-                    sys.exit(1)
-                learning_rate = solver.learning_rate()  # the one this step used
-                solver.learning_rate_step()
-                global_step += 1
-                images_seen += batch["images"].shape[0] * batch["images"].shape[1]
-                for key, value in losses.items():
-                    epoch_sums[key] = epoch_sums.get(key, 0.0) + value
-                bar.set_postfix({key: f"{epoch_sums[key] / step_in_epoch:.3f}" for key in losses if "loss" in key}
-                                | {"lr": f"{learning_rate:.2e}",
-                                   "img/s": f"{images_seen / (time.time() - epoch_start):.1f}"})
-                every = args["config"]["solver"]["checkpoint_every_steps"]
-                stop_now = any_process(stop.requested)  # all processes stop after the same step, and save together
-                if stop_now or (every and global_step % every == 0):
-                    rng_states = gather_to_main([rng_state()])
-                    if main_process:
-                        save_checkpoint(os.path.join(exp_dir, "last.pt"), checkpoint_state(
-                            solver, args, epoch, step_in_epoch, global_step, best_score, history, epoch_sums,
-                            rng_states))
-                if stop_now:
-                    logger.info("stopped by %s at epoch %d step %d; last.pt saved; resume with: %s",
-                                stop.signal_name or "a signal to another process", epoch + 1, step_in_epoch,
-                                resume_command)
-                    sys.exit(128 + (stop.signal_number or signal.SIGTERM))
-            skip_steps = 0
-
-            row = {"epoch": epoch + 1, "lr": learning_rate,
-                   **{key: value / steps_per_epoch for key, value in epoch_sums.items()}}
-            epoch_sums = {}
-            if (epoch + 1) % args["valid_step"] == 0 or epoch + 1 == args["num_epochs"]:
-                metrics, outputs, _ = solver.eval(val_loader, show_progress=main_process)
-                if main_process:  # the other processes sent their predictions to it
-                    write_evaluation(exp_dir, metrics, outputs)
-                    row.update({name: metrics[name] for name in solver.metric_names})
-            history.append(row)
-            rng_states = gather_to_main([rng_state()])
-            if not main_process:
-                continue
-            logger.info("epoch %d/%d: %s (%.0f s)", epoch + 1, args["num_epochs"],
-                        ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"), time.time() - epoch_start)
-            for key, value in row.items():
-                if key != "epoch":  # per epoch: train/* losses and lr, val/* metrics
-                    writer.add_scalar(f"{'val' if key in solver.metric_names else 'train'}/{key}", value, epoch + 1)
-            plot_curves(history, solver.metric_names, os.path.join(exp_dir, "curves.png"))
-
-            state = checkpoint_state(solver, args, epoch + 1, 0, global_step, best_score, history, {}, rng_states)
-            if row.get(best_metric, -1.0) > best_score:
-                best_score = state["best_score"] = row[best_metric]
-                save_checkpoint(os.path.join(exp_dir, "best.pt"), state)
-            save_checkpoint(os.path.join(exp_dir, "last.pt"), state)
-            if (epoch + 1) % args["save_every"] == 0:
-                save_checkpoint(os.path.join(exp_dir, f"epoch_{epoch + 1}.pt"), state)
-                prune_checkpoints(exp_dir, args["max_num_chkpts"])
+        while progress.epoch < args["num_epochs"]:
+            epoch_start = time.time()
+            learning_rate = train_epoch(solver, train_loader, args, world_size, progress, stop, save,
+                                        resume_command_line(argv), main_process)
+            end_epoch(solver, val_loader, args, progress, learning_rate, epoch_start, save, writer, main_process)
     if main_process:
         writer.close()
-    logger.info("done: best validation %s %.4f; checkpoints in %s", best_metric, best_score, exp_dir)
+    logger.info("done: best validation %s %.4f; checkpoints in %s", solver.metric_names[0], progress.best_score,
+                exp_dir)
+
+
+class CheckpointWriter:
+    """save(names): gather every process's random generator state (a collective: all processes call it), then
+    rank 0 writes the checkpoint of the current progress under each of `names` in the experiment folder."""
+
+    def __init__(self, exp_dir: str, solver, args: dict, progress: Progress, main_process: bool):
+        self.exp_dir, self.solver, self.args, self.progress, self.main_process = (exp_dir, solver, args, progress,
+                                                                                  main_process)
+
+    def __call__(self, names: list) -> None:
+        rng_states = gather_to_main([rng_state()])  # rank order
+        if not self.main_process:
+            return
+        state = {**self.solver.state_dict(), **asdict(self.progress), "rng": rng_states, "config": self.args,
+                 "launch_id": launch_id()}
+        for name in names:
+            save_checkpoint(os.path.join(self.exp_dir, name), state)
+
+
+def train_epoch(solver, loader, args: dict, world_size: int, progress: Progress, stop: StopRequest, save,
+                resume_command: str, main_process: bool) -> float:
+    """Train the rest of epoch progress.epoch, one solver step per batch; returns the last learning rate used.
+    Saves last.pt every config.json "checkpoint_every_steps" steps, and on a stop signal (then exits)."""
+    epoch = progress.epoch
+    loader.sampler.start_epoch(epoch, progress.samples_in_epoch)  # the order depends on the seed and epoch only
+    loader.generator.manual_seed(args["seed"] * 1000 + epoch)  # and so do the workers' seeds
+    solver.mode_selection(True)
+    every = args["config"]["solver"]["checkpoint_every_steps"]
+    start, images_seen, learning_rate = time.time(), 0, solver.learning_rate()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args['num_epochs']}", initial=progress.step_in_epoch,
+               total=progress.step_in_epoch + len(loader), unit="batch", dynamic_ncols=True, disable=not main_process)
+    for batch in bar:
+        try:
+            losses = solver.train(batch)
+        except NonFiniteLossError as error:
+            logger.error("non-finite loss at epoch %d step %d (loss terms of this process: %s); stopping, the "
+                         "checkpoints are left as they were", epoch + 1, progress.step_in_epoch + 1, error)
+            sys.exit(1)
+        learning_rate = solver.learning_rate()  # the one this step used
+        solver.learning_rate_step()
+        progress.step_in_epoch += 1
+        progress.global_step += 1
+        progress.samples_in_epoch += args["batch_size"] * world_size
+        images_seen += batch["images"].shape[0] * batch["images"].shape[1]
+        for key, value in losses.items():
+            progress.epoch_sums[key] = progress.epoch_sums.get(key, 0.0) + value
+        bar.set_postfix({key: f"{progress.epoch_sums[key] / progress.step_in_epoch:.3f}" for key in losses
+                         if "loss" in key} | {"lr": f"{learning_rate:.2e}",
+                                              "img/s": f"{images_seen / (time.time() - start):.1f}"})
+        stop_now = any_process(stop.requested)  # all processes stop after the same step, and save together
+        if stop_now or (every and progress.global_step % every == 0):
+            save(["last.pt"])
+        if stop_now:
+            logger.info("stopped by %s at epoch %d step %d; last.pt saved; resume with: %s",
+                        stop.signal_name or "a signal to another process", epoch + 1, progress.step_in_epoch,
+                        resume_command)
+            sys.exit(128 + (stop.signal_number or signal.SIGTERM))
+    return learning_rate
+
+
+def end_epoch(solver, val_loader, args: dict, progress: Progress, learning_rate: float, epoch_start: float, save,
+              writer, main_process: bool) -> None:
+    """Evaluate (every --valid_step epochs and after the last), record the epoch's row, then save last.pt, best.pt
+    when the solver's first metric improved, and epoch_<k>.pt every --save_every epochs."""
+    epoch = progress.epoch + 1
+    row = {"epoch": epoch, "lr": learning_rate, "samples": progress.samples_in_epoch,
+           **{key: value / max(1, progress.step_in_epoch) for key, value in progress.epoch_sums.items()}}
+    if epoch % args["valid_step"] == 0 or epoch == args["num_epochs"]:
+        metrics, outputs, _ = solver.eval(val_loader, show_progress=main_process)
+        if main_process:  # the other processes sent their predictions to it
+            write_evaluation(save.exp_dir, metrics, outputs)
+            row.update({name: metrics[name] for name in solver.metric_names})
+    progress.history.append(row)
+    progress.epoch, progress.step_in_epoch, progress.samples_in_epoch, progress.epoch_sums = epoch, 0, 0, {}
+    names = ["last.pt"]
+    score = row.get(solver.metric_names[0])
+    if score is not None and score > progress.best_score:
+        progress.best_score = score
+        names.append("best.pt")
+    if epoch % args["save_every"] == 0:
+        names.append(f"epoch_{epoch}.pt")
+    save(names)
+    if not main_process:
+        return
+    prune_checkpoints(save.exp_dir, args["max_num_chkpts"])
+    logger.info("epoch %d/%d: %s (%.0f s)", epoch, args["num_epochs"],
+                ", ".join(f"{key}={'n/a' if value is None else f'{value:.4g}'}" for key, value in row.items()
+                          if key != "epoch"), time.time() - epoch_start)
+    for key, value in row.items():
+        if key not in ("epoch", "samples") and value is not None:  # train/* losses and lr, val/* metrics
+            writer.add_scalar(f"{'val' if key in solver.metric_names else 'train'}/{key}", value, epoch)
+    plot_curves(progress.history, solver.metric_names, os.path.join(save.exp_dir, "curves.png"))
 
 
 if __name__ == "__main__":

@@ -255,14 +255,19 @@ def main(argv=None) -> None:
             trained = f"{steps} steps ({steps / len(loader):.1f} epochs)"
             metrics = evaluate(predict, test_set)
         results[name] = {"trained": trained, "wall_s": time.monotonic() - start, **metrics}
-        print(f"{name}: {trained}, {results[name]['wall_s']:.0f} s with evaluation, mAP {metrics['mAP']:.4f}, "
-              f"AP50 {metrics['AP50']:.4f}", flush=True)
+        print(f"{name}: {trained}, {results[name]['wall_s']:.0f} s with evaluation, mAP {cell(metrics['mAP'])}, "
+              f"AP50 {cell(metrics['AP50'])}", flush=True)
     (work_dir / "results.json").write_text(json.dumps(results, indent=1))
 
     print(f"\n{'contender':<11}{'trained':>26}{'mAP':>8}{'AP50':>8}{'AP_S':>8}{'AP_M':>8}{'AP_L':>8}")
-    for name, result in sorted(results.items(), key=lambda item: -item[1]["mAP"]):
-        print(f"{name:<11}{result['trained']:>26}{result['mAP']:>8.4f}{result['AP50']:>8.4f}"
-              f"{result['AP_small']:>8.4f}{result['AP_medium']:>8.4f}{result['AP_large']:>8.4f}")
+    for name, result in sorted(results.items(), key=lambda item: -(item[1]["mAP"] or 0.0)):
+        print(f"{name:<11}{result['trained']:>26}" + "".join(f"{cell(result[key]):>8}" for key in (
+            "mAP", "AP50", "AP_small", "AP_medium", "AP_large")))
+
+
+def cell(value) -> str:
+    """A metric as printed: 4 decimals, or n/a where undefined (no ground truth of that size)."""
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 if __name__ == "__main__":

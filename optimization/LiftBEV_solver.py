@@ -12,6 +12,8 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from models.LiftBEV.lift_bev import LiftBEV
+from models.Yolo.yolo import BACKBONES
+from utils.config import FLAG, GROUP_NORM_CHANNELS, Rule, is_number, list_of, multiple_of, number, one_of
 from utils.distributed import gather_to_main
 from utils.plots import save_figure
 from utils.segmentation import OccupancyHistogram, SegmentationLoss, grid_shape
@@ -24,6 +26,26 @@ class Solver:
 
     app_modes = ("BEVSeg",)  # the --app_mode values whose batches this solver takes
     metric_names = ("mIoU",)  # scalar validation metrics, logged per epoch; the first selects best.pt
+    config_rules = {  # checked before work starts, see helper.check_config
+        "data.image.w": multiple_of(32, "the backbone's coarsest stride"),
+        "data.image.h": multiple_of(32, "the backbone's coarsest stride"),
+        "model.backbone": one_of(*BACKBONES),
+        "model.pretrained_backbone": FLAG,
+        "model.freeze_batchnorm": FLAG,
+        "model.image_channels": number(1, integer=True),
+        "model.heights_m": list_of(number()),
+        # the BEV encoder's GroupNorm takes bev_channels, the decoder's half of them
+        "model.bev_channels": Rule(lambda value: GROUP_NORM_CHANNELS.check(value) and value % 2 == 0
+                                   and GROUP_NORM_CHANNELS.check(value // 2), "an even integer from 2 to 64, or a "
+                                   "multiple of 64"),
+        "model.bev_blocks": number(0, integer=True),
+        "model.threshold": Rule(lambda value: is_number(value) and 0 < value < 1 and abs(
+            value * OccupancyHistogram.bins - round(value * OccupancyHistogram.bins)) < 1e-9,
+            f"a multiple of {1 / OccupancyHistogram.bins:g} between 0 and 1 (the IoU is counted in "
+            f"{OccupancyHistogram.bins} probability bins)"),
+        "loss.pos_weight": number(0, low_open=True),
+        "loss.dice_weight": number(0),
+    }
 
     def __init__(self, args: dict, device: torch.device, class_names: list, steps_per_epoch: int,
                  world_size: int = 1, rank: int = 0):
@@ -134,5 +156,5 @@ class Solver:
     def load_weights(self, state: dict) -> None:
         self.parts.load_weights(state)
 
-    def load_state_dict(self, state: dict, global_step: int) -> bool:
-        return self.parts.load_state_dict(state, global_step)
+    def load_state_dict(self, state: dict, schedule_step: int) -> str:
+        return self.parts.load_state_dict(state, schedule_step)

@@ -9,8 +9,9 @@ import os
 import torch
 from tqdm import tqdm
 
-from models.Yolo.yolo import STRIDES, Yolo
+from models.Yolo.yolo import BACKBONES, STRIDES, Yolo
 from utils.coco_eval import SUMMARY_NAMES, coco_detections, coco_metrics, load_coco
+from utils.config import FLAG, GROUP_NORM_CHANNELS, NUMBER_RANGE, Rule, list_of, multiple_of, number, one_of
 from utils.distributed import gather_to_main
 from utils.loss import DetectionLoss
 from utils.plots import save_detection_mosaic
@@ -23,6 +24,29 @@ class Solver:
 
     app_modes = ("2DObjDet",)  # the --app_mode values whose batches this solver takes
     metric_names = SUMMARY_NAMES  # scalar validation metrics, logged per epoch; the first selects best.pt
+    config_rules = {  # checked before work starts, see helper.check_config
+        "data.image.w": multiple_of(STRIDES[-1], "the coarsest stride"),
+        "data.image.h": multiple_of(STRIDES[-1], "the coarsest stride"),
+        "model.backbone": one_of(*BACKBONES),
+        "model.pretrained_backbone": FLAG,
+        "model.freeze_batchnorm": FLAG,
+        "model.fpn_channels": GROUP_NORM_CHANNELS,
+        "model.head_convs": number(0, integer=True),
+        "model.postprocess.score_threshold": number(0, 1),
+        "model.postprocess.nms_iou": number(0, 1, low_open=True),
+        "model.postprocess.pre_nms_topk": number(1, integer=True),
+        "model.postprocess.max_detections": number(1, integer=True),
+        "loss.weights.box": number(0),
+        "loss.weights.obj": number(0),
+        "loss.weights.cls": number(0),
+        "loss.center_radius": number(0, low_open=True),
+        "loss.size_ranges": Rule(lambda value: list_of(NUMBER_RANGE, length=len(STRIDES)).check(value)
+                                 and all(low >= 0 for low, _ in value),
+                                 f"{len(STRIDES)} [low, high] box-size ranges in px (one per stride {STRIDES}), "
+                                 f"0 <= low < high"),
+        "loss.focal_alpha": number(0, 1),
+        "loss.focal_gamma": number(0),
+    }
 
     def __init__(self, args: dict, device: torch.device, class_names: list, steps_per_epoch: int,
                  world_size: int = 1, rank: int = 0):
@@ -104,5 +128,5 @@ class Solver:
     def load_weights(self, state: dict) -> None:
         self.parts.load_weights(state)
 
-    def load_state_dict(self, state: dict, global_step: int) -> bool:
-        return self.parts.load_state_dict(state, global_step)
+    def load_state_dict(self, state: dict, schedule_step: int) -> str:
+        return self.parts.load_state_dict(state, schedule_step)

@@ -136,11 +136,25 @@ def test_interrupted_cache_write_leaves_nothing(embedded_dir, tmp_path, monkeypa
     assert os.listdir(tmp_path) == []
 
 
-def test_corrupt_table_file(dataset_copy, tmp_path):
-    table = os.path.join(dataset_copy, "v1.0-mini", "sample_data.json")
-    with open(table, "r+") as f:
-        f.truncate(500)
-    with pytest.raises(UserError, match=f"cannot load the nuScenes tables in {re.escape(dataset_copy)}"):
+@pytest.mark.parametrize("table, damage, reason", [
+    ("sample_data.json", lambda text: text[:500], "JSONDecodeError"),
+    ("sample.json", lambda text: "[1, 2]", "not a list of records with a token"),
+    ("calibrated_sensor.json", lambda text: "", "JSONDecodeError"),
+])
+def test_damaged_table_is_named(dataset_copy, tmp_path, table, damage, reason):
+    path = os.path.join(dataset_copy, "v1.0-mini", table)
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(damage(text))
+    with pytest.raises(UserError, match=f"cannot load the nuScenes tables: {re.escape(path)} .{reason}"):
+        labels.label_cache(dataset_copy, "v1.0-mini", "mini_val", LABELS, str(tmp_path / "cache"))
+
+
+def test_missing_table_is_named(dataset_copy, tmp_path):
+    path = os.path.join(dataset_copy, "v1.0-mini", "ego_pose.json")
+    os.remove(path)
+    with pytest.raises(UserError, match=f"cannot load the nuScenes tables: .*{re.escape(path)}"):
         labels.label_cache(dataset_copy, "v1.0-mini", "mini_val", LABELS, str(tmp_path / "cache"))
 
 

@@ -246,7 +246,8 @@ def test_ddp_training_and_evaluation(embedded_dir, tmp_path):
     (["--cfg", "data.BEVSeg.bev.cell_m=0.7"], "x_range_m [-20.0, 20.0] must be [low, high] with high > low, a whole"),
     (["--cfg", "data.BEVSeg.bev.x_range_m=[-20.0, 21.0]"], "BEV grid 41x40 cells"),
     (["--cfg", "data.BEVSeg.ego_pose_channel=LIDAR_TOP"], "has no LIDAR_TOP data: set 'ego_pose_channel'"),
-    (["--cfg", "model.LiftBEV.threshold=0.555"], "model.LiftBEV.threshold in config/model.json 0.555: must be a"),
+    (["--cfg", "model.LiftBEV.threshold=0.555"], "LiftBEV.threshold = 0.555 in config/model.json (or --cfg "
+                                                 "model.LiftBEV.threshold=...): must be a multiple of 0.01"),
 ])
 def test_bad_bev_settings_are_one_line(embedded_dir, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as stop:

@@ -4,6 +4,7 @@ exactly; a stop signal that reaches one process; two torchrun "nodes" on localho
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,9 +18,10 @@ from torch import nn
 import test as test_script
 import train
 from tests.conftest import PROJECT_ROOT
+from tests.signal_at_step import load_solver_that_signals
 from tests.test_platform import state_tensors, tiny_flags
 from utils.checkpoint import load_checkpoint
-from utils.distributed import init_distributed, sync_batchnorm
+from utils.distributed import ResumableDistributedSampler, init_distributed, sync_batchnorm
 from utils.errors import UserError
 
 
@@ -66,9 +68,10 @@ def detection_key(detection):
 
 @pytest.fixture(scope="module")
 def ddp_trained(embedded_dir, tmp_path_factory):
-    """The tiny experiment trained by 2 processes with `bash run_train_ddp.sh 2`; returns its folder."""
+    """The tiny experiment trained by 2 processes with `bash run_train_ddp.sh 2`, epoch_1.pt and epoch_2.pt kept;
+    returns its folder."""
     folder = tmp_path_factory.mktemp("ddp")
-    launch(["bash", "run_train_ddp.sh", "2", *ddp_flags(embedded_dir, folder, "exp")])
+    launch(["bash", "run_train_ddp.sh", "2", *ddp_flags(embedded_dir, folder, "exp", "--save_every", "1")])
     return folder / "exp"
 
 
@@ -126,6 +129,77 @@ def test_a_killed_worker_is_restarted_and_resumes_exactly(ddp_trained, embedded_
     assert [row["epoch"] for row in last["history"]] == [1, 2]
     assert load_checkpoint(str(tmp_path / "exp" / "best.pt"))["best_score"] >= 0
     assert_same_tensors(tmp_path / "exp" / "last.pt", ddp_trained / "last.pt")
+
+
+def test_a_worker_killed_before_the_first_checkpoint_is_restarted_afresh(ddp_trained, embedded_dir, tmp_path):
+    """No checkpoint every few steps: rank 1 is SIGKILLed at its 2nd step of epoch 1, before anything was saved;
+    the restarted workers start afresh (one log line) and end with the weights of the uninterrupted run."""
+    flags = ddp_flags(embedded_dir, tmp_path, "exp", "--cfg", "config.solver.checkpoint_every_steps=0")
+    result = torchrun("--max_restarts", "1", "tests/train_with_signal.py", "--ddp", "1", *flags, SIGNAL_RANK="1",
+                      SIGNAL_NAME="KILL", SIGNAL_STEP="2", SIGNAL_BEFORE_STEP="1",
+                      TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    assert "exitcode: -9" in result.stderr
+    log = (tmp_path / "exp" / "training.log").read_text()
+    assert "restarted the workers before this run saved a checkpoint: training starts afresh" in log
+    assert "epoch 2/2:" in log and "resumed from" not in log
+    assert_same_tensors(tmp_path / "exp" / "last.pt", ddp_trained / "last.pt")
+
+
+def test_a_restart_after_start_epoch_continues_from_the_newest_state(ddp_trained, embedded_dir, tmp_path):
+    """Resumed with --start_epoch 1 (epoch_1.pt) in a folder whose last.pt is of epoch 2; last.pt is saved again at
+    epoch 2 step 1, then rank 1 is SIGKILLed at its next step: the restarted workers continue from that last.pt,
+    not from epoch_1.pt nor the old last.pt, and end with the uninterrupted run's weights."""
+    shutil.copytree(ddp_trained, tmp_path / "exp")
+    flags = ddp_flags(embedded_dir, tmp_path, "exp", "--load_pretrained", "1", "--start_epoch", "1")
+    result = torchrun("--max_restarts", "1", "tests/train_with_signal.py", "--ddp", "1", *flags, SIGNAL_RANK="1",
+                      SIGNAL_NAME="KILL", SIGNAL_STEP="2", SIGNAL_BEFORE_STEP="1",
+                      TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    assert "exitcode: -9" in result.stderr
+    log = (tmp_path / "exp" / "training.log").read_text()
+    assert "epoch_1.pt at epoch 2, step 0" in log and "last.pt at epoch 2, step 1" in log
+    assert_same_tensors(tmp_path / "exp" / "last.pt", ddp_trained / "last.pt")
+
+
+def test_a_one_process_run_resumed_by_two_sees_each_sample_once(embedded_dir, tmp_path):
+    """Stopped after 2 of the 6 steps of epoch 1 with 1 process of 2 samples, resumed by 2 processes of 2: the 8
+    samples left take 2 steps of 4, epoch 2 takes 3."""
+    flags = ddp_flags(embedded_dir, tmp_path, "exp", "--cfg", "config.solver.checkpoint_every_steps=0")
+    real_load_solver = train.helper.load_solver
+    train.helper.load_solver = load_solver_that_signals(real_load_solver, 2, signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            train.main(flags)
+    finally:
+        train.helper.load_solver = real_load_solver
+    launch(["bash", "run_train_ddp.sh", "2", *flags, "--load_pretrained", "1"])
+    last = load_checkpoint(str(tmp_path / "exp" / "last.pt"))
+    assert [row["samples"] for row in last["history"]] == [12, 12]
+    assert last["global_step"] == 2 + 2 + 3 and len(last["rng"]) == 2
+    assert "resuming a run of 1 process(es) with 2" in (tmp_path / "exp" / "training.log").read_text()
+
+
+@pytest.mark.parametrize("before, after", [((1, 2), (2, 2)), ((2, 2), (1, 3)), ((2, 1), (3, 1))])
+def test_the_sampler_resumes_by_samples_for_any_batch_and_process_count(before, after):
+    """(processes, batch size) before and after a stop after 2 steps: the samples of the epoch are each taken at
+    most once, and all of them but the tail that the last processes x batch does not divide."""
+    dataset, epoch = list(range(23)), 4
+
+    def taken(processes, batch, samples_done, steps=None):
+        shards = []
+        for rank in range(processes):
+            sampler = ResumableDistributedSampler(dataset, processes, rank, shuffle=True, seed=7, drop_last=True,
+                                                  pad=True)
+            sampler.start_epoch(epoch, samples_done)
+            indices = list(sampler)
+            usable = len(indices) // batch * batch if steps is None else steps * batch
+            shards.append(indices[:usable])
+        return [index for shard in shards for index in shard]
+
+    first = taken(*before, 0, steps=2)
+    rest = taken(*after, len(first))
+    assert len(first) == 2 * before[0] * before[1]
+    assert len(set(first + rest)) == len(first) + len(rest)  # nothing twice
+    assert len(dataset) - len(first + rest) < after[0] * after[1]  # nothing left out but the last partial batch
 
 
 def test_a_stop_signal_to_one_process_stops_all_at_the_same_step(ddp_trained, embedded_dir, tmp_path):

@@ -2,7 +2,9 @@
 configuration merging and every bad input promised to be rejected before heavy work."""
 
 import json
+import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -18,9 +20,11 @@ from argumentparser import build_parser
 from tests.conftest import PROJECT_ROOT
 from tests.signal_at_step import load_solver_that_signals
 from utils import loss as loss_module
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import load_checkpoint
 from utils.config import load_json, merge_config
 from utils.errors import UserError
+from utils.experiment import setup_logging
+from utils.optim import build_optimizer, build_scheduler
 
 
 def tiny_flags(embedded_dir, folder, exp_dir="exp", *extra):
@@ -40,9 +44,10 @@ def tiny_run(embedded_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(embedded_dir, tmp_path_factory):
-    """One tiny 2-epoch experiment, trained once for the tests that only read it; returns its folder."""
+    """One tiny 2-epoch experiment, trained once for the tests that only read it; returns its folder. Scored at
+    COCO's score threshold, 0.001, so that its evaluations have detections."""
     folder = tmp_path_factory.mktemp("trained")
-    train.main(tiny_flags(embedded_dir, folder))
+    train.main(tiny_flags(embedded_dir, folder, "exp", "--cfg", "model.Yolo.postprocess.score_threshold=0.001"))
     return folder / "exp"
 
 
@@ -73,6 +78,7 @@ def test_train_then_test_end_to_end(trained_copy):
     assert config["model"]["Yolo"]["fpn_channels"] == 32 and config["num_epochs"] == 2
     log = (exp / "training.log").read_text()
     assert "epoch 2/2:" in log and "GFLOPs per image" in log
+    assert len(detections) > 0 and "Average Precision" not in log  # the COCO evaluator's table stays out
 
     state = torch.load(exp / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and len(state["history"]) == 2 and state["config"]["exp_id"] == 0
@@ -121,16 +127,97 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_run, tmp_p
 
 
 def test_resume_may_train_longer(trained_copy):
-    """Also from a checkpoint written before the solver named its metric, which stored the best mAP as best_map."""
     exp, flags = trained_copy
-    state = load_checkpoint(str(exp / "last.pt"))
-    state["best_map"] = state.pop("best_score")
-    save_checkpoint(str(exp / "last.pt"), state)
     train.main(flags("--load_pretrained", "1", "--num_epochs", "3"))
     state = load_checkpoint(str(exp / "last.pt"))
     assert state["epoch"] == 3 and [row["epoch"] for row in state["history"]] == [1, 2, 3]
     assert state["best_score"] == max(row["mAP"] for row in state["history"])
     assert "rebuilt for 3 epochs" in (exp / "training.log").read_text()
+
+
+def test_resume_with_a_doubled_batch_sees_each_sample_once(tiny_run, tmp_path, monkeypatch):
+    """Stopped after 2 of the 6 steps of 2 samples of epoch 1, resumed with 4 samples per step: the 8 samples left
+    take 2 steps, epoch 2 takes 3, and the rebuilt OneCycle schedule ends on its last step (it raises past it)."""
+    real_load_solver = train.helper.load_solver
+    monkeypatch.setattr(train.helper, "load_solver", load_solver_that_signals(real_load_solver, 2, signal.SIGINT))
+    with pytest.raises(SystemExit):
+        train.main(tiny_run("exp", "--batch_size", "2"))
+    monkeypatch.setattr(train.helper, "load_solver", real_load_solver)
+    stopped = load_checkpoint(str(tmp_path / "exp" / "last.pt"))
+    assert (stopped["epoch"], stopped["step_in_epoch"], stopped["samples_in_epoch"]) == (0, 2, 4)
+
+    train.main(tiny_run("exp", "--batch_size", "4", "--load_pretrained", "1"))
+    last = load_checkpoint(str(tmp_path / "exp" / "last.pt"))
+    assert [row["samples"] for row in last["history"]] == [12, 12]  # the 12 training samples, once per epoch
+    assert last["global_step"] == 2 + 2 + 3 and last["steps_per_epoch"] == 3
+    assert last["scheduler"]["last_epoch"] == last["scheduler"]["total_steps"] == 6
+    assert last["history"][-1]["lr"] == pytest.approx(3e-3 / 25 / 100, rel=1e-6)  # OneCycle's final lr
+    assert "rebuilt for 2 epochs of 3 steps (it had 2 of 6) and continues at step 1" in (
+        tmp_path / "exp" / "training.log").read_text()
+
+
+@pytest.mark.parametrize("num_epochs", ["1", "2"], ids=["fewer_epochs", "as_many_epochs"])
+def test_resume_with_nothing_left_to_train_is_one_line(trained_copy, capsys, num_epochs):
+    exp, flags = trained_copy
+    before = {name: (exp / name).read_bytes() for name in ("best.pt", "last.pt")}
+    with pytest.raises(SystemExit) as failed:
+        train.main(flags("--load_pretrained", "1", "--num_epochs", num_epochs))
+    assert failed.value.code == 2
+    assert "has trained 2 epochs already: raise --num_epochs" in capsys.readouterr().err
+    assert before == {name: (exp / name).read_bytes() for name in before}
+
+
+def test_test_py_takes_the_checkpoint_configuration_then_this_commands_flags(trained_copy, capsys):
+    """--cfg and flags given to test.py override the checkpoint's configuration, config/test settings included."""
+    exp, _ = trained_copy
+    test_script.main(["--save_dir", str(exp), "--num_cores", "0", "--visualization", "1",
+                      "--cfg", "config.test.visualizations=1", "--cfg", "model.Yolo.postprocess.max_detections=3"])
+    assert os.listdir(exp / "test" / "visualization") == ["sample_0.png"]
+    detections = json.loads((exp / "test" / "detections.json").read_text())
+    per_image = {}
+    for detection in detections:
+        per_image[detection["image_id"]] = per_image.get(detection["image_id"], 0) + 1
+    assert max(per_image.values()) == 3
+    with pytest.raises(SystemExit) as failed:
+        test_script.main(["--save_dir", str(exp), "--cfg", "model.Yolo.postprocess.max_detections=0"])
+    assert failed.value.code == 2
+    assert "postprocess.max_detections = 0 in config/model.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", [train, test_script])
+def test_abbreviated_flags_are_refused(script, capsys):
+    with pytest.raises(SystemExit) as failed:
+        script.main(["--batch", "4"])
+    assert failed.value.code == 2 and "unrecognized arguments: --batch 4" in capsys.readouterr().err
+
+
+def test_logging_leaves_the_root_logger_alone(tmp_path):
+    """setup_logging configures the project's loggers only: the root logger (a program's that imports DSTorch) and
+    the libraries' loggers keep their settings; a second setup replaces the first's handlers and closes its file."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    setup_logging(str(tmp_path / "first.log"))
+    setup_logging(str(tmp_path / "second.log"))
+    assert (list(root.handlers), root.level) == (handlers, level)
+    logging.getLogger("train").info("to the second file")
+    logging.getLogger("faster_coco_eval.core.cocoeval").info("Average Precision (AP) @[ IoU=0.50:0.95 ...")
+    assert (tmp_path / "first.log").read_text() == ""
+    assert (tmp_path / "second.log").read_text().endswith("to the second file\n")
+
+
+def test_the_resume_command_survives_the_shell(monkeypatch):
+    argv = ["--exp_id", "3", "--cfg", 'data.BEVSeg.cameras=["CAM_FRONT", "CAM_BACK"]', "--start_epoch", "2",
+            "--load_pretrained=1"]
+    command = train.resume_command_line(argv)
+    assert shlex.split(command) == ["python", "train.py", "--exp_id", "3", "--cfg",
+                                    'data.BEVSeg.cameras=["CAM_FRONT", "CAM_BACK"]', "--load_pretrained", "1"]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert shlex.split(train.resume_command_line(["--ddp", "1"])) == [
+        "torchrun", "--standalone", "--nproc_per_node", "4", "train.py", "--ddp", "1", "--load_pretrained", "1"]
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert train.resume_command_line(["--ddp", "1"]).startswith(
+        "torchrun --nnodes 2 --nproc_per_node 4 --rdzv_backend c10d --rdzv_endpoint HOST:PORT train.py")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path, monkeypatch):
@@ -233,6 +320,70 @@ def test_bad_names_fail_before_heavy_work(flags, message, tmp_path):
     assert code == 2 and "\n" not in stderr and "Traceback" not in stderr
     assert message in stderr
     assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--weight_decay", "-1"], "argument --weight_decay: must be 0 or more, got -1"),
+    (["--pct_start", "1.5"], "argument --pct_start: must be between 0 and 1"),
+    (["--learning_rate", "inf"], "argument --learning_rate: must be a finite number, got inf"),
+    (["--seed", "-1"], "argument --seed: must be between 0 and 2**31 - 1, got -1"),
+    (["--grad_clip", "-2"], "argument --grad_clip: must be 0 or more, got -2"),
+    (["--val_ratio", "1"], "argument --val_ratio: must be between 0 and 1"),
+    (["--start_epoch", "2"], "--start_epoch 2 resumes from epoch_2.pt: add --load_pretrained 1"),
+    (["--lr_schd_type", "StepLR", "--cfg", "config.schedulers.StepLR.step_epochs=0"],
+     "schedulers.StepLR.step_epochs = 0 in config/config.json (or --cfg config.schedulers.StepLR.step_epochs=...): "
+     "must be an integer >= 1"),
+    (["--cfg", "config.solver.ema_decay=1.5"], "solver.ema_decay = 1.5 in config/config.json"),
+    (["--cfg", "data.2DObjDet.normalize.std=[0.2, 0, 0.2]"], "2DObjDet.normalize.std = [0.2, 0, 0.2] in "
+                                                              "config/data.json"),
+    (["--cfg", "data.2DObjDet.image.w=100"], "2DObjDet.image.w = 100 in config/data.json (or --cfg "
+                                             "data.2DObjDet.image.w=...): must be a positive multiple of 32"),
+    (["--cfg", "data.2DObjDet.augmentation.hue=0.9"], "must be a number >= 0 and <= 0.5"),
+    (["--cfg", "data.2DObjDet.cameras=[]"], "2DObjDet.cameras = [] in config/data.json"),
+    (["--cfg", "model.Yolo.fpn_channels=48"], "Yolo.fpn_channels = 48 in config/model.json"),
+    (["--cfg", "loss.Yolo.size_ranges=[[0, 48]]"], "Yolo.size_ranges = [[0, 48]] in config/loss.json"),
+    (["--cfg", "model.LiftBEV.threshold=0.505", "--app_mode", "BEVSeg", "--model_name", "LiftBEV"],
+     "LiftBEV.threshold = 0.505 in config/model.json"),
+])
+def test_bad_values_fail_before_any_work(flags, message, tmp_path, capsys):
+    """Every flag and config value out of its range is one line before the experiment folder is touched."""
+    with pytest.raises(SystemExit) as failed:
+        train.main(["--save_dir", str(tmp_path / "exp"), *flags])
+    stderr = capsys.readouterr().err.strip()
+    assert failed.value.code == 2 and "\n" not in stderr and stderr.startswith("error: ") and message in stderr
+    assert not (tmp_path / "exp").exists()
+
+
+def test_the_optimizer_and_schedule_turn_torchs_rejections_into_one_line():
+    """What the range checks might miss still ends as one line, naming the flags (safety nets)."""
+    parameters = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(UserError, match="--optimizer_type adamw --learning_rate 0.1 --weight_decay -1: torch.optim"):
+        build_optimizer("adamw", parameters, 0.1, -1)
+    optimizer = build_optimizer("sgd", parameters, 0.1, 0.0)
+    flags = {"learning_rate": 0.1, "pct_start": 1.5, "div_factor": 25.0, "final_div_factor": 100.0}
+    with pytest.raises(UserError, match="--lr_schd_type OnecycleLR: torch.optim.lr_scheduler rejects its settings"):
+        build_scheduler("OnecycleLR", optimizer, 10, 5, flags, {})
+
+
+def test_an_experiment_folder_that_cannot_be_created(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as failed:
+        train.main(["--save_dir", str(tmp_path / "a_file" / "exp")])
+    stderr = capsys.readouterr().err.strip()
+    assert failed.value.code == 2 and "\n" not in stderr
+    assert f"cannot create the experiment folder {tmp_path / 'a_file' / 'exp'}" in stderr
+
+
+def test_a_checkpoint_without_the_training_progress_is_one_line(trained_copy, capsys):
+    exp, flags = trained_copy
+    state = load_checkpoint(str(exp / "last.pt"))
+    del state["samples_in_epoch"]
+    torch.save(state, exp / "last.pt")
+    before = (exp / "last.pt").read_bytes()
+    with pytest.raises(SystemExit) as failed:
+        train.main(flags("--load_pretrained", "1", "--num_epochs", "3"))
+    assert failed.value.code == 2 and "lacks samples_in_epoch" in capsys.readouterr().err
+    assert (exp / "last.pt").read_bytes() == before
 
 
 def test_load_pretrained_without_checkpoint(tiny_run, tmp_path, capsys):

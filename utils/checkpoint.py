@@ -46,7 +46,8 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         reason = str(error).splitlines()[0][:200]
         raise UserError(f"checkpoint {path} is corrupt or not a DSTorch checkpoint ({reason}): delete it or "
                         f"resume from another one (--start_epoch)") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise UserError(f"checkpoint {path} is not a DSTorch checkpoint (no model and config): use a file that "
-                        f"train.py wrote")
+    if not (isinstance(state, dict) and "model" in state and "epoch" in state and isinstance(state.get("config"), dict)
+            and "model_name" in state["config"]):
+        raise UserError(f"checkpoint {path} is not a DSTorch checkpoint (no model, epoch and configuration): use a "
+                        f"file that train.py wrote")
     return state

@@ -3,9 +3,14 @@ plain dict, and `--cfg section.key.subkey=value` overrides typed by the JSON val
 
 import copy
 import json
+import math
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 from utils.errors import UserError
+
+CONFIG_SECTIONS = ("config", "data", "model", "loss")  # config/<section>.json, merged under the section's name
 
 
 def load_json(path: str):
@@ -61,7 +66,7 @@ def apply_override(cfg: dict, override: str, sections: tuple) -> None:
             node = node[part]
 
 
-def merge_config(flags: dict, config_dir: str, sections: tuple = ("config", "data", "model", "loss")) -> dict:
+def merge_config(flags: dict, config_dir: str, sections: tuple = CONFIG_SECTIONS) -> dict:
     """One plain dict: the flags at the top level, each config/<section>.json under its section name, then the
     `--cfg` overrides (flags["cfg"], a list) applied to the sections."""
     cfg = copy.deepcopy(flags)
@@ -70,3 +75,81 @@ def merge_config(flags: dict, config_dir: str, sections: tuple = ("config", "dat
     for override in flags.get("cfg") or []:
         apply_override(cfg, override, sections)
     return cfg
+
+
+class Rule(NamedTuple):
+    """What a configuration value must be: `check(value)` is True for a good value; `expected` says so in words."""
+
+    check: Callable[[object], bool]
+    expected: str
+
+
+def is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def number(low: float | None = None, high: float | None = None, *, integer: bool = False, low_open: bool = False,
+           high_open: bool = False) -> Rule:
+    """A number (an int if `integer`) between `low` and `high`, each bound included unless `*_open`."""
+
+    def check(value) -> bool:
+        if not is_number(value) or (integer and not isinstance(value, int)):
+            return False
+        above = low is None or (value > low if low_open else value >= low)
+        below = high is None or (value < high if high_open else value <= high)
+        return above and below
+
+    bounds = [f"{'>' if low_open else '>='} {low:g}"] if low is not None else []
+    bounds += [f"{'<' if high_open else '<='} {high:g}"] if high is not None else []
+    return Rule(check, f"{'an integer' if integer else 'a number'}{' ' + ' and '.join(bounds) if bounds else ''}")
+
+
+def one_of(*choices) -> Rule:
+    return Rule(lambda value: value in choices, f"one of {', '.join(json.dumps(c) for c in choices)}")
+
+
+def list_of(item: Rule, length: int | None = None) -> Rule:
+    """A list of `length` items (one or more if None), each passing `item`."""
+
+    def check(value) -> bool:
+        sized = len(value) == length if length is not None else len(value) > 0
+        return isinstance(value, list) and sized and all(item.check(element) for element in value)
+
+    return Rule(check, f"a list of {length or 'one or more'} values, each {item.expected}")
+
+
+def multiple_of(step: int, why: str) -> Rule:
+    return Rule(lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= step
+                and value % step == 0, f"a positive multiple of {step} ({why})")
+
+
+FLAG = Rule(lambda value: isinstance(value, bool), "true or false")
+TEXT = Rule(lambda value: isinstance(value, str) and value != "", "a non-empty string")
+NUMBER_RANGE = Rule(lambda value: isinstance(value, list) and len(value) == 2 and all(map(is_number, value))
+                    and value[0] < value[1], "[low, high] with low < high")
+# channels of a layer followed by GroupNorm(min(32, channels)): the groups must divide the channels
+GROUP_NORM_CHANNELS = Rule(lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= 1
+                           and (value <= 32 or value % 32 == 0), "an integer from 1 to 32, or a multiple of 32")
+
+
+def lookup(cfg: dict, key: str):
+    """The value at the dotted `key` of cfg; a missing key is a UserError naming the config file."""
+    node = cfg
+    for depth, part in enumerate(key.split(".")):
+        if not isinstance(node, dict) or part not in node:
+            raise UserError(f"config/{key.split('.')[0]}.json has no '{'.'.join(key.split('.')[1:depth + 1])}': "
+                            f"restore the key from the repository's file")
+        node = node[part]
+    return node
+
+
+def check_values(cfg: dict, rules: dict) -> None:
+    """Check every value named in `rules` ({dotted key from the top of cfg: Rule}) before any work starts; the
+    first bad one is a UserError naming the key, its value and what it must be."""
+    for key, rule in rules.items():
+        value = lookup(cfg, key)
+        if not rule.check(value):
+            section, _, rest = key.partition(".")
+            raise UserError(f"{rest} = {json.dumps(value)} in config/{section}.json (or --cfg {key}=...): must be "
+                            f"{rule.expected}")
+

@@ -17,24 +17,37 @@ logger = logging.getLogger(__name__)
 
 
 class ResumableDistributedSampler(DistributedSampler):
-    """torch's DistributedSampler, plus:
-    - `skip`: the number of this process's samples of the current epoch to leave out, to resume mid-epoch in the
-      same order (the order depends only on the seed and the epoch);
-    - `pad=False`, for evaluation: process r takes samples r, r + R, r + 2R, ... in order, so the shards are
-      disjoint and cover the dataset exactly once (DistributedSampler pads with repeats instead)."""
+    """torch's DistributedSampler (the same order for the same seed and epoch), plus:
+    - training (`pad=True`): `start_epoch(epoch, samples_done)` leaves out the first `samples_done` samples of the
+      epoch's global order, which the processes of a run (any number, any batch size) consumed together: process
+      r of R takes the rest's samples r, r + R, ... (the tail that R does not divide is dropped), so a run resumed
+      with another --batch_size or number of processes sees each sample of the epoch once;
+    - evaluation (`pad=False`): process r takes samples r, r + R, r + 2R, ... in order, so the shards are disjoint
+      and cover the dataset exactly once (DistributedSampler pads with repeats instead)."""
 
     def __init__(self, dataset, num_replicas: int, rank: int, shuffle: bool, seed: int, drop_last: bool, pad: bool):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
-        self.pad, self.skip = pad, 0
+        self.pad, self.samples_done = pad, 0
+
+    def start_epoch(self, epoch: int, samples_done: int = 0) -> None:
+        self.set_epoch(epoch)
+        self.samples_done = samples_done
 
     def __iter__(self):
-        indices = list(super().__iter__()) if self.pad else list(range(self.rank, len(self.dataset), self.num_replicas))
-        return iter(indices[self.skip:])
+        if not self.pad:
+            return iter(range(self.rank, len(self.dataset), self.num_replicas))
+        order = torch.arange(len(self.dataset))
+        if self.shuffle:
+            order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        remaining = order[self.samples_done:]
+        usable = len(remaining) // self.num_replicas * self.num_replicas
+        return iter(remaining[self.rank:usable:self.num_replicas].tolist())
 
     def __len__(self) -> int:
-        total = self.num_samples if self.pad else len(range(self.rank, len(self.dataset), self.num_replicas))
-        return max(0, total - self.skip)
+        if not self.pad:
+            return len(range(self.rank, len(self.dataset), self.num_replicas))
+        return max(0, len(self.dataset) - self.samples_done) // self.num_replicas
 
 
 def distributed_world() -> bool:

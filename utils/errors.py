@@ -20,7 +20,8 @@ def one_line(error: BaseException) -> str:
 
 
 def exit_on_user_error(main):
-    """Decorate an entry point: a UserError ends the program with 'error: <one line>' and exit status 2."""
+    """Decorate an entry point: a UserError ends the program with 'error: <one line>' and exit status 2; so does
+    an operating-system error on a named file (a folder that cannot be written, a full disk), naming the file."""
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
@@ -28,6 +29,12 @@ def exit_on_user_error(main):
             return main(*args, **kwargs)
         except UserError as error:
             print(f"error: {one_line(error)}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as error:
+            if error.filename is None:
+                raise
+            print(f"error: cannot write or read {error.filename} ({error.strerror}): check that path, its "
+                  f"permissions and the free space", file=sys.stderr)
             sys.exit(2)
 
     return wrapped

@@ -14,26 +14,53 @@ from utils.io import atomic_write_json
 logger = logging.getLogger(__name__)
 
 
-def experiment_folder(args: dict, project_root) -> str:
-    """--save_dir, or saved_models/<dataset_type>_<model_name>_model<exp_id> in the project. A fresh run
-    (no --load_pretrained) refuses a folder that holds checkpoints, so that nothing there is overwritten."""
-    folder = args["save_dir"] or os.path.join(
-        project_root, "saved_models", f"{args['dataset_type']}_{args['model_name']}_model{args['exp_id']}")
-    folder = os.path.abspath(folder)
-    if not args["load_pretrained"] and os.path.isdir(folder) and any(n.endswith(".pt") for n in os.listdir(folder)):
+def experiment_path(args: dict, project_root) -> str:
+    """--save_dir, or saved_models/<dataset_type>_<model_name>_model<exp_id> in the project, as an absolute path."""
+    return os.path.abspath(args["save_dir"] or os.path.join(
+        project_root, "saved_models", f"{args['dataset_type']}_{args['model_name']}_model{args['exp_id']}"))
+
+
+def experiment_folder(args: dict, project_root, fresh: bool) -> str:
+    """The experiment folder (experiment_path), created if missing. A fresh run refuses a folder that holds
+    checkpoints, so that nothing there is overwritten."""
+    folder = experiment_path(args, project_root)
+    if fresh and os.path.isdir(folder) and any(n.endswith(".pt") for n in os.listdir(folder)):
         raise UserError(f"experiment folder {folder} already holds checkpoints: resume it with --load_pretrained 1, "
                         f"or start a new one with another --exp_id (or --save_dir)")
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the experiment folder {folder} ({error.strerror}): choose a writable "
+                        f"--save_dir") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"experiment folder {folder} is not writable: choose another --save_dir or fix its "
+                        f"permissions")
     return folder
 
 
+# The project's loggers: one per top-level module or package (each file logs to logging.getLogger(__name__)).
+PROJECT_LOGGERS = ("train", "test", "helper", "dataset", "models", "optimization", "utils", "bench")
+
+
 def setup_logging(log_path: str | None, main_process: bool = True) -> None:
-    """Log INFO and above to the console and, if given, to `log_path` (appended); only the main process logs."""
+    """Log INFO and above of the project's loggers to the console and, if given, to `log_path` (appended); only
+    the main process logs below ERROR. The root logger, and so the logging of a program that imports DSTorch or
+    of the libraries (faster-coco-eval logs its tables at INFO), is left alone; records still propagate to it, for
+    a program that collects them there."""
     handlers = [logging.StreamHandler(sys.stdout)]
     if log_path is not None:
         handlers.append(logging.FileHandler(log_path))
-    logging.basicConfig(level=logging.INFO if main_process else logging.ERROR, handlers=handlers,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    for name in PROJECT_LOGGERS:
+        project_logger = logging.getLogger(name)
+        for old in project_logger.handlers[:]:  # from an earlier run in this process (tests call main() often)
+            project_logger.removeHandler(old)
+            old.close()
+        for handler in handlers:
+            project_logger.addHandler(handler)
+        project_logger.setLevel(logging.INFO if main_process else logging.ERROR)
 
 
 def select_device(gpu_num: int) -> torch.device:

@@ -8,20 +8,36 @@ import torch
 
 from utils.errors import UserError
 
+OPTIMIZERS = {"adamw": (torch.optim.AdamW, {}), "adam": (torch.optim.Adam, {}),
+              "sgd": (torch.optim.SGD, {"momentum": 0.9, "nesterov": True})}
+
 
 def build_optimizer(name: str, parameters, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
-    """adamw (decoupled weight decay), adam or sgd (momentum 0.9, Nesterov)."""
-    if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    raise UserError(f"--optimizer_type {name}: choose one of adamw, adam, sgd")
+    """adamw (decoupled weight decay), adam or sgd (momentum 0.9, Nesterov). A value that torch rejects is one
+    line naming the flags (the parser checks their ranges first)."""
+    if name not in OPTIMIZERS:
+        raise UserError(f"--optimizer_type {name}: choose one of {', '.join(OPTIMIZERS)}")
+    optimizer_class, settings = OPTIMIZERS[name]
+    try:
+        return optimizer_class(parameters, lr=learning_rate, weight_decay=weight_decay, **settings)
+    except ValueError as error:
+        raise UserError(f"--optimizer_type {name} --learning_rate {learning_rate} --weight_decay {weight_decay}: "
+                        f"torch.optim rejects them ({error})") from None
 
 
 def build_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
                     flags: dict, cfg: dict):
+    """See scheduler_by_name; a setting that torch rejects is one line naming the schedule (the parser and
+    helper.check_config check the ranges first)."""
+    try:
+        return scheduler_by_name(name, optimizer, total_steps, steps_per_epoch, flags, cfg)
+    except (ValueError, ZeroDivisionError) as error:
+        raise UserError(f"--lr_schd_type {name}: torch.optim.lr_scheduler rejects its settings ({error}); check the "
+                        f"OnecycleLR flags or config.json's \"schedulers\"") from None
+
+
+def scheduler_by_name(name: str, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
+                      flags: dict, cfg: dict):
     """A torch.optim.lr_scheduler stepped per optimizer step, or None for a constant learning rate.
 
     name: OnecycleLR (flags: learning_rate, div_factor, pct_start, final_div_factor), StepLR (cfg StepLR:

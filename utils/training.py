@@ -30,7 +30,9 @@ class TrainingParts:
         self.model = model
         self.optimizer = build_optimizer(args["optimizer_type"], model.parameters(), args["learning_rate"],
                                          args["weight_decay"])
-        self.scheduler = self.new_scheduler(args["num_epochs"])
+        self.scheduler = (build_scheduler(args["lr_schd_type"], self.optimizer, args["num_epochs"] * steps_per_epoch,
+                                          steps_per_epoch, args, args["config"]["schedulers"])
+                          if args["apply_lr_scheduling"] else None)
         # one code path for every precision: autocast and a GradScaler that is enabled on CUDA (fp16) only
         self.amp = bool(args["bool_mixed_precision"])
         self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -44,12 +46,6 @@ class TrainingParts:
             self.trained_model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=bool(args["bool_find_unused_params"]))
-
-    def new_scheduler(self, num_epochs: int):
-        if not self.args["apply_lr_scheduling"]:
-            return None
-        return build_scheduler(self.args["lr_schd_type"], self.optimizer, num_epochs * self.steps_per_epoch,
-                               self.steps_per_epoch, self.args, self.args["config"]["schedulers"])
 
     def autocast(self):
         """The context for forward passes: autocast to amp_dtype with --bool_mixed_precision 1, a no-op otherwise."""
@@ -88,7 +84,7 @@ class TrainingParts:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "scaler": self.scaler.state_dict()}
+                "scaler": self.scaler.state_dict(), "steps_per_epoch": self.steps_per_epoch}
 
     def check_model_name(self, state: dict) -> None:
         if state["config"]["model_name"] != self.args["model_name"]:
@@ -102,9 +98,11 @@ class TrainingParts:
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
 
-    def load_state_dict(self, state: dict, global_step: int) -> bool:
-        """Restore a checkpoint's state. If it was written for another --num_epochs, the schedule is rebuilt for the
-        current one and advanced to global_step; returns True then (the learning rate may jump)."""
+    def load_state_dict(self, state: dict, schedule_step: int) -> str:
+        """Restore a checkpoint's state. schedule_step: the optimizer steps of the current --num_epochs x steps per
+        epoch schedule that the resumed run has done. When the checkpoint's schedule has another length (another
+        --num_epochs, --batch_size or number of processes) or stands at another step, the schedule is rebuilt for
+        the current one and advanced to schedule_step; returns why then (the learning rate may jump), else ""."""
         self.check_model_name(state)
         try:
             self.model.load_state_dict(state["model"])
@@ -115,9 +113,15 @@ class TrainingParts:
             raise UserError(f"the checkpoint does not fit this model and optimizer ({str(error).splitlines()[0]}): "
                             f"resume with the configuration it was trained with") from None
         self.scaler.load_state_dict(state["scaler"])
-        rescheduled = state["config"]["num_epochs"] != self.args["num_epochs"]
-        if self.scheduler is not None and state["scheduler"] is not None and not rescheduled:
+        if self.scheduler is None:
+            return ""
+        old_total = state["config"]["num_epochs"] * state["steps_per_epoch"]
+        new_total = self.args["num_epochs"] * self.steps_per_epoch
+        old_step = state["scheduler"]["last_epoch"] if state["scheduler"] is not None else None
+        if (old_total, old_step) == (new_total, schedule_step):
             self.scheduler.load_state_dict(state["scheduler"])
-        elif self.scheduler is not None:
-            fast_forward(self.scheduler, global_step)
-        return rescheduled and self.scheduler is not None
+            return ""
+        fast_forward(self.scheduler, schedule_step)
+        return (f"the learning-rate schedule is rebuilt for {self.args['num_epochs']} epochs of "
+                f"{self.steps_per_epoch} steps (it had {state['config']['num_epochs']} of "
+                f"{state['steps_per_epoch']}) and continues at step {schedule_step}")

@@ -9,12 +9,12 @@ label cache. Other tools depend on these flags and on the file's format.
 
 import argparse
 import json
-import logging
 import os
 
 from dataset.NuscenesDataset.labels import label_cache
 from dataset.NuscenesDataset.loader_2d_obj_det import PROJECT_ROOT, project_path
 from utils.errors import exit_on_user_error
+from utils.experiment import setup_logging
 from utils.io import atomic_write_json
 
 APP_MODE = "2DObjDet"
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging(None)
     args = build_parser().parse_args(argv)
     with open(PROJECT_ROOT / "config" / "data.json") as f:
         cfg = json.load(f)[APP_MODE]

@@ -53,13 +53,32 @@ def check_dataroot(dataroot: str, version: str) -> None:
 
 
 def load_nuscenes(dataroot: str, version: str) -> NuScenes:
-    """The devkit's database, with a missing or broken table reported as one line."""
+    """The devkit's database, with a missing or broken table reported as one line naming the table."""
     check_dataroot(dataroot, version)
     try:
         return NuScenes(version=version, dataroot=dataroot, verbose=False)
-    except (OSError, json.JSONDecodeError, AssertionError, KeyError) as error:
-        raise UserError(f"cannot load the nuScenes tables in {os.path.join(dataroot, version)} ({error}): "
-                        f"re-extract that version folder or regenerate the embedded dataset") from None
+    except (OSError, ValueError, AssertionError, KeyError, TypeError, IndexError, AttributeError) as error:
+        table_root = os.path.join(dataroot, version)
+        culprit = broken_table(table_root) or f"{table_root} ({type(error).__name__}: {str(error)[:200]})"
+        raise UserError(f"cannot load the nuScenes tables: {culprit}: re-extract that version folder or "
+                        f"regenerate the embedded dataset") from None
+
+
+def broken_table(table_root: str) -> str | None:
+    """'<path> (why)' of the first table file in `table_root` that is unreadable, not JSON, or not a list of
+    records with a token (the devkit's `map.json` included); None if every one parses."""
+    for name in sorted(os.listdir(table_root)):
+        if not name.endswith(".json"):
+            continue
+        path = os.path.join(table_root, name)
+        try:
+            with open(path) as f:
+                table = json.load(f)
+        except (OSError, ValueError) as error:
+            return f"{path} ({type(error).__name__}: {error})"
+        if not isinstance(table, list) or not all(isinstance(record, dict) and "token" in record for record in table):
+            return f"{path} (not a list of records with a token)"
+    return None
 
 
 def split_scene_names(nusc: NuScenes, split: str) -> list:

@@ -31,6 +31,7 @@ from torchvision.transforms import v2
 from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.labels import CATEGORY_IDS, label_cache
 from utils.collate import collate_detection
+from utils.config import NUMBER_RANGE, TEXT, Rule, list_of, number
 from utils.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +39,26 @@ MODES = ("train", "val", "test")
 VAL_SPLIT_SEED = 0  # fixed, so that the train/val scene split never depends on the run's --seed
 REDUCED_DECODING = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
                     (2, cv2.IMREAD_REDUCED_COLOR_2), (1, cv2.IMREAD_COLOR))  # (scale divisor, cv2 flag)
+
+# config/data.json values that every nuScenes loader reads (keys within data.<app_mode>), checked before work starts
+COMMON_RULES = {
+    "data.dataset_dir": TEXT,
+    "data.version": TEXT,
+    "data.cameras": Rule(lambda value: list_of(TEXT).check(value) and len(set(value)) == len(value),
+                         "a list of one or more different camera channels"),
+    "data.embedded.samples_per_scene": number(1, integer=True),
+    "data.embedded.width": number(32, integer=True),
+    "data.embedded.height": number(32, integer=True),
+    "data.embedded.seed": number(0, integer=True),
+    "data.image.w": number(1, integer=True),
+    "data.image.h": number(1, integer=True),
+    "data.normalize.mean": list_of(number(), length=3),
+    "data.normalize.std": list_of(number(0, low_open=True), length=3),
+    "data.augmentation.brightness": number(0),
+    "data.augmentation.contrast": number(0),
+    "data.augmentation.saturation": number(0),
+    "data.augmentation.hue": number(0, 0.5),
+}
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +140,19 @@ class DatasetLoader(Dataset):
 
     class_names = list(CATEGORY_IDS)  # label index -> detection class name
     collate_fn = staticmethod(collate_detection)
+    config_rules = {  # see helper.check_config
+        **COMMON_RULES,
+        "data.label_cache_dir": TEXT,
+        "data.labels.visibilities": Rule(lambda value: isinstance(value, list) and len(value) > 0
+                                         and set(value) <= {"", "1", "2", "3", "4"},
+                                         'a list of one or more of the visibility tokens "", "1", "2", "3", "4"'),
+        "data.labels.min_box_size": number(0),
+        "data.augmentation.hflip_prob": number(0, 1),
+        "data.augmentation.scale": Rule(lambda value: NUMBER_RANGE.check(value) and value[0] > 0,
+                                        "[low, high] with 0 < low < high"),
+        "data.augmentation.translate": number(0, 1),
+        "data.augmentation.min_box_size": number(0),
+    }
 
     def __init__(self, args: dict, dtype=torch.float32, world_size: int = 1, rank: int = 0, mode: str = "train"):
         if mode not in MODES:

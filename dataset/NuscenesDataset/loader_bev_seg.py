@@ -33,7 +33,14 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from dataset.NuscenesDataset.labels import load_nuscenes, split_scene_names
-from dataset.NuscenesDataset.loader_2d_obj_det import MODES, read_image, resolve_dataroot, train_val_scenes
+from dataset.NuscenesDataset.loader_2d_obj_det import (
+    COMMON_RULES,
+    MODES,
+    read_image,
+    resolve_dataroot,
+    train_val_scenes,
+)
+from utils.config import NUMBER_RANGE, TEXT, Rule, list_of, number
 from utils.errors import UserError
 from utils.segmentation import grid_shape
 
@@ -55,6 +62,20 @@ class DatasetLoader(Dataset):
     args: the merged configuration dict; this reads args["app_mode"], args["dataset_dir"] (None: data.json's),
     args["val_ratio"], args["bool_apply_img_aug"] and args["data"][app_mode] (config/data.json).
     dtype: the images' dtype. world_size and rank: the platform's signature; under DDP the sampler shards."""
+
+    config_rules = {  # see helper.check_config
+        **COMMON_RULES,
+        "data.ego_pose_channel": TEXT,
+        "data.bev.x_range_m": NUMBER_RANGE,
+        "data.bev.y_range_m": NUMBER_RANGE,
+        "data.bev.cell_m": number(0, low_open=True),
+        "data.classes": Rule(lambda value: isinstance(value, dict) and len(value) > 0
+                             and all(list_of(TEXT).check(prefixes) for prefixes in value.values()),
+                             'a dict of one or more {class name: [category prefixes]}, e.g. {"vehicle": ["vehicle."]}'),
+        "data.visibilities": Rule(lambda value: isinstance(value, list) and len(value) > 0
+                                  and set(value) <= {"", "1", "2", "3", "4"},
+                                  'a list of one or more of the visibility tokens "", "1", "2", "3", "4"'),
+    }
 
     def __init__(self, args: dict, dtype=torch.float32, world_size: int = 1, rank: int = 0, mode: str = "train"):
         if mode not in MODES:
