@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from utils.config import FLAG, check_values, number
-from utils.distributed import ResumableDistributedSampler, main_process_first
+from utils.distributed import ResumableDistributedSampler
 from utils.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -64,7 +64,15 @@ def check_names(args: dict) -> None:
 
 def loader_module(args: dict):
     """The loader module that config/config.json names for (dataset_type, app_mode)."""
-    return importlib.import_module(args["config"]["loaders"][args["dataset_type"]][args["app_mode"]])
+    name = args["config"]["loaders"][args["dataset_type"]][args["app_mode"]]
+    try:
+        module = importlib.import_module(name)
+    except ImportError as error:
+        raise UserError(f"loader module {name} ('loaders' in config/config.json) cannot be imported ({error}): name "
+                        f"a module of dataset/ such as dataset.NuscenesDataset.loader_2d_obj_det") from None
+    if not hasattr(module, "DatasetLoader"):
+        raise UserError(f"loader module {name} ('loaders' in config/config.json) has no DatasetLoader class")
+    return module
 
 
 def check_config(args: dict) -> None:
@@ -79,7 +87,8 @@ def check_config(args: dict) -> None:
     rules = dict(PLATFORM_RULES)
     for key, rule in task_rules.items():
         section, _, rest = key.partition(".")
-        rules[f"{section}.{sections[section]}.{rest}" if section in sections else key] = rule
+        full_key = ".".join(part for part in (section, sections.get(section), rest) if part)
+        rules[full_key] = rule
     check_values(args, rules)
 
 
@@ -88,8 +97,9 @@ def load_datasetloader(args: dict, dtype, world_size: int, rank: int, mode: str)
     names for (dataset_type, app_mode). Every mode goes through a ResumableDistributedSampler (one replica
     without DDP): its order depends only on the seed and the epoch, so runs and resumes are reproducible. In
     evaluation each process gets a disjoint shard with no padding."""
-    with main_process_first(world_size, rank):  # rank 0 generates the embedded dataset or builds the label cache
-        dataset = loader_module(args).DatasetLoader(args, dtype, world_size, rank, mode)
+    # No collective here: a label cache or the embedded dataset is built by one process while the others wait on a
+    # file lock, so that no process group timeout can run out during a build of any length.
+    dataset = loader_module(args).DatasetLoader(args, dtype, world_size, rank, mode)
     training = mode == "train"
     sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=training,
                                           seed=args["seed"], drop_last=training, pad=training)

@@ -87,36 +87,36 @@ def chosen_checkpoints(exp_dir: str, model_num, test_all: bool) -> list:
 @exit_on_user_error
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args = merge_config(vars(build_test_parser().parse_args(argv)), str(PROJECT_ROOT / "config"))
+    flags = vars(build_test_parser().parse_args(argv))
+    args = merge_config({**flags, "cfg": []}, str(PROJECT_ROOT / "config"))  # --cfg applies to the checkpoints
     given = given_flags(argv)
     exp_dir = experiment_path(args, PROJECT_ROOT)
     names = chosen_checkpoints(exp_dir, args["model_num"], bool(args["is_test_all"]))
-    states = {name: load_checkpoint(os.path.join(exp_dir, name)) for name in names}
-    runs = {name: checkpoint_configuration(os.path.join(exp_dir, name), state, given)  # all checked first
-            for name, state in states.items()}
+    runs = {name: checkpoint_configuration(os.path.join(exp_dir, name), load_checkpoint(os.path.join(exp_dir, name)),
+                                           given) for name in names}  # every checkpoint checked before any work
     world_size, rank, local_rank = init_distributed(args["ddp"], args["config"]["distributed"]["timeout_s"])
     try:
-        evaluate(args, exp_dir, states, runs, world_size, rank, local_rank)
+        evaluate(args, exp_dir, runs, world_size, rank, local_rank)
     finally:
         close_distributed()
 
 
-def evaluate(args: dict, exp_dir: str, states: dict, runs: dict, world_size: int, rank: int, local_rank: int) -> None:
-    """Evaluate each checkpoint {name: state} with its configuration runs[name]; under --ddp 1 every process takes a
-    shard, rank 0 scores and writes."""
+def evaluate(args: dict, exp_dir: str, runs: dict, world_size: int, rank: int, local_rank: int) -> None:
+    """Evaluate each checkpoint of the experiment folder {name: its configuration}; under --ddp 1 every process
+    takes a shard, rank 0 scores and writes."""
     setup_logging(os.path.join(exp_dir, "test.log") if rank == 0 else None, rank == 0)
     device = select_device(local_rank if args["ddp"] else args["gpu_num"])
-    for name, state in states.items():
-        run = runs[name]
+    for name, run in runs.items():
+        state = load_checkpoint(os.path.join(exp_dir, name))
         test_set, test_loader = helper.load_datasetloader(run, torch.float32, world_size, rank, "test")
-        solver = helper.load_solver(run, device=device, class_names=test_set.class_names, steps_per_epoch=1,
+        solver = helper.load_solver(run, device=device, class_names=test_set.class_names, steps_per_epoch=0,
                                     world_size=world_size, rank=rank)
         solver.load_weights(state)
         metrics, outputs, curves = solver.eval(test_loader, show_progress=rank == 0)
         if rank != 0:
             continue
         metrics.update({"checkpoint": name, "epoch": state["epoch"]})
-        out_dir = os.path.join(exp_dir, "test", Path(name).stem) if len(states) > 1 else os.path.join(exp_dir, "test")
+        out_dir = os.path.join(exp_dir, "test", Path(name).stem) if len(runs) > 1 else os.path.join(exp_dir, "test")
         write_evaluation(out_dir, metrics, outputs)
         for curve_name, (recall, precision) in curves.items():
             path = os.path.join(out_dir, "pr_curves", f"{curve_name}.png")

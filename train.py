@@ -27,8 +27,10 @@ from utils.config import merge_config
 from utils.distributed import any_process, close_distributed, gather_to_main, init_distributed
 from utils.errors import NonFiniteLossError, UserError, exit_on_user_error
 from utils.experiment import (
+    PROJECT_LOGGERS,
     StopRequest,
     experiment_folder,
+    experiment_path,
     prune_checkpoints,
     select_device,
     setup_logging,
@@ -56,41 +58,47 @@ class Progress:
 
 
 def launch_id():
-    """torchrun's id of this launch (its --rdzv_id; a new one per launch with --standalone); None without
-    torchrun. A restarted worker continues from last.pt only if its launch wrote it."""
+    """torchrun's id of this launch (its --rdzv_id: a new one per launch with --standalone, RDZV_ID of
+    run_train_multinode.sh); None without torchrun. A restarted worker continues from last.pt only if its launch
+    wrote it, so the id must differ between launches that share an experiment folder."""
     return os.environ.get("TORCHELASTIC_RUN_ID")
 
 
 def resume_state(args: dict, exp_dir: str, restarted: bool):
     """(path, state) of the checkpoint to continue from, or (None, None) to start afresh: after a torchrun
     restart, last.pt if this launch wrote it (the newest state); otherwise, with --load_pretrained 1,
-    epoch_<start_epoch>.pt or last.pt; otherwise nothing."""
+    epoch_<start_epoch>.pt or last.pt; otherwise nothing. Every check of the first attempt applies again."""
     last = os.path.join(exp_dir, "last.pt")
     if restarted and os.path.isfile(last):
-        state = load_checkpoint(last)
+        state = checked_state(last, args)
         if state.get("launch_id") == launch_id():
             return last, state
     if not args["load_pretrained"]:
-        if restarted:
-            logger.info("torchrun restarted the workers before this run saved a checkpoint: training starts afresh")
         return None, None
     name = f"epoch_{args['start_epoch']}.pt" if args["start_epoch"] else "last.pt"
     path = os.path.join(exp_dir, name)
     if not os.path.isfile(path):
         raise UserError(f"--load_pretrained 1: no checkpoint {path} to resume from; train without "
                         f"--load_pretrained, or check --exp_id/--save_dir/--start_epoch")
-    state = load_checkpoint(path)
-    missing = [key for key in [f.name for f in fields(Progress)] + ["rng", "steps_per_epoch"] if key not in state]
-    if missing:
-        raise UserError(f"checkpoint {path} lacks {', '.join(missing)} (written by an older DSTorch): evaluate it "
-                        f"with test.py, or train anew")
-    if state["config"]["model_name"] != args["model_name"]:
-        raise UserError(f"checkpoint {path} is from model {state['config']['model_name']}, not "
-                        f"{args['model_name']}: resume it with --model_name {state['config']['model_name']}")
-    if state["epoch"] >= args["num_epochs"] and not restarted:
+    state = checked_state(path, args)
+    if state["epoch"] >= args["num_epochs"]:
         raise UserError(f"checkpoint {path} has trained {state['epoch']} epochs already: raise --num_epochs "
                         f"(now {args['num_epochs']}) to train more")
     return path, state
+
+
+def checked_state(path: str, args: dict) -> dict:
+    """The checkpoint at `path`, with what a resume reads checked first."""
+    state = load_checkpoint(path)
+    types = {field.name: field.type for field in fields(Progress)} | {"rng": list, "steps_per_epoch": int}
+    wrong = [key for key, kind in types.items() if not isinstance(state.get(key), kind)]
+    if wrong or not state["rng"]:
+        raise UserError(f"checkpoint {path} lacks {', '.join(wrong) or 'rng'} or has them of another type (written "
+                        f"by an older DSTorch, or not by train.py): evaluate it with test.py, or train anew")
+    if state["config"]["model_name"] != args["model_name"]:
+        raise UserError(f"checkpoint {path} is from model {state['config']['model_name']}, not "
+                        f"{args['model_name']}: resume it with --model_name {state['config']['model_name']}")
+    return state
 
 
 def seed_everything(seed: int) -> None:
@@ -117,6 +125,9 @@ def resume_command_line(argv: list) -> str:
         launcher = (["torchrun", "--standalone", "--nproc_per_node", per_node] if nodes == 1 else
                     ["torchrun", "--nnodes", str(nodes), "--nproc_per_node", per_node, "--rdzv_backend", "c10d",
                      "--rdzv_endpoint", "HOST:PORT"])
+        restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+        if restarts != "0":  # with the store fix that restarts need (see utils/distributed.py)
+            launcher = ["env", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", *launcher, "--max_restarts", restarts]
     return shlex.join([*launcher, "train.py", *kept, "--load_pretrained", "1"])
 
 
@@ -137,9 +148,11 @@ def main(argv=None) -> None:
 def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> None:
     main_process = rank == 0  # the only one that logs, draws progress bars and writes files
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun restarted the workers
-    exp_dir = experiment_folder(args, PROJECT_ROOT, fresh=not (args["load_pretrained"] or restarted))
+    resume_path, resumed = resume_state(args, experiment_path(args, PROJECT_ROOT), restarted)
+    exp_dir = experiment_folder(args, PROJECT_ROOT, fresh=resumed is None)
     setup_logging(os.path.join(exp_dir, "training.log") if main_process else None, main_process)
-    resume_path, resumed = resume_state(args, exp_dir, restarted)
+    if restarted and resumed is None:
+        logger.info("torchrun restarted the workers before this run saved a checkpoint: training starts afresh")
     device = select_device(local_rank if args["ddp"] else args["gpu_num"])
     logger.info("configuration: %s", args)
     seed_everything(args["seed"] + rank)
@@ -153,8 +166,6 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
     solver = helper.load_solver(args, device=device, class_names=train_set.class_names,
                                 steps_per_epoch=steps_per_epoch, world_size=world_size, rank=rank)
     solver.model.print_model_summary()
-    if main_process:
-        atomic_write_json(os.path.join(exp_dir, "config.json"), args)
 
     progress = Progress()
     if resumed is not None:
@@ -169,10 +180,12 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
                            "uninterrupted run", len(resumed["rng"]), world_size)
         set_rng_state(resumed["rng"][rank % len(resumed["rng"])])
         logger.info("resumed from %s at epoch %d, step %d", resume_path, progress.epoch + 1, progress.step_in_epoch)
+    if main_process:
+        atomic_write_json(os.path.join(exp_dir, "config.json"), args)
 
     writer = SummaryWriter(os.path.join(exp_dir, "tensorboard")) if main_process else None
     save = CheckpointWriter(exp_dir, solver, args, progress, main_process)
-    with logging_redirect_tqdm(), StopRequest() as stop:
+    with logging_redirect_tqdm([logging.getLogger(name) for name in PROJECT_LOGGERS]), StopRequest() as stop:
         while progress.epoch < args["num_epochs"]:
             epoch_start = time.time()
             learning_rate = train_epoch(solver, train_loader, args, world_size, progress, stop, save,
@@ -251,20 +264,24 @@ def end_epoch(solver, val_loader, args: dict, progress: Progress, learning_rate:
     row = {"epoch": epoch, "lr": learning_rate, "samples": progress.samples_in_epoch,
            **{key: value / max(1, progress.step_in_epoch) for key, value in progress.epoch_sums.items()}}
     if epoch % args["valid_step"] == 0 or epoch == args["num_epochs"]:
-        metrics, outputs, _ = solver.eval(val_loader, show_progress=main_process)
-        if main_process:  # the other processes sent their predictions to it
-            write_evaluation(save.exp_dir, metrics, outputs)
+        metrics, _, _ = solver.eval(val_loader, show_progress=main_process)
+        if main_process:  # the other processes sent their predictions to it; per-item files are test.py's
+            write_evaluation(save.exp_dir, metrics, {})
             row.update({name: metrics[name] for name in solver.metric_names})
     progress.history.append(row)
     progress.epoch, progress.step_in_epoch, progress.samples_in_epoch, progress.epoch_sums = epoch, 0, 0, {}
-    names = ["last.pt"]
-    score = row.get(solver.metric_names[0])
-    if score is not None and score > progress.best_score:
-        progress.best_score = score
+    names = []  # last.pt last: a process killed between the writes finds the older last.pt and redoes the epoch
+    score = row.get(solver.metric_names[0], float("-inf"))  # -inf: not evaluated this epoch
+    if score is None:  # undefined (no ground truth in the split): best.pt keeps the latest evaluated weights
+        improved = progress.best_score == -1.0
+    else:
+        improved = score > progress.best_score
+        progress.best_score = max(progress.best_score, score)
+    if improved:
         names.append("best.pt")
     if epoch % args["save_every"] == 0:
         names.append(f"epoch_{epoch}.pt")
-    save(names)
+    save([*names, "last.pt"])
     if not main_process:
         return
     prune_checkpoints(save.exp_dir, args["max_num_chkpts"])

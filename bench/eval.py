@@ -1,6 +1,7 @@
 """Evaluation cost, in one run: (1) a full evaluation pass (forward, decoding, NMS, COCO metrics: Solver.eval)
 against the forward pass alone over the same split; (2) the COCO metrics alone for 10,000 synthetic images with
-pycocotools and with faster-coco-eval (the platform's backend), and whether their numbers are identical.
+pycocotools, faster-coco-eval and the platform's (utils.coco_eval: pycocotools' rules on a detection array), and
+whether their numbers are identical.
 
     python -m bench.eval [--repeats 3] [--coco_images 10000] [--flags train.py flags ...]
 
@@ -24,6 +25,7 @@ from pycocotools.cocoeval import COCOeval
 
 from bench.model import platform_args
 from helper import load_datasetloader, load_solver
+from utils.coco_eval import SUMMARY_NAMES, coco_metrics, coco_results_array
 
 
 def synthetic_coco(num_images: int, boxes_per_image: int = 8, detections_per_image: int = 30, seed: int = 0) -> tuple:
@@ -102,7 +104,7 @@ def evaluation_pass_vs_forward(repeats: int, flags: list) -> None:
         return solver.eval(batches, show_progress=False)
 
     full_pass()  # warm-up (and the number of detections)
-    detections = full_pass()[1]["detections.json"]
+    detections = full_pass()[1]["detections.json"]()
     times = {"forward": [], "full": []}
     for _ in range(repeats):
         for name, run in (("forward", forward_alone), ("full", full_pass)):
@@ -128,15 +130,27 @@ def coco_backends(num_images: int) -> None:
     start = time.perf_counter()
     stats, precision = reference_evaluation(COCO, COCOeval, ground_truth, detections)
     pycocotools_s = time.perf_counter() - start
+    array = coco_results_array(detections)  # what Solver.eval gathers
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground = FasterCOCO()
+        ground.dataset = ground_truth
+        ground.createIndex()
+    metrics, _ = coco_metrics(ground, array, [image["id"] for image in ground_truth["images"]])
+    platform_s = time.perf_counter() - start
+    platform_stats = np.array([-1 if metrics[name] is None else metrics[name] for name in SUMMARY_NAMES])
     print(f"\n(2) COCO bbox metrics alone: {num_images} images, {len(ground_truth['annotations'])} boxes, "
           f"{len(detections)} detections (load results, evaluate, accumulate, summarize)")
     print(f"{'backend':<24}{'s':>8}{'mAP':>10}{'AP50':>10}")
     print(f"{'pycocotools':<24}{pycocotools_s:>8.2f}{stats[0]:>10.6f}{stats[1]:>10.6f}")
     print(f"{'faster-coco-eval':<24}{faster_s:>8.2f}{faster_stats[0]:>10.6f}{faster_stats[1]:>10.6f}")
+    print(f"{'platform (arrays)':<24}{platform_s:>8.2f}{platform_stats[0]:>10.6f}{platform_stats[1]:>10.6f}")
     stats_difference = np.abs(stats - faster_stats).max()
     precision_difference = np.abs(precision - faster_precision).max()
-    print(f"speed-up {pycocotools_s / faster_s:.1f}x; largest difference: of the 12 summary numbers "
+    print(f"faster-coco-eval: speed-up {pycocotools_s / faster_s:.1f}x; largest difference: of the 12 summary numbers "
           f"{stats_difference:.1e}, of the precision array {precision_difference:.1e}")
+    print(f"platform: speed-up {pycocotools_s / platform_s:.1f}x; largest difference of the 6 it reports "
+          f"{np.abs(stats[:6] - platform_stats).max():.1e}")
 
 
 def main(argv=None) -> None:

@@ -50,7 +50,9 @@ class OriginalApproachDataset(Dataset):
     def __init__(self, reference: DatasetLoader, version: str):
         self.nusc = load_nuscenes(reference.dataroot, version)
         devkit_export.nusc = self.nusc  # the script reads its database from a module global
-        self.samples = reference.samples
+        images = {image["id"]: image for image in reference.coco_ground_truth()["images"]}
+        self.samples = [[images[image_id] for image_id in sample_ids]
+                        for sample_ids in reference.image_ids.reshape(len(reference), -1).tolist()]
         self.input_size = reference.input_size
         self.mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1) * 255
         self.std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255
@@ -120,7 +122,7 @@ def keeps_up(dataroot: str, cache_dir: str, repeats: int, train_steps: int) -> N
     torch.set_num_threads(2)
     cv2.setNumThreads(1)
     dataset = DatasetLoader(args, mode="train")
-    cameras = len(dataset.samples[0])
+    cameras = dataset.image_files.shape[1]
     loader_rate = samples_per_second(dataset, repeats, args["num_cores"], args["batch_size"]) * cameras
     loader = DataLoader(dataset, batch_size=args["batch_size"], shuffle=True, num_workers=args["num_cores"],
                         collate_fn=collate_detection, persistent_workers=True, drop_last=True)

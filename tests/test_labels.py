@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from nuscenes.eval.detection.utils import category_to_detection_name
 from nuscenes.nuscenes import NuScenes
@@ -77,8 +78,10 @@ def test_degenerate_intersections_are_dropped_not_crashed():
 
 
 def test_coco_file_format(embedded_dir, tmp_path):
-    path, coco = labels.label_cache(embedded_dir, "v1.0-mini", "mini_val", ALL_VISIBILITIES, str(tmp_path))
-    gt = COCO(path)
+    _, coco = labels.label_cache(embedded_dir, "v1.0-mini", "mini_val", ALL_VISIBILITIES, str(tmp_path))
+    path = tmp_path / "mini_val.json"
+    path.write_text(json.dumps(coco))
+    gt = COCO(str(path))
     assert [c["name"] for c in gt.loadCats(gt.getCatIds())] == ["car", "truck", "bus", "trailer",
                                                                "construction_vehicle", "pedestrian", "motorcycle",
                                                                "bicycle", "traffic_cone", "barrier"]
@@ -97,11 +100,11 @@ def test_cache_is_reused_and_rebuilt_on_any_change(embedded_dir, tmp_path, monke
         shutil.copytree(os.path.join(embedded_dir, folder), dataroot / folder)
     cache_dir = str(tmp_path / "cache")
     path, first = labels.label_cache(str(dataroot), "v1.0-mini", "mini_val", ALL_VISIBILITIES, cache_dir)
-    assert first["dstorch_cache_key"]
+    assert path.endswith(".npz") and first["annotations"]
 
     builds = []
-    real_build = labels.build_coco
-    monkeypatch.setattr(labels, "build_coco", lambda *a: builds.append(a) or real_build(*a))
+    real_build = labels.build_labels
+    monkeypatch.setattr(labels, "build_labels", lambda *a: builds.append(a) or real_build(*a))
     assert labels.label_cache(str(dataroot), "v1.0-mini", "mini_val", ALL_VISIBILITIES, cache_dir)[1] == first
     assert not builds
 
@@ -124,7 +127,48 @@ def test_cache_is_reused_and_rebuilt_on_any_change(embedded_dir, tmp_path, monke
     table.write_text(json.dumps(records))
     edited = labels.label_cache(str(dataroot), "v1.0-mini", "mini_val", ALL_VISIBILITIES, cache_dir)[1]
     assert len(builds) == 3 and len(edited["annotations"]) < len(first["annotations"])
-    assert sorted(os.listdir(cache_dir)) == [os.path.basename(path)]  # one file, rewritten in place
+    name = os.path.basename(path)
+    assert sorted(os.listdir(cache_dir)) == [name, f"{name}.lock"]  # one file, rewritten in place
+
+    other_root = tmp_path / "other"  # the same tables elsewhere: never the first dataroot's cache
+    shutil.copytree(dataroot, other_root)
+    other_path, _ = labels.label_cache(str(other_root), "v1.0-mini", "mini_val", ALL_VISIBILITIES, cache_dir)
+    train_path, _ = labels.label_cache(str(dataroot), "v1.0-mini", "mini_train", ALL_VISIBILITIES, cache_dir)
+    assert len({path, other_path, train_path}) == 3 and len(builds) == 5
+
+
+def test_parallel_build_equals_serial_build(embedded_dir, tmp_path):
+    _, serial = labels.label_arrays(embedded_dir, "v1.0-mini", "mini_train", ALL_VISIBILITIES,
+                                    str(tmp_path / "serial"), workers=1)
+    _, parallel = labels.label_arrays(embedded_dir, "v1.0-mini", "mini_train", ALL_VISIBILITIES,
+                                      str(tmp_path / "parallel"), workers=2)
+    assert serial.keys() == parallel.keys() and len(serial["box_image"]) > 300
+    for key, array in serial.items():
+        assert array.dtype == parallel[key].dtype and np.array_equal(array, parallel[key]), key
+
+
+def test_a_killed_build_resumes_from_its_finished_scenes(embedded_dir, tmp_path, monkeypatch):
+    cache_dir = str(tmp_path / "cache")
+    real_scene_labels, done = labels.scene_labels, []
+
+    def die_at_the_fourth_scene(nusc, scene_name, *rest):
+        if len(done) == 3:
+            raise KeyboardInterrupt
+        done.append(scene_name)
+        return real_scene_labels(nusc, scene_name, *rest)
+
+    monkeypatch.setattr(labels, "scene_labels", die_at_the_fourth_scene)
+    with pytest.raises(KeyboardInterrupt):
+        labels.label_arrays(embedded_dir, "v1.0-mini", "mini_train", ALL_VISIBILITIES, cache_dir, workers=1)
+    assert not [name for name in os.listdir(cache_dir) if name.endswith(".npz")]  # no cache that looks complete
+    monkeypatch.setattr(labels, "scene_labels", lambda nusc, scene_name, *rest: done.append(scene_name) or
+                        real_scene_labels(nusc, scene_name, *rest))
+    _, resumed = labels.label_arrays(embedded_dir, "v1.0-mini", "mini_train", ALL_VISIBILITIES, cache_dir, workers=1)
+    assert len(done) == 8 and len(set(done)) == 8  # 3 scenes before the kill, the other 5 after it
+    _, straight = labels.label_arrays(embedded_dir, "v1.0-mini", "mini_train", ALL_VISIBILITIES,
+                                      str(tmp_path / "straight"), workers=1)
+    assert all(np.array_equal(resumed[key], straight[key]) for key in straight if key != "dstorch_cache_key")
+    assert not [name for name in os.listdir(cache_dir) if ".parts-" in name]  # gone once the cache is written
 
 
 def test_export_coco_command(embedded_dir, tmp_path):

@@ -1,6 +1,5 @@
 """The multi-camera loader: splits, item contract, image decoding, collate, the embedded dataset on demand."""
 
-import json
 import logging
 import os
 
@@ -18,8 +17,12 @@ from utils.errors import UserError
 
 def test_modes_split_scenes_deterministically(embedded_dir, make_args):
     args = make_args(embedded_dir)
-    scenes = {mode: {img["scene_name"] for s in DatasetLoader(args, mode=mode).samples for img in s}
-              for mode in ("train", "val", "test")}
+
+    def scene_names(dataset):
+        images = {image["id"]: image for image in dataset.coco_ground_truth()["images"]}
+        return {images[image_id]["scene_name"] for image_id in dataset.image_ids.tolist()}
+
+    scenes = {mode: scene_names(DatasetLoader(args, mode=mode)) for mode in ("train", "val", "test")}
     assert not scenes["train"] & scenes["val"]
     assert len(scenes["train"] | scenes["val"]) == 8 and len(scenes["val"]) == 2  # round(0.25 * 8)
     assert scenes["test"] == {"scene-0103", "scene-0916"}
@@ -30,8 +33,7 @@ def test_modes_split_scenes_deterministically(embedded_dir, make_args):
 def test_item_contract_and_boxes_in_input_pixels(embedded_dir, make_args):
     args = make_args(embedded_dir)
     dataset = DatasetLoader(args, dtype=torch.float32, mode="test")
-    with open(dataset.coco_path) as f:
-        coco = json.load(f)
+    coco = dataset.coco_ground_truth()
     cameras = args["data"]["2DObjDet"]["cameras"]
     item = dataset[1]
     assert item["images"].shape == (6, 3, 96, 160) and item["images"].dtype == torch.float32

@@ -163,11 +163,12 @@ def test_nms_is_class_aware():
     scores[0, 2, 1] = 0.7  # another class on the same spot: kept
     scores[0, 3, 2] = 0.01  # below the score threshold
     detections = postprocess_detections(boxes, scores, score_threshold=0.05, nms_iou=0.6, pre_nms_topk=100,
-                                        max_detections=10, image_size=(96, 64))[0]
+                                        max_detections=10, image_size=(96, 64))
     assert detections["labels"].tolist() == [0, 1]
     assert detections["scores"].tolist() == pytest.approx([0.9, 0.7])
     assert detections["boxes"].tolist() == [[10, 10, 50, 50], [11, 11, 51, 51]]
-    capped = postprocess_detections(boxes, scores, 0.05, 0.6, 100, max_detections=1, image_size=(96, 64))[0]
+    assert detections["image_index"].tolist() == [0, 0]
+    capped = postprocess_detections(boxes, scores, 0.05, 0.6, 100, max_detections=1, image_size=(96, 64))
     assert capped["labels"].tolist() == [0]
 
 
@@ -196,7 +197,8 @@ def test_overfits_one_batch(embedded_dir, make_args):
 
     model.eval()
     detections = model.predict(batch["images"])
-    for image, found in enumerate(detections):
+    for image in range(batch["images"].flatten(0, 1).shape[0]):
+        found = {key: value[detections["image_index"] == image] for key, value in detections.items()}
         in_image = batch["box_image_index"] == image
         for gt_box, gt_label in zip(batch["boxes"][in_image], batch["labels"][in_image], strict=True):
             same_class = found["labels"] == gt_label

@@ -66,19 +66,17 @@ def state_tensors(path):
 
 def test_train_then_test_end_to_end(trained_copy):
     exp, _ = trained_copy
-    for name in ("best.pt", "last.pt", "config.json", "training.log", "curves.png", "metrics.json",
-                 "detections.json"):
+    for name in ("best.pt", "last.pt", "config.json", "training.log", "curves.png", "metrics.json"):
         assert (exp / name).is_file(), name
+    assert not (exp / "detections.json").exists()  # validation writes metrics; per-detection files are test.py's
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(exp / "tensorboard"))
     metrics = json.loads((exp / "metrics.json").read_text())
     assert {"mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "per_class_AP"} <= set(metrics)
-    detections = json.loads((exp / "detections.json").read_text())
-    assert all({"image_id", "category_id", "bbox", "score"} == set(d) for d in detections)
     config = json.loads((exp / "config.json").read_text())
     assert config["model"]["Yolo"]["fpn_channels"] == 32 and config["num_epochs"] == 2
     log = (exp / "training.log").read_text()
     assert "epoch 2/2:" in log and "GFLOPs per image" in log
-    assert len(detections) > 0 and "Average Precision" not in log  # the COCO evaluator's table stays out
+    assert "Average Precision" not in log  # the COCO evaluator's table stays out
 
     state = torch.load(exp / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and len(state["history"]) == 2 and state["config"]["exp_id"] == 0
@@ -88,7 +86,8 @@ def test_train_then_test_end_to_end(trained_copy):
     test_dir = exp / "test"
     test_metrics = json.loads((test_dir / "metrics.json").read_text())
     assert test_metrics["checkpoint"] == "best.pt" and "per_class_AP" in test_metrics
-    assert isinstance(json.loads((test_dir / "detections.json").read_text()), list)
+    detections = json.loads((test_dir / "detections.json").read_text())
+    assert detections and all({"image_id", "category_id", "bbox", "score"} == set(d) for d in detections)
     assert len(os.listdir(test_dir / "pr_curves")) == 10
     assert sorted(os.listdir(test_dir / "visualization"))[0] == "sample_0.png"
 
@@ -152,7 +151,7 @@ def test_resume_with_a_doubled_batch_sees_each_sample_once(tiny_run, tmp_path, m
     assert last["global_step"] == 2 + 2 + 3 and last["steps_per_epoch"] == 3
     assert last["scheduler"]["last_epoch"] == last["scheduler"]["total_steps"] == 6
     assert last["history"][-1]["lr"] == pytest.approx(3e-3 / 25 / 100, rel=1e-6)  # OneCycle's final lr
-    assert "rebuilt for 2 epochs of 3 steps (it had 2 of 6) and continues at step 1" in (
+    assert "rebuilt for 2 epochs of 3 steps (it had 2 of 6, or other schedule settings) and continues at step 1" in (
         tmp_path / "exp" / "training.log").read_text()
 
 

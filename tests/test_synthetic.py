@@ -1,10 +1,13 @@
 """The embedded dataset: loaded unchanged by the devkit, nuScenes-like geometry, every class, deterministic."""
 
+import errno
 import filecmp
+import json
 import math
 import os
 from collections import Counter
 
+import cv2
 import numpy as np
 import pytest
 from nuscenes.eval.detection.constants import DETECTION_NAMES
@@ -142,3 +145,133 @@ def test_refuses_to_overwrite_and_bad_sizes(tmp_path):
     with pytest.raises(UserError, match="--width 10"):
         synthetic.generate(str(tmp_path / "new"), width=10, height=64)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.fixture(scope="module")
+def trainval_dir(tmp_path_factory) -> str:
+    """The first 4 trainval scenes, 3 keyframes each, linked images, with camera sweeps."""
+    root = tmp_path_factory.mktemp("trainval") / "nuscenes"
+    synthetic.generate(str(root), 3, 96, 64, 0, 2, version="v1.0-trainval", scenes=4, image_mode="linked",
+                       sweeps=True)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def trainval(trainval_dir):
+    return NuScenes(version="v1.0-trainval", dataroot=trainval_dir, verbose=False)
+
+
+def test_trainval_prefix_has_train_and_val_scenes(trainval_dir, trainval):
+    assert sorted(os.listdir(trainval_dir)) == ["maps", "samples", "sweeps", "v1.0-trainval"]
+    names = sorted(scene["name"] for scene in trainval.scene)
+    splits = create_splits_scenes()
+    assert names == sorted(splits["train"] + splits["val"])[:4] == ["scene-0001", "scene-0002", "scene-0003",
+                                                                    "scene-0004"]
+    assert set(names) & set(splits["val"]) == {"scene-0003"} and len(set(names) & set(splits["train"])) == 3
+    assert len(trainval.sample) == 12 and all(len(sample["data"]) == 6 for sample in trainval.sample)
+    assert {ann["visibility_token"] for ann in trainval.sample_annotation} >= {"1", "4"}
+
+
+def test_linked_images_are_hard_links_to_one_rendered_image_per_camera(trainval_dir, trainval):
+    inodes = {}
+    for sd in trainval.sample_data:
+        inodes.setdefault(sd["channel"], set()).add(os.stat(os.path.join(trainval_dir, sd["filename"])).st_ino)
+    assert len(inodes) == 6 and all(len(channel_inodes) == 1 for channel_inodes in inodes.values())
+    assert len(set.union(*inodes.values())) == 6
+    image = cv2.imread(os.path.join(trainval_dir, trainval.sample_data[0]["filename"]))
+    assert image.shape == (64, 96, 3) and image.std() > 10
+
+
+def test_sweeps_chain_with_the_keyframes_of_their_camera(trainval_dir, trainval):
+    sweeps = [sd for sd in trainval.sample_data if not sd["is_key_frame"]]
+    assert len(sweeps) == 4 * 6 * 5 * 2  # scenes x cameras x sweeps between consecutive keyframes x gaps
+    for scene in trainval.scene:
+        first = trainval.get("sample", scene["first_sample_token"])
+        for channel, token in first["data"].items():
+            chain, previous = [], ""
+            while token:
+                sd = trainval.get("sample_data", token)
+                assert sd["prev"] == previous and sd["channel"] == channel
+                assert sd["filename"].startswith(("samples/" if sd["is_key_frame"] else "sweeps/") + channel + "/")
+                assert os.path.exists(os.path.join(trainval_dir, sd["filename"]))
+                pose = trainval.get("ego_pose", sd["ego_pose_token"])
+                assert pose["timestamp"] == sd["timestamp"]
+                sample = trainval.get("sample", sd["sample_token"])
+                assert abs(sample["timestamp"] - sd["timestamp"]) <= 250_000  # the sample nearer in time
+                chain.append(sd)
+                previous, token = token, sd["next"]
+            assert [sd["is_key_frame"] for sd in chain] == [True] + [False] * 5 + [True] + [False] * 5 + [True]
+            times = np.diff([sd["timestamp"] for sd in chain])
+            assert times.min() >= 83_333 and times.max() <= 83_334  # 12 Hz
+
+
+def test_sweeps_leave_keyframes_and_images_as_they_are(tmp_path):
+    for sweeps in (False, True):
+        synthetic.generate(str(tmp_path / str(sweeps)), 2, 64, 64, 0, 1, scenes=1, sweeps=sweeps)
+    tables = {sweeps: {name: json.loads((tmp_path / str(sweeps) / "v1.0-mini" / f"{name}.json").read_text())
+                       for name in TABLES} for sweeps in (False, True)}
+    for name in set(TABLES) - {"sample_data", "ego_pose"}:
+        assert tables[True][name] == tables[False][name]
+    keyframes = {sd["token"]: sd for sd in tables[True]["sample_data"] if sd["is_key_frame"]}
+    poses = {pose["token"]: pose for pose in tables[True]["ego_pose"]}
+    assert len(keyframes) == 12 and len(tables[True]["sample_data"]) == len(poses) == 12 + 6 * 5
+    for sd in tables[False]["sample_data"]:
+        chained = keyframes[sd["token"]]
+        assert {**chained, "prev": sd["prev"], "next": sd["next"]} == sd
+        assert poses[sd["token"]] == next(pose for pose in tables[False]["ego_pose"] if pose["token"] == sd["token"])
+        assert filecmp.cmp(tmp_path / "True" / sd["filename"], tmp_path / "False" / sd["filename"], shallow=False)
+    for sd in tables[True]["sample_data"]:
+        if not sd["is_key_frame"]:  # a rendered dataset's sweep is a link to its camera's keyframe before it
+            channel = sd["filename"].split("/")[1]
+            before = max((k for k in keyframes.values() if k["filename"].split("/")[1] == channel
+                          and k["timestamp"] < sd["timestamp"]), key=lambda k: k["timestamp"])
+            assert os.path.samefile(tmp_path / "True" / sd["filename"], tmp_path / "True" / before["filename"])
+
+
+def test_cheap_visibility_counts_match_the_render():
+    """Linked mode's counts equal what the renderer counts at the same size."""
+    rig = synthetic.CameraRig(320, 180)
+    rng = np.random.default_rng(1)
+    objects = [([1.9, 4.6, 1.6], np.array([x, y, 0.8]), rng.uniform(-3, 3), (200, 100, 50), ((0.5, 0.8), (0, 0, 0)))
+               for x, y in rng.uniform(-15, 15, size=(20, 2)) if math.hypot(x, y) > 4]  # some cut by near planes
+    corners = synthetic.box_corners(np.array([o[0] for o in objects]), np.array([o[1] for o in objects]),
+                                    np.array([o[2] for o in objects]))
+    no_ground = (np.zeros((0, 4, 3)), np.zeros((0, 3)))
+    seen = 0
+    for channel in synthetic.CAMERAS:
+        _, pixels, area = synthetic.render_camera(rig, channel, np.array([1.0, 2.0]), 0.3, no_ground, objects,
+                                                  np.random.default_rng(0))
+        cheap_pixels, cheap_area = synthetic.count_visible_pixels(rig, channel, np.array([1.0, 2.0]), 0.3, corners)
+        assert cheap_pixels == pytest.approx(pixels, rel=0.02, abs=3)
+        assert cheap_area == pytest.approx(area, rel=0.02, abs=3)
+        seen += int((pixels > 0).sum())
+    assert seen >= 10
+
+
+def test_link_or_copy_copies_where_linking_fails(tmp_path, monkeypatch):
+    source, first, second = tmp_path / "source.jpg", tmp_path / "first.jpg", tmp_path / "second.jpg"
+    source.write_bytes(b"jpeg")
+    assert synthetic.link_or_copy(str(source), str(first)) == str(source) and os.path.samefile(source, first)
+
+    def at_link_limit(src, dst):
+        raise OSError(errno.EMLINK, "Too many links", src)
+
+    monkeypatch.setattr(synthetic.os, "link", at_link_limit)
+    assert synthetic.link_or_copy(str(source), str(second)) == str(second)  # the copy is the next links' source
+    assert second.read_bytes() == b"jpeg" and not os.path.samefile(source, second)
+    monkeypatch.undo()
+    with pytest.raises(FileExistsError):  # a bad target is an error, not a reason to copy
+        synthetic.link_or_copy(str(source), str(second))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scenes", "0"], "--scenes 0: v1.0-mini has 10 scenes; choose 1 to 10"),
+    (["--version", "v1.0-trainval", "--scenes", "851"], "--scenes 851: v1.0-trainval has 850 scenes"),
+])
+def test_bad_scenes_is_one_line(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        synthetic.main(["--out", str(out), *argv])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and stderr.count("\n") == 1 and message in stderr
+    assert not out.exists() and os.listdir(tmp_path) == []

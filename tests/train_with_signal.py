@@ -1,16 +1,28 @@
-"""train.py, except that on torchrun's first attempt the process of rank SIGNAL_RANK sends itself the signal
-SIGNAL_NAME (e.g. KILL, TERM) at its SIGNAL_STEP-th training step, before that step runs if SIGNAL_BEFORE_STEP=1
-(environment variables): the failing or signalled worker of tests/test_distributed.py."""
+"""train.py, except that (environment variables) on torchrun's first attempt the process of rank SIGNAL_RANK sends
+itself the signal SIGNAL_NAME (e.g. KILL, TERM) at its SIGNAL_STEP-th training step, before that step runs if
+SIGNAL_BEFORE_STEP=1: the failing or signalled worker of tests/test_distributed.py; and with SLOW_LABELS_S, the
+label cache takes that many seconds longer per scene to build."""
 
 import os
 import signal
 import sys
+import time
 
 import helper
 import train
+from dataset.NuscenesDataset import labels
 from tests.signal_at_step import load_solver_that_signals
 
-if os.environ["SIGNAL_RANK"] == os.environ.get("RANK") and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+if "SLOW_LABELS_S" in os.environ:
+    real_scene_labels = labels.scene_labels
+
+    def slow_scene_labels(*args):
+        time.sleep(float(os.environ["SLOW_LABELS_S"]))
+        return real_scene_labels(*args)
+
+    labels.scene_labels = slow_scene_labels
+
+if os.environ.get("SIGNAL_RANK") == os.environ.get("RANK") and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
     helper.load_solver = load_solver_that_signals(helper.load_solver, int(os.environ["SIGNAL_STEP"]),
                                                   signal.Signals[f"SIG{os.environ['SIGNAL_NAME']}"],
                                                   before_step=os.environ.get("SIGNAL_BEFORE_STEP") == "1")

@@ -148,8 +148,14 @@ def check_values(cfg: dict, rules: dict) -> None:
     first bad one is a UserError naming the key, its value and what it must be."""
     for key, rule in rules.items():
         value = lookup(cfg, key)
-        if not rule.check(value):
+        try:
+            good = bool(rule.check(value))
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError):  # a value of another shape
+            good = False
+        if not good:
             section, _, rest = key.partition(".")
-            raise UserError(f"{rest} = {json.dumps(value)} in config/{section}.json (or --cfg {key}=...): must be "
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 80 else f"{shown[:77]}..."
+            raise UserError(f"{rest} = {shown} in config/{section}.json (or --cfg {key}=...): must be "
                             f"{rule.expected}")
 

@@ -3,9 +3,9 @@ platform needs (gathers, flags, means); with one process the same calls run with
 
 import logging
 import os
-from contextlib import contextmanager
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -87,6 +87,26 @@ def gather_to_main(items: list) -> list:
     return [item for part in gathered for item in part] if dist.get_rank() == 0 else []
 
 
+def gather_array_to_main(array: np.ndarray) -> np.ndarray:
+    """All processes' (N_r, K) arrays concatenated in rank order on rank 0 ((0, K) elsewhere), sent as tensors
+    (padded to the longest; no pickling); the array itself without torch.distributed."""
+    if not distributed_world():
+        return array
+    device, rank, world_size = collective_device(), dist.get_rank(), dist.get_world_size()
+    length = torch.tensor([len(array)], device=device)
+    lengths = [torch.zeros_like(length) for _ in range(world_size)]
+    dist.all_gather(lengths, length)
+    lengths = torch.cat(lengths).tolist()
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    padded = tensor.new_zeros((max(1, *lengths), *tensor.shape[1:]))  # at least one row: no empty messages
+    padded[:len(tensor)] = tensor
+    gathered = [torch.empty_like(padded) for _ in range(world_size)] if rank == 0 else None
+    dist.gather(padded, gathered, dst=0)
+    if rank != 0:
+        return array[:0]
+    return torch.cat([part[:n] for part, n in zip(gathered, lengths, strict=True)]).cpu().numpy()
+
+
 def init_distributed(ddp: bool, timeout_s: float) -> tuple:
     """(world_size, rank, local_rank): one process without --ddp; under torchrun, the process group is set up from
     torchrun's environment (NCCL with CUDA, one GPU per local rank; gloo on the CPU)."""
@@ -128,13 +148,3 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 def close_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-@contextmanager
-def main_process_first(world_size: int, rank: int):
-    """Rank 0 runs the block first (e.g. generating a dataset or building a cache) while the others wait."""
-    if world_size > 1 and rank != 0:
-        dist.barrier()
-    yield
-    if world_size > 1 and rank == 0:
-        dist.barrier()

@@ -75,11 +75,12 @@ def select_device(gpu_num: int) -> torch.device:
 
 
 def write_evaluation(folder: str, metrics: dict, outputs: dict) -> None:
-    """metrics.json and the solver's other files of one evaluation (outputs: {file name: JSON value}),
-    atomically; metrics.json last, so that its presence means the evaluation's files are complete."""
+    """metrics.json and the solver's other files of one evaluation (outputs: {file name: JSON value, or a function
+    that returns it}), atomically; metrics.json last, so that its presence means the evaluation's files are
+    complete."""
     os.makedirs(folder, exist_ok=True)
     for name, value in outputs.items():
-        atomic_write_json(os.path.join(folder, name), value)
+        atomic_write_json(os.path.join(folder, name), value() if callable(value) else value)
     atomic_write_json(os.path.join(folder, "metrics.json"), metrics)
 
 

@@ -5,6 +5,8 @@ import os
 import tempfile
 from collections.abc import Callable
 
+from utils.errors import UserError
+
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` on a temporary file next to `path`, then rename it onto `path`."""
@@ -22,10 +24,14 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
 
 
 def atomic_write_json(path: str, obj) -> None:
-    """Write `obj` as JSON to `path` atomically."""
+    """Write `obj` as JSON to `path` atomically; a failed write (a full disk) is one line."""
 
     def write(tmp_path: str) -> None:
         with open(tmp_path, "w") as f:
             json.dump(obj, f)
 
-    atomic_write(path, write)
+    try:
+        atomic_write(path, write)
+    except OSError as error:
+        raise UserError(f"cannot write {path} ({error.strerror or error}): check the free space and permissions "
+                        f"there") from None

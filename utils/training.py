@@ -30,9 +30,10 @@ class TrainingParts:
         self.model = model
         self.optimizer = build_optimizer(args["optimizer_type"], model.parameters(), args["learning_rate"],
                                          args["weight_decay"])
+        # steps_per_epoch 0: evaluation only (test.py), no schedule
         self.scheduler = (build_scheduler(args["lr_schd_type"], self.optimizer, args["num_epochs"] * steps_per_epoch,
                                           steps_per_epoch, args, args["config"]["schedulers"])
-                          if args["apply_lr_scheduling"] else None)
+                          if args["apply_lr_scheduling"] and steps_per_epoch > 0 else None)
         # one code path for every precision: autocast and a GradScaler that is enabled on CUDA (fp16) only
         self.amp = bool(args["bool_mixed_precision"])
         self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -94,34 +95,52 @@ class TrainingParts:
     def load_weights(self, state: dict) -> None:
         """Only the model and EMA weights of a checkpoint, for evaluation."""
         self.check_model_name(state)
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
+        try:
+            self.model.load_state_dict(state["model"])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise UserError(f"the checkpoint's weights do not fit this model ({str(error).splitlines()[0]}): "
+                            f"evaluate it with the model settings it was trained with") from None
 
     def load_state_dict(self, state: dict, schedule_step: int) -> str:
         """Restore a checkpoint's state. schedule_step: the optimizer steps of the current --num_epochs x steps per
         epoch schedule that the resumed run has done. When the checkpoint's schedule has another length (another
-        --num_epochs, --batch_size or number of processes) or stands at another step, the schedule is rebuilt for
-        the current one and advanced to schedule_step; returns why then (the learning rate may jump), else ""."""
+        --num_epochs, --batch_size or number of processes), other settings (type, learning rate, shape) or stands
+        at another step, the schedule is rebuilt from this run's settings and advanced to schedule_step; returns why
+        then (the learning rate may jump), else ""."""
         self.check_model_name(state)
         try:
             self.model.load_state_dict(state["model"])
             if self.ema is not None and state["ema"] is not None:
                 self.ema.load_state_dict(state["ema"])
             self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as error:
+            self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise UserError(f"the checkpoint does not fit this model and optimizer ({str(error).splitlines()[0]}): "
                             f"resume with the configuration it was trained with") from None
-        self.scaler.load_state_dict(state["scaler"])
-        if self.scheduler is None:
+        old, new = state["config"], self.args
+        if self.scheduler is None:  # a constant learning rate: this run's
+            for group in self.optimizer.param_groups:
+                group["lr"] = new["learning_rate"]
             return ""
-        old_total = state["config"]["num_epochs"] * state["steps_per_epoch"]
-        new_total = self.args["num_epochs"] * self.steps_per_epoch
-        old_step = state["scheduler"]["last_epoch"] if state["scheduler"] is not None else None
-        if (old_total, old_step) == (new_total, schedule_step):
+        settings = ("lr_schd_type", "learning_rate", "div_factor", "pct_start", "final_div_factor")
+        same_schedule = (all(old[key] == new[key] for key in settings)
+                         and old["config"]["schedulers"] == new["config"]["schedulers"]
+                         and (old["num_epochs"], state["steps_per_epoch"]) == (new["num_epochs"], self.steps_per_epoch)
+                         and state["scheduler"] is not None and state["scheduler"]["last_epoch"] == schedule_step)
+        if same_schedule:
             self.scheduler.load_state_dict(state["scheduler"])
             return ""
+        # The optimizer state brought back the old run's learning rates (lr, and initial_lr/max_lr/min_lr that the
+        # schedulers keep in the parameter groups): start a new schedule from this run's flags, then advance it.
+        for group in self.optimizer.param_groups:
+            group["lr"] = new["learning_rate"]
+            for key in ("initial_lr", "max_lr", "min_lr"):
+                group.pop(key, None)
+        self.scheduler = build_scheduler(new["lr_schd_type"], self.optimizer, new["num_epochs"] * self.steps_per_epoch,
+                                         self.steps_per_epoch, new, new["config"]["schedulers"])
         fast_forward(self.scheduler, schedule_step)
-        return (f"the learning-rate schedule is rebuilt for {self.args['num_epochs']} epochs of "
-                f"{self.steps_per_epoch} steps (it had {state['config']['num_epochs']} of "
-                f"{state['steps_per_epoch']}) and continues at step {schedule_step}")
+        return (f"the learning-rate schedule is rebuilt for {new['num_epochs']} epochs of {self.steps_per_epoch} "
+                f"steps (it had {old['num_epochs']} of {state['steps_per_epoch']}, or other schedule settings) and "
+                f"continues at step {schedule_step}")

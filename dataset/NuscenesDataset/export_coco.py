@@ -36,7 +36,6 @@ def main(argv=None) -> None:
     with open(PROJECT_ROOT / "config" / "data.json") as f:
         cfg = json.load(f)[APP_MODE]
     _, coco = label_cache(args.dataroot, args.version, args.split, cfg["labels"], project_path(cfg["label_cache_dir"]))
-    coco.pop("dstorch_cache_key")
     atomic_write_json(args.out, coco)
     print(f"wrote {len(coco['images'])} images and {len(coco['annotations'])} boxes of {args.version} {args.split} "
           f"to {os.path.abspath(args.out)}")

@@ -1,4 +1,4 @@
-"""2D detection labels of nuScenes camera keyframes, exactly as the devkit computes them, cached as a COCO file.
+"""2D detection labels of nuScenes camera keyframes, exactly as the devkit computes them, cached as arrays.
 
 The boxes are the devkit's re-projection of the 3D annotations
 (`nuscenes/scripts/export_2d_annotations_as_json.py::get_2d_boxes`): global -> ego -> camera with the devkit's
@@ -8,15 +8,26 @@ differences, both deliberate: the canvas is each sample_data's own width x heigh
 its bounds are used and boxes of zero area are dropped. Classes come from the devkit's
 `category_to_detection_name`; categories without a detection class are dropped.
 
-The COCO file (`images`, `annotations`, `categories`) is built once per (dataroot, version, split, label
-settings, table contents) and reused while the key stored in it matches; it is also the ground truth of the
-COCO evaluation.
+The label cache (cache.py: one .npz of plain arrays) is built once per (dataroot, version, split, label settings,
+table files), one job per scene over all cores, and reused while the key stored in it matches. It holds, for I
+camera keyframe images and A boxes:
+    image_file (I,) bytes: path relative to the dataroot; image_size (I, 2) int32: (width, height) px;
+    image_sample, image_token (I,) bytes: sample and sample_data tokens; image_channel (I,) bytes;
+    image_scene (I,) int32: index into scene_names (N_scenes,) str;
+    box_image (A,) int32: image index (the COCO image id is index + 1); box_category (A,) int8: COCO category id
+    1..10; box_xywh (A, 4) float64: x, y, width, height in px of the original image; box_token, box_visibility
+    (A,) bytes: the sample_annotation token and its visibility token.
+`coco_from_labels` turns them into the COCO ground truth of the evaluation and of `export_coco`.
 """
 
+import glob
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+import shutil
+from contextlib import nullcontext
 
 import numpy as np
 import shapely
@@ -29,10 +40,10 @@ from pyquaternion import Quaternion
 from shapely.geometry import box as shapely_box
 from tqdm import tqdm
 
+from dataset.NuscenesDataset.cache import cache_key, cached_arrays, read_arrays, tables_key, write_arrays
 from utils.errors import UserError
-from utils.io import atomic_write_json
 
-LABEL_FORMAT = 1  # bump when the label computation changes, so that old caches are rebuilt
+LABEL_FORMAT = 2  # bump when the label computation changes, so that old caches are rebuilt
 CATEGORY_IDS = {name: index + 1 for index, name in enumerate(DETECTION_NAMES)}  # COCO ids start at 1
 NUSCENES_DOWNLOAD = "https://www.nuscenes.org/nuscenes#download"
 EMBEDDED_COMMAND = "python -m dataset.NuscenesDataset.synthetic --out DIR"
@@ -145,87 +156,135 @@ def clip_to_canvas(corner_coords: np.ndarray, canvas) -> tuple | None:
     return (x1, y1, x2, y2) if x2 > x1 and y2 > y1 else None
 
 
-def build_coco(nusc: NuScenes, scene_names: list, visibilities: list, min_box_size: float) -> dict:
-    """COCO dict of the camera keyframes of `scene_names`: images in scene, time and channel order; boxes no
-    smaller than `min_box_size` px in width and height; category ids 1..10 in the devkit's DETECTION_NAMES order."""
-    images, annotations = [], []
-    scenes = {scene["name"]: scene for scene in nusc.scene}
-    camera_keyframes = []
-    for name in scene_names:
-        sample_token = scenes[name]["first_sample_token"]
-        while sample_token:
-            sample = nusc.get("sample", sample_token)
-            for channel in sorted(sample["data"]):
-                sd_rec = nusc.get("sample_data", sample["data"][channel])
-                if sd_rec["sensor_modality"] == "camera":
-                    camera_keyframes.append((name, sd_rec))
-            sample_token = sample["next"]
-
-    for image_id, (scene_name, sd_rec) in enumerate(tqdm(camera_keyframes, desc="2D labels", unit="image"), 1):
-        images.append({"id": image_id, "file_name": sd_rec["filename"], "width": sd_rec["width"],
-                       "height": sd_rec["height"], "sample_token": sd_rec["sample_token"],
-                       "channel": sd_rec["channel"], "sample_data_token": sd_rec["token"], "scene_name": scene_name})
-        for ann_rec, (x1, y1, x2, y2) in camera_boxes_2d(nusc, sd_rec["token"], visibilities):
-            detection_name = category_to_detection_name(ann_rec["category_name"])
-            width, height = x2 - x1, y2 - y1
-            if detection_name is None or width < min_box_size or height < min_box_size:
+def scene_labels(nusc: NuScenes, scene_name: str, visibilities: list, min_box_size: float) -> dict:
+    """The label arrays of one scene's camera keyframes (see the module docstring; without image_scene and
+    scene_names), in time and channel order, image indices local to the scene; boxes no smaller than
+    `min_box_size` px in width and height."""
+    scene = next(scene for scene in nusc.scene if scene["name"] == scene_name)
+    images, boxes = [], []
+    sample_token = scene["first_sample_token"]
+    while sample_token:
+        sample = nusc.get("sample", sample_token)
+        for channel in sorted(sample["data"]):
+            sd_rec = nusc.get("sample_data", sample["data"][channel])
+            if sd_rec["sensor_modality"] != "camera":
                 continue
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                "category_id": CATEGORY_IDS[detection_name], "bbox": [x1, y1, width, height],
-                                "area": width * height, "iscrowd": 0,
-                                "sample_annotation_token": ann_rec["token"],
-                                "visibility_token": ann_rec["visibility_token"]})
-    categories = [{"id": category_id, "name": name} for name, category_id in CATEGORY_IDS.items()]
-    return {"images": images, "annotations": annotations, "categories": categories}
+            for ann_rec, (x1, y1, x2, y2) in camera_boxes_2d(nusc, sd_rec["token"], visibilities):
+                detection_name = category_to_detection_name(ann_rec["category_name"])
+                if detection_name is None or x2 - x1 < min_box_size or y2 - y1 < min_box_size:
+                    continue
+                boxes.append((len(images), CATEGORY_IDS[detection_name], (x1, y1, x2 - x1, y2 - y1),
+                              ann_rec["token"], ann_rec["visibility_token"]))
+            images.append((sd_rec["filename"], sd_rec["width"], sd_rec["height"], sd_rec["sample_token"],
+                           sd_rec["channel"], sd_rec["token"]))
+        sample_token = sample["next"]
+    return {
+        "image_file": np.array([image[0] for image in images], dtype=np.bytes_).reshape(-1),
+        "image_size": np.array([image[1:3] for image in images], dtype=np.int32).reshape(-1, 2),
+        "image_sample": np.array([image[3] for image in images], dtype=np.bytes_).reshape(-1),
+        "image_channel": np.array([image[4] for image in images], dtype=np.bytes_).reshape(-1),
+        "image_token": np.array([image[5] for image in images], dtype=np.bytes_).reshape(-1),
+        "box_image": np.array([box[0] for box in boxes], dtype=np.int32),
+        "box_category": np.array([box[1] for box in boxes], dtype=np.int8),
+        "box_xywh": np.array([box[2] for box in boxes], dtype=np.float64).reshape(-1, 4),
+        "box_token": np.array([box[3] for box in boxes], dtype=np.bytes_).reshape(-1),
+        "box_visibility": np.array([box[4] for box in boxes], dtype=np.bytes_).reshape(-1),
+    }
 
 
-def tables_digest(table_root: str) -> dict:
-    """SHA-1 of each table file: any edit of the database changes the cache key."""
-    digests = {}
-    for name in sorted(os.listdir(table_root)):
-        if name.endswith(".json"):
-            sha1 = hashlib.sha1()
-            with open(os.path.join(table_root, name), "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    sha1.update(chunk)
-            digests[name] = sha1.hexdigest()
-    return digests
+_WORKER_NUSC = None  # the devkit database, inherited by the forked label workers
 
 
-def label_cache(dataroot: str, version: str, split: str, label_cfg: dict, cache_dir: str):
-    """Path and COCO dict of the labels of `split`, rebuilt when any input or setting changed.
+def _worker_scene_labels(job: tuple) -> dict:
+    scene_name, visibilities, min_box_size = job
+    return scene_labels(_WORKER_NUSC, scene_name, visibilities, min_box_size)
+
+
+def build_labels(nusc: NuScenes, scene_names: list, visibilities: list, min_box_size: float, workers: int,
+                 parts_dir: str) -> dict:
+    """The label arrays of `scene_names` (in that order), one job per scene over `workers` processes (forked, so
+    that they share the loaded database). Each finished scene is kept in `parts_dir` until the whole build is
+    written, so a build that was killed resumes from the scenes it had finished."""
+    global _WORKER_NUSC
+    os.makedirs(parts_dir, exist_ok=True)
+    parts = {name: os.path.join(parts_dir, f"{name}.npz") for name in scene_names}
+    todo = [name for name in scene_names if not os.path.exists(parts[name])]
+    jobs = [(name, visibilities, min_box_size) for name in todo]
+    _WORKER_NUSC = nusc
+    try:
+        with (multiprocessing.get_context("fork").Pool(workers) if workers > 1 and len(todo) > 1 else
+              nullcontext()) as pool:
+            results = pool.imap(_worker_scene_labels, jobs) if pool is not None else map(_worker_scene_labels, jobs)
+            for name, arrays in tqdm(zip(todo, results, strict=True), desc="2D labels", unit="scene",
+                                     total=len(todo), initial=len(scene_names) - len(todo)):
+                write_arrays(parts[name], arrays)
+    finally:
+        _WORKER_NUSC = None
+    scenes = [read_arrays(parts[name]) for name in scene_names]
+    image_counts = [len(scene["image_file"]) for scene in scenes]
+    offsets = np.cumsum([0, *image_counts[:-1]])
+    labels = {key: np.concatenate([scene[key] for scene in scenes]) for key in scenes[0]}
+    labels["box_image"] = np.concatenate([scene["box_image"] + offset for scene, offset in zip(scenes, offsets,
+                                                                                                strict=True)])
+    labels["image_scene"] = np.repeat(np.arange(len(scene_names), dtype=np.int32), image_counts)
+    labels["scene_names"] = np.array(scene_names, dtype=np.str_)
+    return labels
+
+
+def label_arrays(dataroot: str, version: str, split: str, label_cfg: dict, cache_dir: str,
+                 workers: int | None = None) -> tuple:
+    """(path, label arrays) of the camera keyframes of `split` (see the module docstring), from the cache in
+    `cache_dir`, built there (in parallel over `workers` processes, default: all cores) when missing or when any
+    input or setting changed.
 
     label_cfg: {"visibilities": list of visibility tokens to keep ("" for none), "min_box_size": px}."""
     dataroot = os.path.abspath(dataroot)
     check_dataroot(dataroot, version)
-    key_fields = {"format": LABEL_FORMAT, "dataroot": dataroot, "version": version, "split": split,
-                  "visibilities": sorted(label_cfg["visibilities"]), "min_box_size": label_cfg["min_box_size"],
-                  "tables": tables_digest(os.path.join(dataroot, version))}
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()
-    path = os.path.join(cache_dir, f"{version}_{split}_{hashlib.sha1(dataroot.encode()).hexdigest()[:10]}.json")
-    if os.path.exists(path):
-        coco = read_cache(path)
-        if coco.get("dstorch_cache_key") == key:
-            return path, coco
-        logger.info("label cache %s is out of date: rebuilding it", path)
+    key = cache_key({"format": LABEL_FORMAT, "dataroot": dataroot, "version": version, "split": split,
+                     "visibilities": sorted(label_cfg["visibilities"]), "min_box_size": label_cfg["min_box_size"],
+                     "tables": tables_key(os.path.join(dataroot, version))})
+    path = os.path.join(os.path.abspath(cache_dir),
+                        f"{version}_{split}_{hashlib.sha1(dataroot.encode()).hexdigest()[:10]}.npz")
 
-    nusc = load_nuscenes(dataroot, version)
-    coco = build_coco(nusc, split_scene_names(nusc, split), label_cfg["visibilities"], label_cfg["min_box_size"])
-    coco["info"] = {"description": f"nuScenes {version} {split} 2D boxes re-projected by the devkit",
-                    "key_fields": {k: v for k, v in key_fields.items() if k != "tables"}}
-    coco["dstorch_cache_key"] = key
-    atomic_write_json(path, coco)
-    return path, coco
+    parts_dir = f"{path}.parts-{key[:16]}"
+
+    def build() -> dict:
+        for stale in glob.glob(f"{glob.escape(path)}.parts-*"):  # a killed build of other inputs: useless now
+            if stale != parts_dir:
+                shutil.rmtree(stale, ignore_errors=True)
+        nusc = load_nuscenes(dataroot, version)
+        return build_labels(nusc, split_scene_names(nusc, split), label_cfg["visibilities"],
+                            label_cfg["min_box_size"], workers or os.cpu_count() or 1, parts_dir)
+
+    labels = cached_arrays(path, key, build, f"the {version} {split} label cache")
+    shutil.rmtree(parts_dir, ignore_errors=True)  # the scenes of a finished build, once the cache is written
+    return path, labels
 
 
-def read_cache(path: str) -> dict:
-    """Read a label cache; a file that is not one is reported as corrupt."""
-    try:
-        with open(path) as f:
-            coco = json.load(f)
-        if not all(isinstance(coco.get(k), list) for k in ("images", "annotations", "categories")):
-            raise ValueError("not a COCO dict")
-    except (OSError, ValueError, AttributeError) as error:
-        raise UserError(f"label cache {path} is corrupt ({type(error).__name__}: {error}): "
-                        f"delete it and run again to rebuild it") from None
-    return coco
+def coco_from_labels(labels: dict, version: str, split: str) -> dict:
+    """The COCO ground-truth dict of label arrays: images (id = index + 1, file_name, width, height,
+    sample_token, channel, sample_data_token, scene_name), annotations (id, image_id, category_id, bbox [x, y, w,
+    h], area, iscrowd 0, sample_annotation_token, visibility_token) and the 10 categories."""
+    scene_names = labels["scene_names"].tolist()
+    images = [{"id": index + 1, "file_name": file_name.decode(), "width": int(width), "height": int(height),
+               "sample_token": sample.decode(), "channel": channel.decode(), "sample_data_token": token.decode(),
+               "scene_name": scene_names[scene]}
+              for index, (file_name, (width, height), sample, channel, token, scene) in enumerate(zip(
+                  labels["image_file"], labels["image_size"].tolist(), labels["image_sample"],
+                  labels["image_channel"], labels["image_token"], labels["image_scene"].tolist(), strict=True))]
+    annotations = [{"id": index + 1, "image_id": image + 1, "category_id": category, "bbox": bbox,
+                    "area": bbox[2] * bbox[3], "iscrowd": 0, "sample_annotation_token": token.decode(),
+                    "visibility_token": visibility.decode()}
+                   for index, (image, category, bbox, token, visibility) in enumerate(zip(
+                       labels["box_image"].tolist(), labels["box_category"].tolist(), labels["box_xywh"].tolist(),
+                       labels["box_token"], labels["box_visibility"], strict=True))]
+    categories = [{"id": category_id, "name": name} for name, category_id in CATEGORY_IDS.items()]
+    return {"info": {"description": f"nuScenes {version} {split} 2D boxes re-projected by the devkit"},
+            "images": images, "annotations": annotations, "categories": categories}
+
+
+def label_cache(dataroot: str, version: str, split: str, label_cfg: dict, cache_dir: str,
+                workers: int | None = None) -> tuple:
+    """(path of the cache, COCO dict) of `split`: label_arrays as a COCO ground truth (export and tests)."""
+    path, labels = label_arrays(dataroot, version, split, label_cfg, cache_dir, workers)
+    return path, coco_from_labels(labels, version, split)

@@ -18,7 +18,6 @@ An item is a dict:
 import logging
 import os
 import random
-from collections import defaultdict
 from pathlib import Path
 
 import cv2
@@ -29,7 +28,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from dataset.NuscenesDataset import synthetic
-from dataset.NuscenesDataset.labels import CATEGORY_IDS, label_cache
+from dataset.NuscenesDataset.cache import file_lock, read_arrays
+from dataset.NuscenesDataset.labels import CATEGORY_IDS, coco_from_labels, label_arrays
 from utils.collate import collate_detection
 from utils.config import NUMBER_RANGE, TEXT, Rule, list_of, number
 from utils.errors import UserError
@@ -74,9 +74,12 @@ def resolve_dataroot(args: dict, cfg: dict) -> str:
     dataroot = os.path.abspath(args["dataset_dir"]) if args.get("dataset_dir") else project_path(cfg["dataset_dir"])
     embedded = cfg["embedded"]
     if dataroot == project_path(embedded["dataset_dir"]) and not os.path.exists(dataroot):
-        logger.info("dataset_dir %s is missing: generating the embedded nuScenes dataset there", dataroot)
-        synthetic.generate(dataroot, embedded["samples_per_scene"], embedded["width"], embedded["height"],
-                           embedded["seed"])
+        os.makedirs(os.path.dirname(dataroot), exist_ok=True)
+        with file_lock(f"{dataroot}.lock", "the embedded dataset"):  # one process generates, the others wait
+            if not os.path.exists(dataroot):
+                logger.info("dataset_dir %s is missing: generating the embedded nuScenes dataset there", dataroot)
+                synthetic.generate(dataroot, embedded["samples_per_scene"], embedded["width"], embedded["height"],
+                                   embedded["seed"])
     return dataroot
 
 
@@ -159,30 +162,37 @@ class DatasetLoader(Dataset):
             raise UserError(f"mode '{mode}': choose one of {', '.join(MODES)}")
         cfg = args["data"][args["app_mode"]]
         self.dtype, self.mode = dtype, mode
-        self.dataroot = resolve_dataroot(args, cfg)
         version = cfg["version"]
         if version not in cfg["splits"]:
             raise UserError(f"version '{version}' has no entry in 'splits' of config/data.json "
                             f"(entries: {', '.join(cfg['splits'])})")
+        self.dataroot = resolve_dataroot(args, cfg)
         split = cfg["splits"][version]["test" if mode == "test" else "train"]
-        cache_dir = project_path(cfg["label_cache_dir"])
-        self.coco_path, coco = label_cache(self.dataroot, version, split, cfg["labels"], cache_dir)
-
-        scene_names = sorted({image["scene_name"] for image in coco["images"]})
+        self.coco_path, labels = label_arrays(self.dataroot, version, split, cfg["labels"],
+                                              project_path(cfg["label_cache_dir"]))
+        self.version, self.split = version, split
+        scene_names = labels["scene_names"].tolist()
         if mode != "test":
             train_scenes, val_scenes = train_val_scenes(scene_names, args["val_ratio"])
             scene_names = train_scenes if mode == "train" else val_scenes
-        self.samples = self.group_by_sample(coco["images"], set(scene_names), cfg["cameras"])
-        self.image_ids = [image["id"] for sample in self.samples for image in sample]
+        # Flat arrays only (DataLoader workers would copy Python objects on read): for S samples of N_cam cameras,
+        # image_index (S, N_cam) int64 cache index of each camera's image; for those images, files, sizes and the
+        # boxes of image k at boxes[box_start[k]:box_start[k + 1]]
+        image_index = self.sample_images(labels, np.isin(labels["scene_names"][labels["image_scene"]],
+                                                         scene_names), cfg["cameras"])
+        used = image_index.reshape(-1)
+        self.image_ids = used + 1  # (S * N_cam,) COCO image ids, in sample order
+        self.image_files = labels["image_file"][used].reshape(image_index.shape)
+        self.image_sizes = labels["image_size"][used].reshape(*image_index.shape, 2)
         self.check_files_exist()
-
-        boxes, labels = defaultdict(list), defaultdict(list)
-        for ann in coco["annotations"]:
-            x, y, w, h = ann["bbox"]
-            boxes[ann["image_id"]].append((x, y, x + w, y + h))
-            labels[ann["image_id"]].append(ann["category_id"] - 1)
-        self.boxes = {i: np.array(boxes[i], dtype=np.float32).reshape(-1, 4) for i in self.image_ids}
-        self.labels = {i: np.array(labels[i], dtype=np.int64) for i in self.image_ids}
+        # the cache lists boxes by image: image k's are box_image's run of k, found by binary search
+        first = np.searchsorted(labels["box_image"], used, side="left")
+        counts = np.searchsorted(labels["box_image"], used, side="right") - first
+        self.box_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # (S * N_cam + 1,)
+        selected = np.repeat(first - self.box_start[:-1], counts) + np.arange(self.box_start[-1])
+        x, y, w, h = labels["box_xywh"][selected].T
+        self.boxes = np.stack([x, y, x + w, y + h], axis=1).astype(np.float32).reshape(-1, 4)  # (M, 4) original px
+        self.labels = (labels["box_category"][selected] - 1).astype(np.int64)  # (M,) class index 0..9
 
         self.input_size = (cfg["image"]["w"], cfg["image"]["h"])
         # normalized = pixel * scale + bias = (pixel / 255 - mean) / std, one fused op per image
@@ -197,41 +207,55 @@ class DatasetLoader(Dataset):
         return ((images.float() - self.bias) / self.scale).round().clamp(0, 255).to(torch.uint8)
 
     @staticmethod
-    def group_by_sample(images: list, scene_names: set, cameras: list) -> list:
-        """[[image record of each camera in `cameras` order] for each sample of `scene_names`], in cache order."""
-        by_sample = defaultdict(dict)
-        for image in images:
-            if image["scene_name"] in scene_names:
-                by_sample[image["sample_token"]][image["channel"]] = image
-        samples = []
-        for sample_token, by_channel in by_sample.items():
-            missing = [channel for channel in cameras if channel not in by_channel]
-            if missing:
-                raise UserError(f"sample {sample_token} has no {missing[0]} image: set 'cameras' in config/data.json "
-                                f"to channels of the dataset ({', '.join(sorted(by_channel))})")
-            samples.append([by_channel[channel] for channel in cameras])
-        return samples
+    def sample_images(labels: dict, selected: np.ndarray, cameras: list) -> np.ndarray:
+        """(S, N_cam) int64 label-cache indices of the images of `cameras` (in that order) of each sample with a
+        `selected` (I,) image, samples in cache order."""
+        tokens, first_index, sample_of_image = np.unique(labels["image_sample"], return_index=True,
+                                                         return_inverse=True)
+        order = np.argsort(first_index, kind="stable")  # samples in cache order
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        sample_of_image = rank[sample_of_image]
+        samples = np.unique(sample_of_image[selected])
+        index = np.full((len(order), len(cameras)), -1, dtype=np.int64)
+        for position, channel in enumerate(cameras):
+            of_channel = np.flatnonzero(labels["image_channel"] == channel.encode())
+            index[sample_of_image[of_channel], position] = of_channel
+        index = index[samples]
+        if (index < 0).any():
+            sample, position = np.argwhere(index < 0)[0]
+            present = sorted({c.decode() for c in labels["image_channel"][sample_of_image == samples[sample]]})
+            raise UserError(f"sample {tokens[order[samples[sample]]].decode()} has no {cameras[position]} image: set "
+                            f"'cameras' in config/data.json to channels of the dataset ({', '.join(present)})")
+        return index
 
     def check_files_exist(self) -> None:
         """Fail before training starts, not hours into it, when images are missing."""
-        paths = [os.path.join(self.dataroot, image["file_name"]) for sample in self.samples for image in sample]
+        paths = [os.path.join(self.dataroot, name.decode()) for name in self.image_files.reshape(-1)]
         missing = [path for path in paths if not os.path.isfile(path)]
         if missing:
             raise UserError(f"image {missing[0]} is missing ({len(missing)} of {len(paths)} images are): "
                             f"restore the dataset folder or regenerate it")
 
+    def coco_ground_truth(self) -> dict:
+        """The COCO ground-truth dict of the split's label cache (for the evaluation; built on demand)."""
+        return coco_from_labels(read_arrays(self.coco_path), self.version, self.split)
+
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.image_files)
 
     def __getitem__(self, index: int) -> dict:
         width, height = self.input_size
         images, boxes, labels, counts = [], [], [], []
-        for image in self.samples[index]:
-            pixels = read_image(os.path.join(self.dataroot, image["file_name"]), self.input_size,
-                                (image["width"], image["height"]))
-            scale = np.array([width / image["width"], height / image["height"]] * 2, dtype=np.float32)
-            image_boxes = torch.from_numpy(self.boxes[image["id"]] * scale)
-            image_labels = torch.from_numpy(self.labels[image["id"]])
+        num_cameras = self.image_files.shape[1]
+        for camera in range(num_cameras):
+            k = index * num_cameras + camera  # the image's position among the dataset's images
+            full_width, full_height = self.image_sizes[index, camera].tolist()
+            pixels = read_image(os.path.join(self.dataroot, self.image_files[index, camera].decode()),
+                                self.input_size, (full_width, full_height))
+            scale = np.array([width / full_width, height / full_height] * 2, dtype=np.float32)
+            image_boxes = torch.from_numpy(self.boxes[self.box_start[k]:self.box_start[k + 1]] * scale)
+            image_labels = torch.from_numpy(self.labels[self.box_start[k]:self.box_start[k + 1]])
             if self.augmentation is not None:
                 out = self.augmentation({
                     "image": tv_tensors.Image(pixels),
@@ -244,6 +268,5 @@ class DatasetLoader(Dataset):
             counts.append(len(image_labels))
         return {"images": torch.stack(images), "boxes": torch.cat(boxes).float(), "labels": torch.cat(labels),
                 "counts": torch.tensor(counts, dtype=torch.int64),
-                "image_ids": torch.tensor([image["id"] for image in self.samples[index]], dtype=torch.int64),
-                "orig_sizes": torch.tensor([(image["width"], image["height"]) for image in self.samples[index]],
-                                           dtype=torch.int64)}
+                "image_ids": torch.from_numpy(self.image_ids[index * num_cameras:(index + 1) * num_cameras]),
+                "orig_sizes": torch.from_numpy(self.image_sizes[index].astype(np.int64))}

@@ -22,20 +22,24 @@ An item is a dict:
 Items have fixed shapes, so the DataLoader's default collate batches them.
 """
 
+import hashlib
 import logging
 import os
 
 import numpy as np
 import torch
+from nuscenes.utils.data_classes import Box
 from nuscenes.utils.geometry_utils import points_in_box
 from pyquaternion import Quaternion
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from dataset.NuscenesDataset.labels import load_nuscenes, split_scene_names
+from dataset.NuscenesDataset.cache import cache_key, cached_arrays, tables_key
+from dataset.NuscenesDataset.labels import check_dataroot, load_nuscenes, split_scene_names
 from dataset.NuscenesDataset.loader_2d_obj_det import (
     COMMON_RULES,
     MODES,
+    project_path,
     read_image,
     resolve_dataroot,
     train_val_scenes,
@@ -44,6 +48,7 @@ from utils.config import NUMBER_RANGE, TEXT, Rule, list_of, number
 from utils.errors import UserError
 from utils.segmentation import grid_shape
 
+BEV_FORMAT = 1  # bump when the cached geometry changes, so that old caches are rebuilt
 logger = logging.getLogger(__name__)
 
 
@@ -53,6 +58,87 @@ def rigid_transform(record: dict) -> np.ndarray:
     matrix[:3, :3] = Quaternion(record["rotation"]).rotation_matrix
     matrix[:3, 3] = record["translation"]
     return matrix
+
+
+def bev_samples(dataroot: str, version: str, split: str, cfg: dict, cache_dir: str) -> dict:
+    """The cameras and boxes of every sample of `split`, in scene-name and time order, as arrays (cache.py: built
+    once, by one process, and reloaded while the tables and the settings that they depend on are unchanged):
+        sample_token (S,) str; sample_scene (S,) int32 index into scene_names (N_scenes,) str;
+        image_file (S, N_cam) bytes, relative to the dataroot; image_size (S, N_cam, 2) int32 (width, height) px;
+        projection (S, N_cam, 3, 4) float64: BEV frame (m) -> original image pixels times depth;
+        box_start (S + 1,) int64: sample s's boxes are box_start[s]:box_start[s + 1] of box_class (B,) int8,
+        box_center (B, 3), box_size (B, 3) (w, l, h) m and box_rotation (B, 4) quaternion (w, x, y, z) in the BEV
+        frame."""
+    dataroot = os.path.abspath(dataroot)
+    check_dataroot(dataroot, version)
+    settings = {key: cfg[key] for key in ("cameras", "ego_pose_channel", "classes", "visibilities")}
+    key = cache_key({"format": BEV_FORMAT, "dataroot": dataroot, "version": version, "split": split, **settings,
+                     "tables": tables_key(os.path.join(dataroot, version))})
+    path = os.path.join(os.path.abspath(cache_dir),
+                        f"bev_{version}_{split}_{hashlib.sha1(dataroot.encode()).hexdigest()[:10]}.npz")
+
+    def build() -> dict:
+        nusc = load_nuscenes(dataroot, version)
+        scene_names = sorted(split_scene_names(nusc, split))
+        scenes = {scene["name"]: scene for scene in nusc.scene}
+        samples, boxes = [], []
+        for scene_index, name in enumerate(scene_names):
+            sample_token = scenes[name]["first_sample_token"]
+            while sample_token:
+                sample = nusc.get("sample", sample_token)
+                samples.append((scene_index, *sample_geometry(nusc, sample, cfg)))
+                boxes.append(samples[-1][-1])
+                sample_token = sample["next"]
+        all_boxes = [box for sample_boxes in boxes for box in sample_boxes]
+        return {"sample_token": np.array([sample[1] for sample in samples], dtype=np.str_),
+                "sample_scene": np.array([sample[0] for sample in samples], dtype=np.int32),
+                "scene_names": np.array(scene_names, dtype=np.str_),
+                "image_file": np.array([sample[2] for sample in samples], dtype=np.bytes_),
+                "image_size": np.array([sample[3] for sample in samples], dtype=np.int32),
+                "projection": np.array([sample[4] for sample in samples], dtype=np.float64),
+                "box_start": np.concatenate([[0], np.cumsum([len(b) for b in boxes])]).astype(np.int64),
+                "box_class": np.array([box[0] for box in all_boxes], dtype=np.int8),
+                "box_center": np.array([box[1] for box in all_boxes], dtype=np.float64).reshape(-1, 3),
+                "box_size": np.array([box[2] for box in all_boxes], dtype=np.float64).reshape(-1, 3),
+                "box_rotation": np.array([box[3] for box in all_boxes], dtype=np.float64).reshape(-1, 4)}
+
+    return cached_arrays(path, key, build, f"the BEV samples of {version} {split}")
+
+
+def sample_geometry(nusc, sample: dict, cfg: dict) -> tuple:
+    """(token, image files, image sizes, projections (N_cam, 3, 4) to original pixels, boxes [(class index,
+    centre, size, rotation)] in the BEV frame) of one sample; see the module docstring for the frames."""
+    reference = cfg["ego_pose_channel"]
+    if reference not in sample["data"]:
+        raise UserError(f"sample {sample['token']} has no {reference} data: set 'ego_pose_channel' in "
+                        f"config/data.json to one of {', '.join(sorted(sample['data']))}")
+    bev_to_global = rigid_transform(nusc.get("ego_pose", nusc.get("sample_data", sample["data"][reference])
+                                             ["ego_pose_token"]))
+    files, sizes, projections = [], [], []
+    for channel in cfg["cameras"]:
+        if channel not in sample["data"]:
+            raise UserError(f"sample {sample['token']} has no {channel} image: set 'cameras' in "
+                            f"config/data.json to channels of the dataset ({', '.join(sorted(sample['data']))})")
+        record = nusc.get("sample_data", sample["data"][channel])
+        sensor = nusc.get("calibrated_sensor", record["calibrated_sensor_token"])
+        ego_to_global = rigid_transform(nusc.get("ego_pose", record["ego_pose_token"]))
+        bev_to_camera = np.linalg.inv(rigid_transform(sensor)) @ np.linalg.inv(ego_to_global) @ bev_to_global
+        projections.append(np.asarray(sensor["camera_intrinsic"]) @ bev_to_camera[:3])
+        files.append(record["filename"])
+        sizes.append((record["width"], record["height"]))
+    rotation = Quaternion(matrix=bev_to_global[:3, :3])
+    boxes = []
+    for annotation_token in sample["anns"]:
+        annotation = nusc.get("sample_annotation", annotation_token)
+        if annotation["visibility_token"] not in cfg["visibilities"]:
+            continue
+        for class_index, prefixes in enumerate(cfg["classes"].values()):
+            if annotation["category_name"].startswith(tuple(prefixes)):
+                box = nusc.get_box(annotation_token)  # global frame
+                box.translate(-bev_to_global[:3, 3])
+                box.rotate(rotation.inverse)
+                boxes.append((class_index, box.center, box.wlh, box.orientation.elements))
+    return sample["token"], files, sizes, projections, boxes
 
 
 class DatasetLoader(Dataset):
@@ -66,6 +152,7 @@ class DatasetLoader(Dataset):
     config_rules = {  # see helper.check_config
         **COMMON_RULES,
         "data.ego_pose_channel": TEXT,
+        "data.label_cache_dir": TEXT,
         "data.bev.x_range_m": NUMBER_RANGE,
         "data.bev.y_range_m": NUMBER_RANGE,
         "data.bev.cell_m": number(0, low_open=True),
@@ -87,8 +174,9 @@ class DatasetLoader(Dataset):
         if version not in cfg["splits"]:
             raise UserError(f"version '{version}' has no entry in 'splits' of config/data.json "
                             f"(entries: {', '.join(cfg['splits'])})")
-        nusc = load_nuscenes(self.dataroot, version)
-        scene_names = split_scene_names(nusc, cfg["splits"][version]["test" if mode == "test" else "train"])
+        split = cfg["splits"][version]["test" if mode == "test" else "train"]
+        samples = bev_samples(self.dataroot, version, split, cfg, project_path(cfg["label_cache_dir"]))
+        scene_names = samples["scene_names"].tolist()
         if mode != "test":
             train_scenes, val_scenes = train_val_scenes(scene_names, args["val_ratio"])
             scene_names = train_scenes if mode == "train" else val_scenes
@@ -97,17 +185,25 @@ class DatasetLoader(Dataset):
         self.grid = grid_shape(cfg["bev"])
         self.bev = cfg["bev"]
         self.input_size = (cfg["image"]["w"], cfg["image"]["h"])
-        # per sample: its token, [(image path, (width, height) px)] per camera, (N_cam, 3, 4) projections, and
-        # per class a list of the devkit's Box in the BEV frame
-        self.sample_tokens, self.images, self.projections, self.boxes = [], [], [], []
-        scenes = {scene["name"]: scene for scene in nusc.scene}
-        for name in sorted(scene_names):
-            sample_token = scenes[name]["first_sample_token"]
-            while sample_token:
-                sample = nusc.get("sample", sample_token)
-                self.add_sample(nusc, sample, cfg)
-                sample_token = sample["next"]
-        missing = [path for files in self.images for path, _ in files if not os.path.isfile(path)]
+        # Flat arrays only (DataLoader workers would copy Python objects on read), for S samples and B boxes:
+        # sample_tokens (S,) str; image_files (S, N_cam) bytes; image_sizes (S, N_cam, 2); projections (S, N_cam,
+        # 3, 4); each sample's boxes at box_start[s]:box_start[s + 1] of box_class, box_center, box_size (w, l, h)
+        # and box_rotation (w, x, y, z quaternion), in the BEV frame
+        keep = np.flatnonzero(np.isin(samples["scene_names"][samples["sample_scene"]], scene_names))
+        self.sample_tokens = samples["sample_token"][keep]
+        self.image_files = samples["image_file"][keep]
+        self.image_sizes = samples["image_size"][keep]
+        width, height = self.input_size
+        to_input = np.stack([width / self.image_sizes[..., 0], height / self.image_sizes[..., 1],
+                             np.ones(self.image_sizes.shape[:2])], axis=-1)  # (S, N_cam, 3): row scales of P
+        self.projections = torch.tensor(samples["projection"][keep] * to_input[..., None], dtype=torch.float32)
+        first, last = samples["box_start"][keep], samples["box_start"][keep + 1]
+        self.box_start = np.concatenate([[0], np.cumsum(last - first)]).astype(np.int64)
+        selected = np.repeat(first - self.box_start[:-1], last - first) + np.arange(self.box_start[-1])
+        self.box_class, self.box_center, self.box_size, self.box_rotation = (
+            samples[key][selected] for key in ("box_class", "box_center", "box_size", "box_rotation"))
+        missing = [path for path in (os.path.join(self.dataroot, name.decode()) for name in self.image_files.ravel())
+                   if not os.path.isfile(path)]
         if missing:
             raise UserError(f"image {missing[0]} is missing ({len(missing)} images are): restore the dataset folder "
                             f"or regenerate it")
@@ -121,64 +217,29 @@ class DatasetLoader(Dataset):
                                             jitter["hue"])
                              if mode == "train" and args["bool_apply_img_aug"] else None)
 
-    def add_sample(self, nusc, sample: dict, cfg: dict) -> None:
-        """Record one sample: its image files, its cameras' projections and its boxes per class."""
-        reference = cfg["ego_pose_channel"]
-        if reference not in sample["data"]:
-            raise UserError(f"sample {sample['token']} has no {reference} data: set 'ego_pose_channel' in "
-                            f"config/data.json to one of {', '.join(sorted(sample['data']))}")
-        bev_to_global = rigid_transform(nusc.get("ego_pose", nusc.get("sample_data", sample["data"][reference])
-                                                 ["ego_pose_token"]))
-        files, projections = [], []
-        for channel in self.cameras:
-            if channel not in sample["data"]:
-                raise UserError(f"sample {sample['token']} has no {channel} image: set 'cameras' in "
-                                f"config/data.json to channels of the dataset ({', '.join(sorted(sample['data']))})")
-            record = nusc.get("sample_data", sample["data"][channel])
-            sensor = nusc.get("calibrated_sensor", record["calibrated_sensor_token"])
-            ego_to_global = rigid_transform(nusc.get("ego_pose", record["ego_pose_token"]))
-            bev_to_camera = np.linalg.inv(rigid_transform(sensor)) @ np.linalg.inv(ego_to_global) @ bev_to_global
-            to_input_pixels = np.diag([self.input_size[0] / record["width"], self.input_size[1] / record["height"], 1])
-            projections.append(to_input_pixels @ np.asarray(sensor["camera_intrinsic"]) @ bev_to_camera[:3])
-            files.append((os.path.join(self.dataroot, record["filename"]), (record["width"], record["height"])))
-        rotation = Quaternion(matrix=bev_to_global[:3, :3])
-        boxes = [[] for _ in self.class_names]
-        for annotation_token in sample["anns"]:
-            annotation = nusc.get("sample_annotation", annotation_token)
-            if annotation["visibility_token"] not in cfg["visibilities"]:
-                continue
-            for class_index, prefixes in enumerate(cfg["classes"].values()):
-                if annotation["category_name"].startswith(tuple(prefixes)):
-                    box = nusc.get_box(annotation_token)  # global frame
-                    box.translate(-bev_to_global[:3, 3])
-                    box.rotate(rotation.inverse)
-                    boxes[class_index].append(box)
-        self.sample_tokens.append(sample["token"])
-        self.images.append(files)
-        self.projections.append(torch.tensor(np.stack(projections), dtype=torch.float32))
-        self.boxes.append(boxes)
-
-    def rasterize(self, boxes: list) -> torch.Tensor:
-        """(C, X, Y) float32 occupancy of each class's boxes (devkit Box, BEV frame): the cells whose centres, at
-        the box's centre height, are inside it. Only the window of cells under the box's footprint is tested."""
+    def rasterize(self, index: int) -> torch.Tensor:
+        """(C, X, Y) float32 occupancy of each class's boxes of sample `index` (BEV frame): the cells whose
+        centres, at the box's centre height, are inside it. Only the window of cells under the box's footprint is
+        tested."""
         target = np.zeros((len(self.class_names), *self.grid), dtype=np.float32)
         x_max, y_max, cell = self.bev["x_range_m"][1], self.bev["y_range_m"][1], self.bev["cell_m"]
-        for class_index, class_boxes in enumerate(boxes):
-            for box in class_boxes:
-                corners = box.bottom_corners()[:2]  # (2, 4) x, y in m
-                # rows i cover x in (x_max - (i + 1) cell, x_max - i cell]; columns j likewise from y_max
-                row_start, row_stop = np.clip([np.floor((x_max - corners[0].max()) / cell),
-                                               np.ceil((x_max - corners[0].min()) / cell)], 0, self.grid[0]).astype(int)
-                col_start, col_stop = np.clip([np.floor((y_max - corners[1].max()) / cell),
-                                               np.ceil((y_max - corners[1].min()) / cell)], 0, self.grid[1]).astype(int)
-                if row_start >= row_stop or col_start >= col_stop:
-                    continue  # outside the grid
-                rows, columns = np.meshgrid(np.arange(row_start, row_stop), np.arange(col_start, col_stop),
-                                            indexing="ij")
-                centres = np.stack([x_max - (rows.ravel() + 0.5) * cell, y_max - (columns.ravel() + 0.5) * cell,
-                                    np.full(rows.size, box.center[2])])  # (3, n) m
-                inside = points_in_box(box, centres).reshape(rows.shape)
-                target[class_index, row_start:row_stop, col_start:col_stop] += inside
+        for b in range(self.box_start[index], self.box_start[index + 1]):
+            class_index = self.box_class[b]
+            box = Box(self.box_center[b], self.box_size[b], Quaternion(self.box_rotation[b]))
+            corners = box.bottom_corners()[:2]  # (2, 4) x, y in m
+            # rows i cover x in (x_max - (i + 1) cell, x_max - i cell]; columns j likewise from y_max
+            row_start, row_stop = np.clip([np.floor((x_max - corners[0].max()) / cell),
+                                           np.ceil((x_max - corners[0].min()) / cell)], 0, self.grid[0]).astype(int)
+            col_start, col_stop = np.clip([np.floor((y_max - corners[1].max()) / cell),
+                                           np.ceil((y_max - corners[1].min()) / cell)], 0, self.grid[1]).astype(int)
+            if row_start >= row_stop or col_start >= col_stop:
+                continue  # outside the grid
+            rows, columns = np.meshgrid(np.arange(row_start, row_stop), np.arange(col_start, col_stop),
+                                        indexing="ij")
+            centres = np.stack([x_max - (rows.ravel() + 0.5) * cell, y_max - (columns.ravel() + 0.5) * cell,
+                                np.full(rows.size, box.center[2])])  # (3, n) m
+            inside = points_in_box(box, centres).reshape(rows.shape)
+            target[class_index, row_start:row_stop, col_start:col_stop] += inside
         return torch.from_numpy(np.minimum(target, 1.0))
 
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -190,10 +251,10 @@ class DatasetLoader(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         images = []
-        for path, full_size in self.images[index]:
-            pixels = read_image(path, self.input_size, full_size)
+        for name, full_size in zip(self.image_files[index], self.image_sizes[index].tolist(), strict=True):
+            pixels = read_image(os.path.join(self.dataroot, name.decode()), self.input_size, tuple(full_size))
             if self.augmentation is not None:
                 pixels = self.augmentation(pixels)
             images.append(torch.addcmul(self.bias, pixels.float(), self.scale).to(self.dtype))
         return {"images": torch.stack(images), "projections": self.projections[index],
-                "target": self.rasterize(self.boxes[index]), "index": torch.tensor(index)}
+                "target": self.rasterize(index), "index": torch.tensor(index)}

@@ -1,10 +1,14 @@
-"""The embedded dataset: a small synthetic dataset written in the exact nuScenes v1.0 layout.
+"""The embedded dataset: a synthetic dataset of any size written in the exact nuScenes v1.0 layout.
 
-    python -m dataset.NuscenesDataset.synthetic --out DIR [--samples_per_scene N] [--width W --height H] [--seed S]
+    python -m dataset.NuscenesDataset.synthetic --out DIR [--version v1.0-mini|v1.0-trainval] [--scenes N]
+        [--samples_per_scene N] [--width W --height H] [--seed S] [--image_mode rendered|linked] [--sweeps]
 
-The devkit's own `NuScenes(version='v1.0-mini', dataroot=DIR)` loads the result unchanged: the 13 tables in
-DIR/v1.0-mini/, map masks in DIR/maps/ and the camera keyframes in DIR/samples/CAM_*/. The ten scenes carry the
-names of the official v1.0-mini scenes, so `create_splits_scenes()['mini_train']` and `['mini_val']` select 8 and 2.
+The devkit's own `NuScenes(version=VERSION, dataroot=DIR)` loads the result unchanged: the 13 tables in DIR/VERSION/,
+map masks in DIR/maps/ and the camera keyframes in DIR/samples/CAM_*/. The scenes carry the names of the official
+scenes of the version, so `create_splits_scenes()` selects them: v1.0-mini (the default) has 10 scenes, 8 in
+'mini_train' and 2 in 'mini_val'; v1.0-trainval has 850, 700 in 'train' and 150 in 'val'. --scenes N keeps the first
+N scene names in sorted order (a prefix of trainval holds train and val scenes); each scene is the same whichever
+--scenes selects it, so a smaller dataset is a subset of a larger one.
 
 In each scene the ego car drives a gently curved four-lane road; around it are traffic, parked vehicles, cyclists,
 pedestrians and roadside objects of all 23 nuScenes categories with realistic sizes. Every camera image is rendered
@@ -13,11 +17,21 @@ class-specific stripes, a little noise), so what a 2D label says is visibly ther
 annotation is the rendered fraction of the object that is not occluded, over all six cameras; as in nuScenes, an
 object is annotated only over the keyframes between the first and the last in which some camera sees it.
 
+For scale tests, --image_mode linked renders one image per camera (the first keyframe of the first scene) and
+hard-links every other camera file to it; visibility tokens and annotation spans then come from the objects'
+silhouettes drawn in painter's order at 1/8 of the size (at least 64x36), without writing that drawing. A
+trainval-shaped dataset with the full 40 keyframes per scene (34,000 samples, 1.17 M annotations as in nuScenes)
+takes about 500 s of CPU time, 4 to 7 minutes on two cores. --sweeps adds the cameras' non-keyframes as in nuScenes
+(12 Hz cameras, 2 Hz keyframes: 5 sweeps between consecutive keyframes of each camera) in DIR/sweeps/CAM_*/, chained
+by prev/next with the keyframes of their camera, each with its ego pose; their images are hard links to the keyframe
+image before them. The keyframe records stay as without sweeps, but for their prev/next.
+
 Frames, as in nuScenes: global (z up, ground at z = 0); ego (x forward, y left, z up); camera (z forward, x right,
 y down). Distances in metres, times in microseconds, image coordinates in pixels with pixel i covering [i, i + 1).
 """
 
 import argparse
+import errno
 import hashlib
 import json
 import math
@@ -35,8 +49,12 @@ from shapely.geometry import box as shapely_box
 
 from utils.errors import UserError, exit_on_user_error
 
-VERSION = "v1.0-mini"
+VERSION = "v1.0-mini"  # the default version
+VERSIONS = {"v1.0-mini": ("mini_train", "mini_val"), "v1.0-trainval": ("train", "val")}  # its two splits
+IMAGE_MODES = ("rendered", "linked")
 KEYFRAME_PERIOD_US = 500_000  # nuScenes keyframes come at 2 Hz
+CAMERA_SWEEPS_PER_KEYFRAME = 5  # nuScenes cameras run at 12 Hz: 6 frames per keyframe period, one of them the keyframe
+COUNT_SCALE, COUNT_MIN_SIZE = 8, (64, 36)  # linked mode counts visible pixels at 1/8 of the size, at least 64x36
 NEAR_PLANE_M = 0.1  # polygons are clipped to camera z >= this before projection
 
 # channel: (yaw of the optical axis in the ego frame in degrees, position in the ego frame in m,
@@ -162,18 +180,23 @@ def place_objects(rng: np.random.Generator, path_length: float, ego_speed: float
     at any keyframe (checked on (s, d) footprints with a 0.5 m margin)."""
     names = list(CATEGORIES)
     objects = []
-    ego_footprints = [(ego_speed * t + 1.3, 0.0, 5.2, 2.2) for t in sample_times]  # (s, d, length, width)
 
-    def footprints(obj):
+    def footprints(s, d, length, width) -> np.ndarray:
+        """(keyframes, 4): (s, d, length, width) at each keyframe."""
+        return np.stack(np.broadcast_arrays(s, d, length, width), axis=1).astype(float)
+
+    def obj_footprints(obj) -> np.ndarray:
         width, length = obj["size"][:2]
         if abs(math.sin(obj["yaw_offset"])) > 1e-6:  # not aligned with the road: bound it by a square
             width = length = max(width, length)
-        return [(obj["s0"] + obj["speed"] * t, obj["d"], length, width) for t in sample_times]
+        return footprints(obj["s0"] + obj["speed"] * sample_times, obj["d"], length, width)
 
-    def overlaps(a, b):
-        return abs(a[0] - b[0]) < (a[2] + b[2]) / 2 + 0.5 and abs(a[1] - b[1]) < (a[3] + b[3]) / 2 + 0.5
+    def overlaps_any(prints, occupied) -> bool:
+        """Whether footprints (keyframes, 4) overlap any of the occupied (m, keyframes, 4) at some keyframe."""
+        gap, limit = np.abs(prints - occupied), (prints + occupied) / 2 + 0.5
+        return bool(((gap[..., 0] < limit[..., 2]) & (gap[..., 1] < limit[..., 3])).any())
 
-    occupied = [ego_footprints]
+    occupied = footprints(ego_speed * sample_times + 1.3, 0.0, 5.2, 2.2)[None]  # the ego car
     for placement, count in PLACEMENT_COUNTS.items():
         candidates = [n for n in names if CATEGORIES[n][4] == placement]
         if placement == "parked":
@@ -183,10 +206,10 @@ def place_objects(rng: np.random.Generator, path_length: float, ego_speed: float
             for _attempt in range(30):
                 name = candidates[rng.choice(len(candidates), p=weights / weights.sum())]
                 obj = new_object(rng, name, placement, path_length, ego_speed)
-                prints = footprints(obj)
-                if not any(overlaps(p, q) for other in occupied for p, q in zip(prints, other, strict=True)):
+                prints = obj_footprints(obj)
+                if not overlaps_any(prints, occupied):
                     objects.append(obj)
-                    occupied.append(prints)
+                    occupied = np.concatenate([occupied, prints[None]])
                     break
     return objects
 
@@ -237,11 +260,14 @@ def jitter_color(rng: np.random.Generator, rgb) -> tuple:
     return tuple(int(np.clip(c * rng.uniform(0.85, 1.15) + rng.uniform(-12, 12), 0, 255)) for c in rgb)
 
 
-def object_state(road: Road, obj: dict, t_s: float):
-    """Centre (3,) in global metres and yaw (rad) of `obj` at `t_s` seconds after the scene start."""
-    s = obj["s0"] + obj["speed"] * t_s
-    xy = road.point(s, obj["d"])
-    return np.array([xy[0], xy[1], obj["size"][2] / 2.0]), float(road.heading(s)) + obj["yaw_offset"]
+def object_states(road: Road, objects: list, t_s: float):
+    """Centres (n, 3) in global metres and yaws (n,) in rad of the n `objects` at `t_s` seconds after the scene
+    start."""
+    s = np.array([obj["s0"] for obj in objects]) + np.array([obj["speed"] for obj in objects]) * t_s
+    xy = road.point(s, [obj["d"] for obj in objects]).reshape(-1, 2)
+    heights = np.array([obj["size"][2] for obj in objects])
+    yaws = road.heading(s) + np.array([obj["yaw_offset"] for obj in objects])
+    return np.column_stack([xy, heights / 2.0]), yaws
 
 
 def box_faces(size, center: np.ndarray, yaw: float, stripe) -> list:
@@ -393,14 +419,109 @@ def render_camera(rig: CameraRig, channel: str, ego_xy: np.ndarray, ego_yaw: flo
     return image, visible_pixels, silhouette_px
 
 
+# The 12 edges of a cuboid as pairs of corner indices, corners as box_corners orders them (top four first).
+BOX_EDGES = np.array([[0, 1], [1, 2], [2, 3], [3, 0], [4, 5], [5, 6], [6, 7], [7, 4], [0, 4], [1, 5], [2, 6], [3, 7]])
+
+
+def box_corners(sizes: np.ndarray, centers: np.ndarray, yaws: np.ndarray) -> np.ndarray:
+    """Corners (n, 8, 3) in global metres of n cuboids with sizes (n, 3) as (width, length, height), centres (n, 3)
+    and yaws (n,) in rad; the top four first."""
+    signs = np.array([[1, 1, 1], [-1, 1, 1], [-1, -1, 1], [1, -1, 1],
+                      [1, 1, -1], [-1, 1, -1], [-1, -1, -1], [1, -1, -1]], dtype=float)
+    half = np.stack([sizes[:, 1], sizes[:, 0], sizes[:, 2]], axis=1) / 2.0  # (n, 3): along x, y, z of the object
+    cos, sin = np.cos(yaws)[:, None], np.sin(yaws)[:, None]
+    offsets = signs[None] * half[:, None]  # (n, 8, 3) in the object frame
+    rotated = np.stack([cos * offsets[..., 0] - sin * offsets[..., 1], sin * offsets[..., 0] + cos * offsets[..., 1],
+                        offsets[..., 2]], axis=-1)
+    return rotated + centers[:, None]
+
+
+def count_visible_pixels(rig: CameraRig, channel: str, ego_xy: np.ndarray, ego_yaw: float, corners: np.ndarray):
+    """What render_camera counts, without drawing an image: the visible pixel count (n,) and the unoccluded
+    silhouette area in px (n,) of each of n cuboids with corners (n, 8, 3) from box_corners, in an image of the
+    rig's size. Each cuboid in view is drawn as its silhouette, the convex hull of its projected part in front of
+    the near plane, in painter's order; only object pixels are drawn, as only they hide objects."""
+    camera_matrix, cam_to_ego, cam_in_ego = rig.cameras[channel]
+    ego_rotation = np.array([[math.cos(ego_yaw), -math.sin(ego_yaw), 0.0],
+                             [math.sin(ego_yaw), math.cos(ego_yaw), 0.0], [0.0, 0.0, 1.0]])
+    cam_to_global = ego_rotation @ cam_to_ego
+    cam_position = np.array([ego_xy[0], ego_xy[1], 0.0]) + ego_rotation @ cam_in_ego
+    corners_cam = (corners - cam_position) @ cam_to_global  # (n, 8, 3)
+    in_front = corners_cam[:, :, 2] >= NEAR_PLANE_M
+    all_in_front = in_front.all(axis=1)
+    uvw = corners_cam @ camera_matrix.T
+    uv = uvw[:, :, :2] / np.maximum(uvw[:, :, 2:], NEAR_PLANE_M)  # (n, 8, 2), meaningful where in front
+    outside = ((uv[:, :, 0] < 0).all(1) | (uv[:, :, 0] > rig.width).all(1) | (uv[:, :, 1] < 0).all(1)
+               | (uv[:, :, 1] > rig.height).all(1))
+    in_view = np.flatnonzero(in_front.any(axis=1) & ~(all_in_front & outside))
+
+    object_ids = np.zeros((rig.height, rig.width), dtype=np.uint16)
+    canvas = np.array([[0, 0], [rig.width, 0], [rig.width, rig.height], [0, rig.height]], dtype=np.float32)
+    silhouette_px = np.zeros(len(corners))
+    distances = np.linalg.norm(corners_cam.mean(axis=1), axis=1)
+    for index in in_view[np.argsort(-distances[in_view], kind="stable")]:  # painter's order: far to near
+        if all_in_front[index]:
+            points = uv[index]
+        else:  # the vertices of its part in front: corners in front and where edges cross the near plane
+            start, end = corners_cam[index][BOX_EDGES[:, 0]], corners_cam[index][BOX_EDGES[:, 1]]
+            crossing = (start[:, 2] >= NEAR_PLANE_M) != (end[:, 2] >= NEAR_PLANE_M)
+            start, end = start[crossing], end[crossing]
+            cut = start + (NEAR_PLANE_M - start[:, 2:]) / (end[:, 2:] - start[:, 2:]) * (end - start)
+            points = project(np.concatenate([corners_cam[index][in_front[index]], cut]), camera_matrix)
+        hull = cv2.convexHull(points.astype(np.float32))
+        if len(hull) < 3:
+            continue
+        fill_polygon(object_ids, hull.reshape(-1, 2), int(index) + 1)
+        silhouette_px[index] = cv2.intersectConvexConvex(hull, canvas)[0]
+    visible_pixels = np.bincount(object_ids.ravel(), minlength=len(corners) + 1)[1:]
+    return visible_pixels, silhouette_px
+
+
+def count_size(width: int, height: int) -> tuple:
+    """The image size (width, height) at which linked mode counts visible pixels."""
+    return (min(width, max(COUNT_MIN_SIZE[0], width // COUNT_SCALE)),
+            min(height, max(COUNT_MIN_SIZE[1], height // COUNT_SCALE)))
+
+
+def write_jpeg(path: str, image: np.ndarray) -> None:
+    """Write an RGB image (H, W, 3) uint8 as a JPEG of quality 90."""
+    _, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    with open(path, "wb") as f:
+        f.write(encoded.tobytes())
+
+
+# os.link's errors that say "no hard link here" (at the link limit, another device, not supported), not "bad path"
+LINK_UNSUPPORTED = {errno.EMLINK, errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def link_or_copy(source: str, target: str) -> str:
+    """Hard-link `target` to the file `source` and return `source`. Where the file system cannot (no hard links,
+    or `source` at its link limit: 65,000 on ext4) copy `source` instead and return `target`, which the next links
+    can use. Other errors (an existing `target`, a full disk) are raised."""
+    try:
+        os.link(source, target)
+        return source
+    except OSError as error:
+        if error.errno not in LINK_UNSUPPORTED:
+            raise
+        shutil.copyfile(source, target)
+        return target
+
+
 def visibility_token(visible_fraction: float) -> str:
     return [token for token, _, low in VISIBILITY_LEVELS if visible_fraction >= low][-1]
 
 
 def generate_scene(job: dict) -> dict:
-    """Render one scene into job['root'] and return its table records ({table name: [records]})."""
+    """Write one scene's camera images into job['root'] and return its table records ({table name: [records]}).
+
+    job: seed, scene_index (the scene's place in its version), scene_name, width, height, samples_per_scene, root,
+    image_mode, sweeps (bool) and templates ({channel: path of the image that linked mode links that camera's files
+    to}; a channel missing from it gets its first keyframe rendered, and that image becomes its template)."""
     seed, scene_index, scene_name = job["seed"], job["scene_index"], job["scene_name"]
     width, height, n_samples, root = job["width"], job["height"], job["samples_per_scene"], job["root"]
+    linked = job["image_mode"] == "linked"
+    n_sweeps = CAMERA_SWEEPS_PER_KEYFRAME if job["sweeps"] else 0
     rng = np.random.default_rng([seed, scene_index])
     tables = {name: [] for name in ("log", "scene", "sample", "sample_data", "ego_pose", "calibrated_sensor",
                                     "instance", "sample_annotation")}
@@ -421,8 +542,9 @@ def generate_scene(job: dict) -> dict:
                 rng.choice([-1.0, 1.0]) * rng.uniform(0.0005, 0.004))
     path_length = ego_speed * sample_times[-1]
     objects = place_objects(rng, path_length, ego_speed, sample_times)
-    ground = ground_quads(road, -80.0, path_length + 120.0)
     rig = CameraRig(width, height)
+    count_rig = CameraRig(*count_size(width, height)) if linked else None
+    ground = None  # the road surface, built when a first image is rendered (linked mode renders few or none)
 
     calibrated = {}
     for channel in CAMERAS:
@@ -433,43 +555,88 @@ def generate_scene(job: dict) -> dict:
             "translation": translation.tolist(), "rotation": Quaternion(matrix=cam_to_ego).elements.tolist(),
             "camera_intrinsic": camera_matrix.tolist()})
 
+    def ego_at(timestamp: int):
+        """Ego xy (2,) in global metres and yaw in rad at a timestamp in us."""
+        ego_s = ego_speed * (timestamp - start_us) / 1e6
+        return road.point(ego_s, 0.0), float(road.heading(ego_s))
+
+    def pose_record(pose_token: str, timestamp: int, ego_xy: np.ndarray, ego_yaw: float) -> dict:
+        return {"token": pose_token, "timestamp": timestamp, "rotation": yaw_rotation(ego_yaw),
+                "translation": [float(ego_xy[0]), float(ego_xy[1]), 0.0]}
+
+    def frame_token(channel: str, k: int, j: int) -> str:
+        """Token of a camera's frame j after keyframe k: j = 0 is the keyframe, 1..n_sweeps its sweeps."""
+        return token("sample_data", channel, k) if j == 0 else token("sample_data", channel, k, "sweep", j)
+
+    def chain(channel: str, k: int, j: int) -> dict:
+        """prev and next of frame (k, j) in its camera's chain of keyframes and sweeps ("" at the ends)."""
+        prev = frame_token(channel, k, j - 1) if j > 0 else frame_token(channel, k - 1, n_sweeps) if k > 0 else ""
+        if k + 1 == n_samples:  # the last keyframe: no sweeps after it
+            return {"prev": prev, "next": ""}
+        following = frame_token(channel, k, j + 1) if j < n_sweeps else frame_token(channel, k + 1, 0)
+        return {"prev": prev, "next": following}
+
     sample_tokens = [token("sample", k) for k in range(n_samples)]
     instance_tokens = [token("instance", i) for i in range(len(objects))]
     annotation_tokens = [[token("annotation", i, k) for k in range(n_samples)] for i in range(len(objects))]
-    per_sample = []  # (time in s, object states, visible px (n,), silhouette px (n,)) of each keyframe
+    image_source = dict(job["templates"])  # channel: the image file the camera's next linked file links to
+    sweep_tables = {"sample_data": [], "ego_pose": []}  # after the keyframes' records, which stay as without sweeps
+    per_sample = []  # (ego xy (2,), object states, visible px (n,), silhouette px (n,)) of each keyframe
     for k, t_s in enumerate(sample_times):
         timestamp = start_us + k * KEYFRAME_PERIOD_US
         tables["sample"].append({"token": sample_tokens[k], "timestamp": timestamp,
                                  "prev": sample_tokens[k - 1] if k > 0 else "",
                                  "next": sample_tokens[k + 1] if k + 1 < n_samples else "",
                                  "scene_token": token("scene")})
-        states = [object_state(road, obj, t_s) for obj in objects]
+        centers, yaws = object_states(road, objects, t_s)
+        states = list(zip(centers, yaws, strict=True))
         objects_now = [(obj["size"], center, yaw, obj["color"], CATEGORIES[obj["category"]][6])
                        for obj, (center, yaw) in zip(objects, states, strict=True)]
+        if linked:
+            corners = box_corners(np.array([obj["size"] for obj in objects]).reshape(-1, 3), centers, yaws)
         visible_pixels, silhouette_area = np.zeros(len(objects)), np.zeros(len(objects))
         for channel, (_, _, _, delay_us) in CAMERAS.items():
             sd_timestamp = timestamp + delay_us
-            ego_s = ego_speed * (sd_timestamp - start_us) / 1e6
-            ego_xy, ego_yaw = road.point(ego_s, 0.0), float(road.heading(ego_s))
-            image, pixels, area = render_camera(rig, channel, ego_xy, ego_yaw, ground, objects_now,
-                                                np.random.default_rng([seed, scene_index, k, len(tables["ego_pose"])]))
+            ego_xy, ego_yaw = ego_at(sd_timestamp)
+            filename = f"samples/{channel}/{logfile}__{channel}__{sd_timestamp}.jpg"
+            path = os.path.join(root, filename)
+            if linked and channel in image_source:
+                image_source[channel] = link_or_copy(image_source[channel], path)
+            else:
+                if ground is None:
+                    ground = ground_quads(road, -80.0, path_length + 120.0)
+                image, pixels, area = render_camera(rig, channel, ego_xy, ego_yaw, ground, objects_now,
+                                                    np.random.default_rng([seed, scene_index, k,
+                                                                           len(tables["ego_pose"])]))
+                write_jpeg(path, image)
+                image_source[channel] = path
+            if linked:
+                pixels, area = count_visible_pixels(count_rig, channel, ego_xy, ego_yaw, corners)
             visible_pixels += pixels
             silhouette_area += area
-            filename = f"samples/{channel}/{logfile}__{channel}__{sd_timestamp}.jpg"
-            ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-            with open(os.path.join(root, filename), "wb") as f:
-                f.write(encoded.tobytes())
-            sd_token = token("sample_data", channel, k)
-            tables["ego_pose"].append({"token": sd_token, "timestamp": sd_timestamp,
-                                       "rotation": yaw_rotation(ego_yaw),
-                                       "translation": [float(ego_xy[0]), float(ego_xy[1]), 0.0]})
+            sd_token = frame_token(channel, k, 0)
+            tables["ego_pose"].append(pose_record(sd_token, sd_timestamp, ego_xy, ego_yaw))
             tables["sample_data"].append({
                 "token": sd_token, "sample_token": sample_tokens[k], "ego_pose_token": sd_token,
                 "calibrated_sensor_token": calibrated[channel], "timestamp": sd_timestamp, "fileformat": "jpg",
                 "is_key_frame": True, "height": height, "width": width, "filename": filename,
-                "prev": token("sample_data", channel, k - 1) if k > 0 else "",
-                "next": token("sample_data", channel, k + 1) if k + 1 < n_samples else ""})
-        per_sample.append((t_s, states, visible_pixels, silhouette_area))
+                **chain(channel, k, 0)})
+            for j in range(1, n_sweeps + 1 if k + 1 < n_samples else 1):
+                # Sweeps are evenly spaced between the keyframes; each belongs to the sample nearer in time.
+                sweep_timestamp = sd_timestamp + round(j * KEYFRAME_PERIOD_US / (n_sweeps + 1))
+                nearer = k if sweep_timestamp - timestamp <= KEYFRAME_PERIOD_US / 2 else k + 1
+                sweep_filename = f"sweeps/{channel}/{logfile}__{channel}__{sweep_timestamp}.jpg"
+                image_source[channel] = link_or_copy(image_source[channel], os.path.join(root, sweep_filename))
+                sweep_token = frame_token(channel, k, j)
+                sweep_tables["ego_pose"].append(pose_record(sweep_token, sweep_timestamp, *ego_at(sweep_timestamp)))
+                sweep_tables["sample_data"].append({
+                    "token": sweep_token, "sample_token": sample_tokens[nearer],
+                    "ego_pose_token": sweep_token, "calibrated_sensor_token": calibrated[channel],
+                    "timestamp": sweep_timestamp, "fileformat": "jpg", "is_key_frame": False, "height": height,
+                    "width": width, "filename": sweep_filename, **chain(channel, k, j)})
+        per_sample.append((road.point(ego_speed * t_s, 0.0), states, visible_pixels, silhouette_area))
+    for name, records in sweep_tables.items():
+        tables[name] += records
 
     # As in nuScenes, an object is annotated only while some sensor sees it: from the first to the last keyframe
     # in which a camera shows at least one pixel of it (an object never seen is not annotated at all).
@@ -479,10 +646,10 @@ def generate_scene(job: dict) -> dict:
             continue
         annotated = range(seen[0], seen[-1] + 1)
         for k in annotated:
-            t_s, states, pixels, area = per_sample[k]
+            ego_xy, states, pixels, area = per_sample[k]
             center, yaw = states[i]
             fraction = pixels[i] / area[i] if area[i] >= 1.0 else 0.0
-            distance = float(np.linalg.norm(center[:2] - road.point(ego_speed * t_s, 0.0)))
+            distance = float(np.linalg.norm(center[:2] - ego_xy))
             tables["sample_annotation"].append({
                 "token": annotation_tokens[i][k], "sample_token": sample_tokens[k],
                 "instance_token": instance_tokens[i], "visibility_token": visibility_token(fraction),
@@ -502,6 +669,30 @@ def generate_scene(job: dict) -> dict:
                             "name": scene_name,
                             "description": f"Synthetic, {location}, ego at {ego_speed:.1f} m/s, {n_objects} objects"})
     return tables
+
+
+def records_json(records: list) -> str:
+    """The records as json.dump(records, f, indent=0) writes them, less the enclosing '[\n' and '\n]' ("" for no
+    records): write_table joins such texts into the table's file."""
+    return json.dumps(records, indent=0)[2:-2] if records else ""
+
+
+def write_table(path: str, texts: list) -> None:
+    """Write a JSON table from parts made by records_json: the bytes json.dump(all records, f, indent=0) writes."""
+    texts = [text for text in texts if text]
+    with open(path, "w") as f:
+        if not texts:
+            f.write("[]")
+            return
+        f.write("[\n")
+        for index, text in enumerate(texts):
+            f.write(",\n" + text if index else text)
+        f.write("\n]")
+
+
+def scene_json(job: dict) -> dict:
+    """generate_scene's records as texts of records_json ({table name: text}): scene workers encode in parallel."""
+    return {name: records_json(records) for name, records in generate_scene(job).items()}
 
 
 def shared_tables(seed: int, logs: list) -> dict:
@@ -525,34 +716,56 @@ def shared_tables(seed: int, logs: list) -> dict:
 
 
 def generate(out: str, samples_per_scene: int = 10, width: int = 800, height: int = 450, seed: int = 0,
-             num_workers: int | None = None) -> None:
-    """Write the embedded dataset to `out` (which must not exist). The dataset is built in a temporary folder
-    beside `out` and renamed onto it at the end, so an interrupted run leaves no half-written dataset."""
+             num_workers: int | None = None, *, version: str = VERSION, scenes: int | None = None,
+             image_mode: str = "rendered", sweeps: bool = False) -> None:
+    """Write the embedded dataset to `out` (which must not exist): the scenes of `version` (all, or the first
+    `scenes` in sorted name order), `samples_per_scene` keyframes each, images of width x height px rendered or
+    linked (`image_mode`, see the module docstring), with camera sweeps if `sweeps`. The dataset is built in a
+    temporary folder beside `out` and renamed onto it at the end, so an interrupted run leaves no half-written
+    dataset. Raises UserError on bad input before any work."""
     if os.path.exists(out):
         raise UserError(f"--out {out} already exists: remove it or choose another folder")
     if samples_per_scene < 2:
         raise UserError(f"--samples_per_scene {samples_per_scene}: need at least 2 keyframes per scene")
     if not (64 <= width <= 4000 and 64 <= height <= 4000):
         raise UserError(f"--width {width} --height {height}: each must be between 64 and 4000 pixels")
+    if version not in VERSIONS:
+        raise UserError(f"--version {version}: choose one of {', '.join(VERSIONS)}")
+    if image_mode not in IMAGE_MODES:
+        raise UserError(f"--image_mode {image_mode}: choose one of {', '.join(IMAGE_MODES)}")
+    splits = create_splits_scenes()
+    scene_names = [name for split in VERSIONS[version] for name in splits[split]]
+    if scenes is not None and not 1 <= scenes <= len(scene_names):
+        raise UserError(f"--scenes {scenes}: {version} has {len(scene_names)} scenes; choose 1 to {len(scene_names)}")
+    # A scene keeps its place in the version's list (its seed, date and table position) whichever --scenes selects it.
+    selected = set(sorted(scene_names)[:scenes])
     out = os.path.abspath(out)
     tmp_root = f"{out}.partial-{os.getpid()}"
-    splits = create_splits_scenes()
-    scene_names = splits["mini_train"] + splits["mini_val"]
     try:
-        for channel in CAMERAS:
-            os.makedirs(os.path.join(tmp_root, "samples", channel))
+        for folder in ("samples", "sweeps") if sweeps else ("samples",):
+            for channel in CAMERAS:
+                os.makedirs(os.path.join(tmp_root, folder, channel))
         os.makedirs(os.path.join(tmp_root, "maps"))
-        os.makedirs(os.path.join(tmp_root, VERSION))
+        os.makedirs(os.path.join(tmp_root, version))
         jobs = [{"seed": seed, "scene_index": i, "scene_name": name, "width": width, "height": height,
-                 "samples_per_scene": samples_per_scene, "root": tmp_root} for i, name in enumerate(scene_names)]
+                 "samples_per_scene": samples_per_scene, "root": tmp_root, "image_mode": image_mode,
+                 "sweeps": sweeps, "templates": {}} for i, name in enumerate(scene_names) if name in selected]
         with ProcessPoolExecutor(max_workers=num_workers or os.cpu_count()) as pool:
-            per_scene = list(pool.map(generate_scene, jobs))
-        tables = {name: [record for scene in per_scene for record in scene[name]] for name in per_scene[0]}
-        tables.update(shared_tables(seed, tables["log"]))
-        for name, records in tables.items():
-            with open(os.path.join(tmp_root, VERSION, f"{name}.json"), "w") as f:
-                json.dump(records, f, indent=0)
-        for map_record in tables["map"]:
+            per_scene = []  # {table name: JSON text of the scene's records} of each scene
+            if image_mode == "linked":  # the first scene renders the templates that all other scenes link to
+                per_scene.append(pool.submit(scene_json, jobs[0]).result())
+                first_images = json.loads(f"[{per_scene[0]['sample_data']}]")[:len(CAMERAS)]
+                templates = {channel: os.path.join(tmp_root, record["filename"])
+                             for channel, record in zip(CAMERAS, first_images, strict=True)}
+                for job in jobs[1:]:
+                    job["templates"] = templates
+            per_scene += pool.map(scene_json, jobs[len(per_scene):])
+        texts = {name: [scene[name] for scene in per_scene] for name in per_scene[0]}
+        shared = shared_tables(seed, json.loads(f"[{','.join(texts['log'])}]"))
+        texts.update({name: [records_json(records)] for name, records in shared.items()})
+        for name, table_texts in texts.items():
+            write_table(os.path.join(tmp_root, version, f"{name}.json"), table_texts)
+        for map_record in shared["map"]:
             mask = np.zeros((200, 200), dtype=np.uint8)
             mask[80:120, :] = 255  # a drivable strip: the devkit needs the files; map queries on them mean nothing
             cv2.imwrite(os.path.join(tmp_root, map_record["filename"]), mask)
@@ -565,10 +778,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="folder to create (must not exist); use it as --dataset_dir")
-    parser.add_argument("--samples_per_scene", type=int, default=10, help="keyframes per scene (10 scenes)")
+    parser.add_argument("--version", default=VERSION, choices=list(VERSIONS),
+                        help="nuScenes version whose scene names and folder to use: 10 scenes or 850")
+    parser.add_argument("--scenes", type=int, default=None,
+                        help="only the first N scenes of the version in sorted name order; default: all")
+    parser.add_argument("--samples_per_scene", type=int, default=10, help="keyframes per scene (nuScenes: about 40)")
     parser.add_argument("--width", type=int, default=800, help="image width in px (nuScenes: 1600)")
     parser.add_argument("--height", type=int, default=450, help="image height in px (nuScenes: 900)")
     parser.add_argument("--seed", type=int, default=0, help="the dataset is a function of the seed and the sizes")
+    parser.add_argument("--image_mode", default="rendered", choices=IMAGE_MODES,
+                        help="rendered: every image drawn; linked: one image per camera, every other file a hard "
+                             "link to it (scale tests)")
+    parser.add_argument("--sweeps", action="store_true",
+                        help="also write the cameras' non-keyframes (5 between keyframes, as at 12 Hz) in sweeps/")
     parser.add_argument("--num_workers", type=int, default=None, help="processes rendering scenes; default: all cores")
     return parser
 
@@ -577,8 +799,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     start = time.time()
-    generate(args.out, args.samples_per_scene, args.width, args.height, args.seed, args.num_workers)
-    print(f"wrote the embedded nuScenes {VERSION} dataset to {args.out} in {time.time() - start:.1f} s")
+    generate(args.out, args.samples_per_scene, args.width, args.height, args.seed, args.num_workers,
+             version=args.version, scenes=args.scenes, image_mode=args.image_mode, sweeps=args.sweeps)
+    print(f"wrote the embedded nuScenes {args.version} dataset to {args.out} in {time.time() - start:.1f} s")
 
 
 if __name__ == "__main__":

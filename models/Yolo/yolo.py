@@ -120,10 +120,10 @@ class Yolo(nn.Module):
                 "points": points, "strides": strides}
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> list:
-        """Detections of each of the I = B * N_cam images (camera-major within a sample): dicts with boxes (D, 4)
-        in input px, scores (D,) = objectness x class probability, labels (D,); see config/model.json
-        "postprocess" for the thresholds."""
+    def predict(self, images: torch.Tensor) -> dict:
+        """Detections of the I = B * N_cam images (camera-major within a sample), flat over the batch (see
+        utils.boxes.postprocess_detections): boxes (D, 4) in input px, scores (D,) = objectness x class probability,
+        labels (D,), image_index (D,) in [0, I); see config/model.json "postprocess" for the thresholds."""
         outputs = self(images)
         objectness = torch.sigmoid(outputs["objectness"].float())[..., None]  # (I, P, 1)
         scores = objectness * torch.sigmoid(outputs["class_logits"].float())  # (I, P, C)
