@@ -77,7 +77,7 @@ def per_image(detections: dict, num_images: int) -> list:
 
 @pytest.mark.parametrize("score_threshold, nms_iou, pre_nms_topk, max_detections",
                          [(0.05, 0.6, 1000, 100), (0.5, 0.5, 50, 10), (0.0, 0.3, 10, 100), (0.9, 0.7, 2000, 3),
-                          (0.999, 0.6, 1000, 100)])
+                          (0.999, 0.6, 1000, 100), (0.0, 0.05, 1600, 40), (0.0, 0.2, 1600, 1)])
 def test_batched_postprocessing_equals_the_per_image_loop(score_threshold, nms_iou, pre_nms_topk, max_detections):
     boxes, scores = dense_predictions()
     settings = {"score_threshold": score_threshold, "nms_iou": nms_iou, "pre_nms_topk": pre_nms_topk,

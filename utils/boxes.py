@@ -23,18 +23,52 @@ def postprocess_detections(boxes: torch.Tensor, scores: torch.Tensor, score_thre
                            pre_nms_topk: int, max_detections: int, image_size: tuple) -> dict:
     """Detections of a batch of images from dense predictions, per image: the (point, class) pairs scoring above
     score_threshold, at most the pre_nms_topk best of them, class-aware NMS at nms_iou, then the max_detections
-    best. One top-k and one torchvision batched_nms for the whole batch.
+    best. One top-k for the whole batch, and torchvision's batched_nms over the best candidates of each image only.
 
     boxes (I, P, 4) in input px, clipped here to image_size = (W, H); scores (I, P, C) in [0, 1].
     Returns flat tensors over the D detections of all I images, sorted by image, best score first within an
     image: boxes (D, 4) in input px, scores (D,), labels (D,) class index, image_index (D,) in [0, I)."""
-    width, height = image_size
     num_images, num_classes = scores.shape[0], scores.shape[-1]
     flat_scores = scores.flatten(1)  # (I, P * C), point-major
     top_scores, top_index = flat_scores.topk(min(pre_nms_topk, flat_scores.shape[1]), dim=1)  # (I, k), best first
-    above = top_scores > score_threshold  # (I, k): the k best, of those above the threshold
-    image_index = torch.arange(num_images, device=scores.device)[:, None].expand_as(top_index)[above]  # (N,)
-    candidate_scores, candidate_index = top_scores[above], top_index[above]
+    candidates = (top_scores > score_threshold).sum(1)  # (I,): the above-threshold ones are a prefix of each row
+    # Greedy NMS decides each candidate from the better ones alone, so NMS over an image's `length` best candidates
+    # decides those exactly, and once it keeps max_detections the worse candidates cannot change the result. NMS
+    # costs ~length² on the CPU: start at twice max_detections and double for the images that kept fewer.
+    length = min(top_scores.shape[1], 2 * max_detections)
+    images = torch.arange(num_images, device=scores.device)  # (I',) still undecided
+    parts = []
+    while True:
+        kept = _nms_of_prefixes(boxes, top_scores, top_index, candidates, images, length, num_classes, nms_iou,
+                                image_size)
+        kept_per_image = torch.bincount(kept["image_index"], minlength=num_images)[images]
+        decided = (kept_per_image >= max_detections) | (candidates[images] <= length)
+        parts.append({key: value[decided[torch.searchsorted(images, kept["image_index"])]]
+                      for key, value in kept.items()})
+        images, length = images[~decided], min(top_scores.shape[1], 2 * length)
+        if not len(images):
+            break
+    detections = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    # by image, best score first within an image, the max_detections best
+    order = detections["scores"].argsort(descending=True, stable=True)
+    order = order[detections["image_index"][order].argsort(stable=True)]
+    image_index = detections["image_index"][order]
+    counts = torch.bincount(image_index, minlength=num_images)  # (I,)
+    rank = torch.arange(len(order), device=order.device) - (counts.cumsum(0) - counts)[image_index]  # within its image
+    return {key: value[order[rank < max_detections]] for key, value in detections.items()}
+
+
+def _nms_of_prefixes(boxes: torch.Tensor, top_scores: torch.Tensor, top_index: torch.Tensor, candidates: torch.Tensor,
+                     images: torch.Tensor, length: int, num_classes: int, nms_iou: float, image_size: tuple) -> dict:
+    """Class-aware NMS over the first `length` above-threshold candidates of each of `images` (I',), from
+    postprocess_detections' top-k: top_scores and top_index (I, k) into the flattened (P * C) scores, candidates
+    (I,) the above-threshold count of each row. Returns the kept ones as flat tensors in the output's form."""
+    width, height = image_size
+    position = torch.arange(length, device=top_scores.device)
+    above = position < candidates[images, None]  # (I', length)
+    image_index = images[:, None].expand(-1, length)[above]  # (N,)
+    candidate_scores = top_scores[images, :length][above]
+    candidate_index = top_index[images, :length][above]
     candidate_labels = candidate_index % num_classes
     candidate_boxes = boxes[image_index, candidate_index // num_classes]  # (N, 4), a copy
     candidate_boxes[:, 0::2] = candidate_boxes[:, 0::2].clamp(0, width)
@@ -45,11 +79,6 @@ def postprocess_detections(boxes: torch.Tensor, scores: torch.Tensor, score_thre
     # float64: the shifts, and batched_nms's own per-image ones, cost float32 boxes ~0.01 px of precision.
     shifted = candidate_boxes.double() + (candidate_labels.double() * (max(width, height) + 1))[:, None]
     kept = batched_nms(shifted, candidate_scores.double(), image_index, nms_iou)  # (K,) best first
-    kept_images, order = torch.sort(image_index[kept], stable=True)  # by image, best score first within an image
-    kept = kept[order]
-    counts = torch.bincount(kept_images, minlength=num_images)  # (I,)
-    rank = torch.arange(len(kept), device=kept.device) - (counts.cumsum(0) - counts)[kept_images]  # within its image
-    kept = kept[rank < max_detections]
     return {"boxes": candidate_boxes[kept], "scores": candidate_scores[kept], "labels": candidate_labels[kept],
             "image_index": image_index[kept]}
 

@@ -19,7 +19,7 @@ IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, 
 RECALL_POINTS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
 EVALUATED_AREAS = ((0, 1e10), *AREA_RANGES.values())  # all, small, medium, large
 MAX_DETECTIONS = (1, 10, 100)  # per image and category, the last also the most that are evaluated
-PAIRS_PER_CHUNK = 1 << 20  # (detection, ground-truth box) pairs whose IoU is computed at once (~100 MB)
+PAIRS_PER_CHUNK = 1 << 18  # (detection, ground-truth box) pairs whose IoU is computed at once (~50 MB)
 
 logger = logging.getLogger(__name__)
 
@@ -129,22 +129,12 @@ def coco_precision(annotations: list, detections: np.ndarray, image_ids: np.ndar
     gt_areas = np.array([a["area"] for a in annotations], dtype=np.float64)[gt_order]
     gt_crowd = np.array([bool(a.get("iscrowd", 0)) for a in annotations], dtype=bool)[gt_order]
 
-    # detections of these images and categories by (image, category), best score first (ties: in the given order),
-    # the first 100 of each (image, category)
-    dt_image, dt_category = detections[:, 0].astype(np.int64), detections[:, 6].astype(np.int64)
-    rows = np.flatnonzero(np.isin(dt_image, image_ids) & np.isin(dt_category, category_ids))  # the others not copied
-    dt_group = np.searchsorted(image_ids, dt_image[rows]) * num_categories
-    dt_group += np.searchsorted(category_ids, dt_category[rows])
-    order = np.lexsort((-detections[rows, 5], dt_group))
-    dt_group, order = dt_group[order], rows[order]
-    dt_rank = np.arange(len(order)) - np.searchsorted(dt_group, dt_group)  # 0 = the best of its (image, category)
-    kept = dt_rank < MAX_DETECTIONS[-1]
-    order, dt_group, dt_rank = order[kept], dt_group[kept], dt_rank[kept]
-    dt_boxes, dt_scores = detections[order, 1:5], detections[order, 5]
-    dt_areas = dt_boxes[:, 2] * dt_boxes[:, 3]  # as COCO.loadRes sets them
-
-    pairs = _overlapping_pairs(dt_boxes, dt_group, gt_boxes, gt_group, gt_crowd, num_groups=len(image_ids) *
-                               num_categories)
+    order, dt_group, dt_rank = _best_detections(detections, image_ids, category_ids)
+    dt_scores = detections[order, 5]
+    dt_areas = detections[order, 3] * detections[order, 4]  # as COCO.loadRes sets them
+    # the boxes (D, 4) only while the pairs are found: at val size they weigh 115 MB
+    pairs = _overlapping_pairs(detections[order, 1:5], dt_group, gt_boxes, gt_group, gt_crowd,
+                               num_groups=len(image_ids) * num_categories)
     dt_category_index, gt_category_index = dt_group % num_categories, gt_group % num_categories
     # per category, its detections best score first; ties in image order, then rank (as COCOeval concatenates them)
     by_score = np.lexsort((-dt_scores, dt_category_index))
@@ -166,6 +156,21 @@ def coco_precision(annotations: list, detections: np.ndarray, image_ids: np.ndar
                 precision[:, :, k, a, m] = _precision_at_recall_points(
                     true_positive[:, part][:, within], false_positive[:, part][:, within], num_positives[k])
     return precision
+
+
+def _best_detections(detections: np.ndarray, image_ids: np.ndarray, category_ids: np.ndarray) -> tuple:
+    """The rows of the (N, 7) detections that COCOeval evaluates, by group (image, category), best score first (ties:
+    in the given order), the 100 best of each group: (rows (D,), group (D,) = image index x K + category index,
+    rank (D,) within the group, 0 the best)."""
+    dt_image, dt_category = detections[:, 0].astype(np.int64), detections[:, 6].astype(np.int64)
+    rows = np.flatnonzero(np.isin(dt_image, image_ids) & np.isin(dt_category, category_ids))  # the others not copied
+    group = np.searchsorted(image_ids, dt_image[rows]) * len(category_ids)
+    group += np.searchsorted(category_ids, dt_category[rows])
+    order = np.lexsort((-detections[rows, 5], group))
+    group, rows = group[order], rows[order]
+    rank = np.arange(len(rows)) - np.searchsorted(group, group)
+    kept = rank < MAX_DETECTIONS[-1]
+    return rows[kept], group[kept], rank[kept]
 
 
 def _overlapping_pairs(dt_boxes: np.ndarray, dt_group: np.ndarray, gt_boxes: np.ndarray, gt_group: np.ndarray,
