@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.Yolo.aligned_loss import AlignedDetectionLoss
+from models.Yolo.csp_pan import CspPanYolo
 from models.Yolo.yolo import BACKBONES, STRIDES, Yolo
 from utils.coco_eval import SUMMARY_NAMES, coco_detection_array, coco_metrics, coco_results_list, load_coco
 from utils.config import FLAG, GROUP_NORM_CHANNELS, NUMBER_RANGE, Rule, list_of, multiple_of, number, one_of
@@ -28,7 +30,14 @@ class Solver:
     config_rules = {  # checked before work starts, see helper.check_config
         "data.image.w": multiple_of(STRIDES[-1], "the coarsest stride"),
         "data.image.h": multiple_of(STRIDES[-1], "the coarsest stride"),
-        "model.backbone": one_of(*BACKBONES),
+        "model.architecture": one_of("resnet_fpn", "csp_pan"),
+        "model": Rule(lambda section: section["backbone"] != "csp" or section["architecture"] == "csp_pan",
+                      'a section whose backbone "csp" has the architecture "csp_pan" (resnet_fpn takes a ResNet)'),
+        "model.backbone": one_of(*BACKBONES, "csp"),
+        "model.widths": Rule(lambda value: list_of(number(8, integer=True), length=5).check(value)
+                             and all(width % 2 == 0 for width in value), "5 even channel counts >= 8"),
+        "model.depths": list_of(number(1, integer=True), length=4),
+        "model.neck_depth": number(1, integer=True),
         "model.pretrained_backbone": FLAG,
         "model.freeze_batchnorm": FLAG,
         "model.fpn_channels": GROUP_NORM_CHANNELS,
@@ -47,6 +56,13 @@ class Solver:
                                  f"0 <= low < high"),
         "loss.focal_alpha": number(0, 1),
         "loss.focal_gamma": number(0),
+        "loss.aligned.weights.box": number(0),
+        "loss.aligned.weights.dfl": number(0),
+        "loss.aligned.weights.cls": number(0),
+        "loss.aligned.topk": number(1, integer=True),
+        "loss.aligned.alpha": number(0),
+        "loss.aligned.beta": number(0),
+        "loss.aligned.center_radius": number(0, low_open=True),
     }
 
     def __init__(self, args: dict, device: torch.device, class_names: list, steps_per_epoch: int,
@@ -56,10 +72,13 @@ class Solver:
         self.ground_truth = {}  # label cache path -> its indexed COCO ground truth, made at the first evaluation
         image = args["data"][args["app_mode"]]["image"]
         self.image_size = (image["w"], image["h"])
-        model = Yolo(args["model"]["Yolo"], self.image_size, len(class_names)).to(device)
+        model_cfg, loss_cfg = args["model"]["Yolo"], args["loss"]["Yolo"]
+        architecture = Yolo if model_cfg["architecture"] == "resnet_fpn" else CspPanYolo
+        model = architecture(model_cfg, self.image_size, len(class_names)).to(device)
         self.parts = TrainingParts(model, args, device, steps_per_epoch, world_size)  # optimizer, LR, AMP, EMA, DDP
         self.model = self.parts.model
-        self.loss_fn = DetectionLoss(args["loss"]["Yolo"], STRIDES)
+        self.loss_fn = (DetectionLoss(loss_cfg, STRIDES) if model_cfg["architecture"] == "resnet_fpn"
+                        else AlignedDetectionLoss(loss_cfg["aligned"]))
 
     def mode_selection(self, is_train: bool) -> None:
         self.model.train(is_train)

@@ -341,6 +341,10 @@ def test_bad_names_fail_before_heavy_work(flags, message, tmp_path):
     (["--cfg", "data.2DObjDet.cameras=[]"], "2DObjDet.cameras = [] in config/data.json"),
     (["--cfg", "model.Yolo.fpn_channels=48"], "Yolo.fpn_channels = 48 in config/model.json"),
     (["--cfg", "loss.Yolo.size_ranges=[[0, 48]]"], "Yolo.size_ranges = [[0, 48]] in config/loss.json"),
+    (["--cfg", "model.Yolo.architecture=yolov8"], 'Yolo.architecture = "yolov8" in config/model.json'),
+    (["--cfg", "model.Yolo.backbone=csp"], 'whose backbone "csp" has the architecture "csp_pan"'),
+    (["--cfg", "model.Yolo.widths=[16, 32, 64]"], "Yolo.widths = [16, 32, 64] in config/model.json"),
+    (["--cfg", "loss.Yolo.aligned.topk=0"], "Yolo.aligned.topk = 0 in config/loss.json"),
     (["--cfg", "model.LiftBEV.threshold=0.505", "--app_mode", "BEVSeg", "--model_name", "LiftBEV"],
      "LiftBEV.threshold = 0.505 in config/model.json"),
 ])

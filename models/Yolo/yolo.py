@@ -1,5 +1,6 @@
-"""A YOLO-style multi-camera 2D detector: torchvision ResNet backbone, FPN at strides 8, 16 and 32, and one
-anchor-free head shared by the three levels.
+"""A YOLO-style multi-camera 2D detector, architecture "resnet_fpn" (config/model.json; "csp_pan" is
+models/Yolo/csp_pan.py): torchvision ResNet backbone, FPN at strides 8, 16 and 32, and one anchor-free head shared
+by the three levels.
 
 Why anchor-free (YOLOX/FCOS style) and not YOLOv3 anchors: nuScenes objects range from traffic cones (0.4 m) to
 bendy buses (17 m), seen from 1 m to 80 m away by cameras of two focal lengths, so anchor shapes would have to be
@@ -84,8 +85,24 @@ class DetectionHead(nn.Module):
         return class_logits, box_deltas, self.objectness(box_features).flatten(1)
 
 
-class Yolo(nn.Module):
-    """cfg: the "Yolo" section of config/model.json; image_size: input (W, H) in px; num_classes: C."""
+def point_grid(features: list, strides: tuple) -> tuple:
+    """The centres (P, 2) x y in input px of every point of the feature maps [(I, ch, h, w) per level], level after
+    level, row-major, and each point's stride (P,); float32 whatever the features' dtype (bf16 would round the
+    centres of a 1600 px wide input to 8 px)."""
+    points, point_strides = [], []
+    for feature, stride in zip(features, strides, strict=True):
+        rows, cols = feature.shape[-2:]
+        y, x = torch.meshgrid(torch.arange(rows, device=feature.device), torch.arange(cols, device=feature.device),
+                              indexing="ij")
+        points.append(torch.stack([x.flatten(), y.flatten()], dim=1).float().add(0.5).mul(stride))
+        point_strides.append(torch.full((rows * cols,), float(stride), device=feature.device))
+    return torch.cat(points), torch.cat(point_strides)
+
+
+class DenseDetector(nn.Module):
+    """What every Yolo architecture shares: the input size check, detection (predict) from the architecture's
+    boxes and scores, and the model summary. An architecture sets cfg, image_size, num_classes and defines forward
+    (returning at least boxes (I, P, 4) in input px) and scores(outputs) -> (I, P, C) in [0, 1]."""
 
     def __init__(self, cfg: dict, image_size: tuple, num_classes: int):
         super().__init__()
@@ -94,40 +111,15 @@ class Yolo(nn.Module):
             raise UserError(f"input size {width}x{height} ('image' in config/data.json): width and height must be "
                             f"multiples of 32, the coarsest stride")
         self.cfg, self.image_size, self.num_classes = cfg, (width, height), num_classes
-        self.backbone, channels = build_backbone(cfg["backbone"], cfg["pretrained_backbone"], cfg["freeze_batchnorm"])
-        self.fpn = FeaturePyramidNetwork(list(channels), cfg["fpn_channels"])
-        self.head = DetectionHead(cfg["fpn_channels"], num_classes, cfg["head_convs"], len(STRIDES))
-
-    def forward(self, images: torch.Tensor) -> dict:
-        """images (B, N_cam, 3, H, W) -> dict over the I = B * N_cam images and P points of all levels:
-            class_logits (I, P, C); objectness (I, P) logits; box_deltas (I, P, 4) raw;
-            boxes (I, P, 4) x1 y1 x2 y2 in input px; points (P, 2) point centres in input px; strides (P,)."""
-        features = self.fpn(self.backbone(images.flatten(0, 1)))  # {"0": (I, ch, H/8, W/8), "1": ..., "2": ...}
-        class_logits, box_deltas, objectness, points, strides = [], [], [], [], []
-        for level, (feature, stride) in enumerate(zip(features.values(), STRIDES, strict=True)):
-            level_class, level_box, level_objectness = self.head(feature, level)
-            class_logits.append(level_class)
-            box_deltas.append(level_box)
-            objectness.append(level_objectness)
-            rows, cols = feature.shape[-2:]
-            y, x = torch.meshgrid(torch.arange(rows, device=feature.device), torch.arange(cols, device=feature.device),
-                                  indexing="ij")
-            points.append(torch.stack([x.flatten(), y.flatten()], dim=1).to(feature.dtype).add(0.5).mul(stride))
-            strides.append(torch.full((rows * cols,), float(stride), device=feature.device, dtype=feature.dtype))
-        points, strides, box_deltas = torch.cat(points), torch.cat(strides), torch.cat(box_deltas, dim=1)
-        return {"class_logits": torch.cat(class_logits, dim=1), "objectness": torch.cat(objectness, dim=1),
-                "box_deltas": box_deltas, "boxes": decode_ltrb(box_deltas.float(), points.float(), strides.float()),
-                "points": points, "strides": strides}
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict:
         """Detections of the I = B * N_cam images (camera-major within a sample), flat over the batch (see
-        utils.boxes.postprocess_detections): boxes (D, 4) in input px, scores (D,) = objectness x class probability,
-        labels (D,), image_index (D,) in [0, I); see config/model.json "postprocess" for the thresholds."""
+        utils.boxes.postprocess_detections): boxes (D, 4) in input px, scores (D,), labels (D,), image_index (D,)
+        in [0, I); see config/model.json "postprocess" for the thresholds."""
         outputs = self(images)
-        objectness = torch.sigmoid(outputs["objectness"].float())[..., None]  # (I, P, 1)
-        scores = objectness * torch.sigmoid(outputs["class_logits"].float())  # (I, P, C)
-        return postprocess_detections(outputs["boxes"], scores, image_size=self.image_size, **self.cfg["postprocess"])
+        return postprocess_detections(outputs["boxes"], self.scores(outputs), image_size=self.image_size,
+                                      **self.cfg["postprocess"])
 
     def print_model_summary(self) -> None:
         """Log the parameters of each part and the GFLOPs of one forward pass on one image at the input size."""
@@ -138,8 +130,37 @@ class Yolo(nn.Module):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             self(torch.zeros(1, 1, 3, height, width, device=next(self.parameters()).device))
         self.train(was_training)
-        logger.info("Yolo (%s backbone) at %dx%d input:", self.cfg["backbone"], width, height)
+        logger.info("Yolo (%s architecture, %s backbone) at %dx%d input:", self.cfg["architecture"],
+                    self.cfg["backbone"], width, height)
         for name, count in parameters.items():
             logger.info("  %-10s %8.2f M parameters", name, count / 1e6)
         logger.info("  %-10s %8.2f M parameters, %.2f GFLOPs per image (FLOPs = 2 x multiply-adds)", "total",
                     sum(parameters.values()) / 1e6, counter.get_total_flops() / 1e9)
+
+
+class Yolo(DenseDetector):
+    """The "resnet_fpn" architecture (config/model.json "architecture"): cfg: the "Yolo" section of
+    config/model.json; image_size: input (W, H) in px; num_classes: C."""
+
+    def __init__(self, cfg: dict, image_size: tuple, num_classes: int):
+        super().__init__(cfg, image_size, num_classes)
+        self.backbone, channels = build_backbone(cfg["backbone"], cfg["pretrained_backbone"], cfg["freeze_batchnorm"])
+        self.fpn = FeaturePyramidNetwork(list(channels), cfg["fpn_channels"])
+        self.head = DetectionHead(cfg["fpn_channels"], num_classes, cfg["head_convs"], len(STRIDES))
+
+    def forward(self, images: torch.Tensor) -> dict:
+        """images (B, N_cam, 3, H, W) -> dict over the I = B * N_cam images and P points of all levels:
+            class_logits (I, P, C); objectness (I, P) logits; box_deltas (I, P, 4) raw;
+            boxes (I, P, 4) x1 y1 x2 y2 in input px; points (P, 2) point centres in input px; strides (P,)."""
+        features = list(self.fpn(self.backbone(images.flatten(0, 1))).values())  # strides 8, 16, 32
+        class_logits, box_deltas, objectness = zip(*(self.head(feature, level)
+                                                     for level, feature in enumerate(features)), strict=True)
+        points, strides = point_grid(features, STRIDES)
+        box_deltas = torch.cat(box_deltas, dim=1)
+        return {"class_logits": torch.cat(class_logits, dim=1), "objectness": torch.cat(objectness, dim=1),
+                "box_deltas": box_deltas, "boxes": decode_ltrb(box_deltas.float(), points.float(), strides.float()),
+                "points": points, "strides": strides}
+
+    def scores(self, outputs: dict) -> torch.Tensor:
+        """Detection scores (I, P, C): objectness x class probability."""
+        return torch.sigmoid(outputs["objectness"].float())[..., None] * torch.sigmoid(outputs["class_logits"].float())
