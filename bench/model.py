@@ -1,6 +1,6 @@
 """Model cost: parameters, GFLOPs per image and forward+backward images/s on this CPU at the configured input size,
-for DSTorch's Yolo and, in the same run, torchvision's FCOS and RetinaNet on a resnet18-FPN backbone without
-weights, so that readers can place our cost.
+for DSTorch's Yolo (both architectures) and, in the same run, torchvision's FCOS and RetinaNet on a resnet18-FPN
+backbone without weights, with YOLOv8n's published figures, so that readers can place our cost.
 
     python -m bench.model [--batch_images 6] [--iterations 5]
 
@@ -17,10 +17,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from argumentparser import build_parser
+from models.Yolo.aligned_loss import AlignedDetectionLoss
+from models.Yolo.csp_pan import CspPanYolo
 from models.Yolo.yolo import STRIDES, Yolo
 from utils.config import merge_config
 from utils.loss import DetectionLoss
@@ -62,12 +65,24 @@ def synthetic_batch(batch_size: int, num_cameras: int, width: int, height: int) 
             "box_image_index": torch.cat([torch.full((len(t["labels"]),), i) for i, t in enumerate(targets)])}
 
 
-def torchvision_detector(kind: str, width: int, height: int, **options) -> nn.Module:
-    """FCOS or RetinaNet on a resnet18-FPN backbone (P3-P7, trainable BatchNorm, no weights) whose transform keeps
-    the input size; `options` go to the detector (e.g. image_mean, score_thresh)."""
+def torchvision_detector(kind: str, width: int, height: int, sized_for_input: bool = False, **options) -> nn.Module:
+    """FCOS or RetinaNet on a resnet18-FPN backbone (trainable BatchNorm, no weights) whose transform keeps the input
+    size; `options` go to the detector (e.g. image_mean, score_thresh).
+
+    sized_for_input False: torchvision's design for ~800 px images, P3-P7 and RetinaNet's anchors of 32-512 px.
+    True: levels and anchors for a ~200 px input such as 320x192, where objects span ~4-190 px: P3-P6 (P6 by max
+    pooling). FCOS gives a level the objects of 4-8 times its anchor size (the first level from 0 px, the last to
+    any size) and normalizes the regression by it, so its anchors stay the strides: P3-P5 take 0-64, 64-128 and
+    128-256 px. RetinaNet's anchors are 2 x stride x 2^(0, 1/3, 2/3): 16-203 px."""
+    extra = LastLevelMaxPool() if sized_for_input else LastLevelP6P7(256, 256)
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d,
-                                   trainable_layers=5, returned_layers=[2, 3, 4],
-                                   extra_blocks=LastLevelP6P7(256, 256))
+                                   trainable_layers=5, returned_layers=[2, 3, 4], extra_blocks=extra)
+    strides = (8, 16, 32, 64)
+    if sized_for_input and kind == "fcos":
+        options["anchor_generator"] = AnchorGenerator(tuple((stride,) for stride in strides), ((1.0,),) * 4)
+    elif sized_for_input:
+        sizes = tuple(tuple(2 * stride * 2 ** (k / 3) for k in range(3)) for stride in strides)
+        options["anchor_generator"] = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 4)
     detector = FCOS if kind == "fcos" else RetinaNet
     # num_classes + 1: torchvision's detectors keep class 0 for the background
     return detector(backbone, num_classes=NUM_CLASSES + 1, min_size=min(width, height), max_size=max(width, height),
@@ -111,6 +126,14 @@ def main() -> None:
         lambda: loss_fn(ours(images[None]), collated)["total_loss"].backward(),
         lambda: ours(images[None, :1]), args.iterations, args.batch_images))
 
+    csp_cfg = {**model_cfg, "architecture": "csp_pan", "backbone": "csp"}
+    csp = CspPanYolo(csp_cfg, (width, height), NUM_CLASSES)
+    aligned_loss = AlignedDetectionLoss(load("loss")["Yolo"]["aligned"])
+    results.append(measure(
+        f"DSTorch Yolo csp_pan (widths {csp_cfg['widths'][-1]}, DFL)", csp,
+        lambda: aligned_loss(csp(images[None]), collated)["total_loss"].backward(),
+        lambda: csp(images[None, :1]), args.iterations, args.batch_images))
+
     for kind, label in (("fcos", "torchvision FCOS (resnet18-FPN 256)"),
                         ("retinanet", "torchvision RetinaNet (resnet18-FPN 256)")):
         model = torchvision_detector(kind, width, height)
@@ -125,6 +148,9 @@ def main() -> None:
     for row in results:
         print(f"{row['model']:<48}{row['params_m']:>11.2f}{row['gflops']:>12.2f}{row['images_per_s']:>13.2f}"
               f"{row['images_per_s'] / results[0]['images_per_s']:>8.2f}x")
+    # Ultralytics' published figures for YOLOv8n at 640x640; its FLOPs scale with the input's area
+    print(f"{'Ultralytics YOLOv8n (published, 640x640)':<48}{3.2:>11.2f}{8.7 * width * height / 640**2:>12.2f}"
+          f"{'':>13}  (8.7 GFLOPs at 640x640, scaled to {width}x{height})")
 
 
 if __name__ == "__main__":

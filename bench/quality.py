@@ -1,22 +1,34 @@
-"""Detection quality at an equal training budget: DSTorch's Yolo Solver, torchvision's FCOS and RetinaNet
-(resnet18-FPN, no weights) and Ultralytics YOLOv8n (from its yaml, no weights), each trained for the same
-wall-clock time on this CPU on the same embedded dataset, then scored by the same COCO code on the same test
-split, which none of them trained on.
+"""Detection quality at an equal CPU training budget, by a protocol that each contender's own experts would accept:
+DSTorch's Yolo (dstorch: the resnet_fpn architecture; dstorch_csp_pan: csp_pan), torchvision's FCOS and RetinaNet
+(resnet18-FPN, no weights) and Ultralytics YOLOv8n (from its yaml, no weights), each trained for the same wall-clock
+time with the same torch threads on the same data, then scored by the same COCO code on the test split, which none
+of them trained or was tuned on.
 
-    python -m bench.quality [--minutes 20] [--contenders dstorch,fcos,retinanet,yolov8n] [--setup_ultralytics]
+    python -m bench.quality --setup_ultralytics   # once: .cache/venv-ultralytics (Ultralytics needs numpy 2)
+    python -m bench.quality --sweep               # each contender's learning rate and warm-up, picked on val
+    python -m bench.quality                       # the protocol: budgets x seeds x contenders, interleaved
+    python -m bench.quality --table               # the table of the runs done so far, without running any
 
-Data: an embedded nuScenes set of --samples_per_scene keyframes per scene (default 20: twice the quick start's),
-generated once into --work_dir (.cache/bench_quality); training on the train split of mini_train as train.py splits it,
-testing on mini_val; input 320x192 (config/data.json), all 6 cameras.
+Every run writes its result (<work_dir>/runs/<budget>min/<contender>_seed<k>.json, sweep points under runs/sweep/)
+the moment it ends, and every invocation skips the runs whose results exist: stop at any time and run the same
+command again to go on. --contenders, --seeds and --budgets choose a part of the protocol.
 
-The three PyTorch contenders train on the same batches (DSTorch's loader and augmentation, 2 samples x 6 cameras,
-one loader worker) with the same optimizer and schedule (AdamW, OneCycle, gradient clipping, config defaults):
-DSTorch through its Solver (EMA included), FCOS and RetinaNet through torchvision's own losses. The schedule
-spans the steps that fit in the budget, estimated from the speed of steps 3-10. YOLOv8n trains with Ultralytics'
-own recipe and augmentation (imgsz 320, 12 images per batch, `time=` the budget); Ultralytics needs numpy 2,
-which nuscenes-devkit's numpy<2 excludes, so it runs in its own virtual environment (.cache/venv-ultralytics,
-created by --setup_ultralytics on top of this machine's torch) through bench/quality_ultralytics.py.
-Every contender keeps detections scoring >= 0.05, at most 100 per image (COCO's limit).
+Protocol:
+- Data: an embedded nuScenes set of --samples_per_scene keyframes per scene (generated once into --work_dir);
+  train on the train split of mini_train as train.py splits it, sweep on its val split, score on mini_val;
+  input 320x192 (config/data.json; YOLOv8n: imgsz 320, letterboxed), all 6 cameras.
+- Compute: the same torch threads (--threads, all cores by default) for everyone. DSTorch, FCOS and RetinaNet
+  read through DSTorch's loader with --num_cores worker(s); Ultralytics with cache='ram' (it forces workers=0 on the
+  CPU). Each run logs its optimizer steps and training images/s.
+- Recipes: each contender starts from its own recipe for a short run (RECIPES) with an EMA of the weights for all;
+  --sweep tries the same grid around it for every contender (learning rate x --sweep_lr_scales, warm-up x
+  --sweep_warmup_scales, seed 0, --sweep_minutes each) and keeps the best mAP on val; the protocol uses the swept
+  recipe where the sweep is complete, the starting one otherwise (its table says which).
+- Scoring: detections scoring >= 0.001, at most 100 per image, for all; YOLOv8n through Ultralytics' own validator
+  (its multi-label NMS, boxes mapped back to original pixels), then everyone through utils.coco_eval on the same
+  ground truth.
+- Runs: --seeds (2 by default) per contender and --budgets (10 and 40 minutes), interleaved: budget by budget, seed
+  by seed, the contenders in an order rotated by the seed. The table reports mean ± half the range over seeds.
 """
 
 import argparse
@@ -29,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 from torch.utils.data import DataLoader
 
 from bench.model import platform_args, torchvision_detector
@@ -36,17 +49,33 @@ from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
 from helper import load_solver
 from utils.coco_eval import coco_detection_array, coco_metrics, coco_results_array, load_coco
-from utils.optim import build_optimizer, build_scheduler
+from utils.io import atomic_write_json
+from utils.optim import build_scheduler
+from utils.training import TrainingParts
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VENV = PROJECT_ROOT / ".cache" / "venv-ultralytics"
-CONTENDERS = ("dstorch", "fcos", "retinanet", "yolov8n")
+CONTENDERS = ("dstorch", "dstorch_csp_pan", "fcos", "retinanet", "yolov8n")
+# DSTorch's Yolo contenders: config/model.json's "architecture" (and, for csp_pan, "backbone") of each
+DSTORCH_ARCHITECTURES = {"dstorch": {"architecture": "resnet_fpn"},
+                         "dstorch_csp_pan": {"architecture": "csp_pan", "backbone": "csp"}}
+# Each contender's recipe for minutes of training on a CPU, before the sweep: peak learning rate (AdamW) and warm-up
+# (PyTorch contenders: OneCycle's share of the steps; YOLOv8n: epochs, Ultralytics' unit). DSTorch (both
+# architectures): its config defaults; FCOS and RetinaNet: AdamW at a from-scratch detector's usual rate with
+# DSTorch's schedule; YOLOv8n: AdamW lr0 0.002 and a 0.5-epoch warm-up, nbs = batch, mosaic off, scale 0.25
+# (quality_ultralytics.py).
+RECIPES = {"dstorch": {"lr": 3e-3, "warmup": 0.15}, "dstorch_csp_pan": {"lr": 3e-3, "warmup": 0.15},
+           "fcos": {"lr": 1e-3, "warmup": 0.15}, "retinanet": {"lr": 1e-3, "warmup": 0.15},
+           "yolov8n": {"lr": 2e-3, "warmup": 0.5}}
 WARMUP_STEPS, CALIBRATION_STEPS = 2, 10  # steps 3-10 are timed to fix the schedule's length (not the slow first ones)
-SCORE_THRESHOLD, MAX_DETECTIONS = 0.05, 100
+SCORE_THRESHOLD, MAX_DETECTIONS = 0.001, 100
+METRICS = ("mAP", "AP50", "AP_small", "AP_medium", "AP_large")
 
 
 def bench_args(dataroot: Path, work_dir: Path, extra: list) -> dict:
-    flags = ["--dataset_dir", str(dataroot), "--cfg", f"data.2DObjDet.label_cache_dir={work_dir / 'labels'}", *extra]
+    flags = ["--dataset_dir", str(dataroot), "--cfg", f"data.2DObjDet.label_cache_dir={work_dir / 'labels'}",
+             "--cfg", f"model.Yolo.postprocess.score_threshold={SCORE_THRESHOLD}",
+             "--cfg", f"model.Yolo.postprocess.max_detections={MAX_DETECTIONS}", *extra]
     return platform_args(flags)
 
 
@@ -55,9 +84,9 @@ def schedule_length(steps_done: int, elapsed_s: float, step_s: float, budget_s: 
     return steps_done + max(1, int((budget_s - elapsed_s) * 0.98 / step_s))
 
 
-def train_within(budget_s: float, loader: DataLoader, step, on_length_known) -> int:
+def train_within(budget_s: float, loader: DataLoader, step, on_length_known) -> tuple:
     """Call step(batch) over epochs of `loader` until the budget is spent or the schedule ends; after
-    CALIBRATION_STEPS, on_length_known(total_steps) fixes the schedule. Returns the steps done."""
+    CALIBRATION_STEPS, on_length_known(total_steps) fixes the schedule. Returns (steps done, seconds)."""
     start, steps, total_steps, calibration_start = time.monotonic(), 0, None, None
     while True:
         for batch in loader:
@@ -71,7 +100,7 @@ def train_within(budget_s: float, loader: DataLoader, step, on_length_known) -> 
                 total_steps = schedule_length(steps, now - start, step_s, budget_s)
                 on_length_known(total_steps)
             if now - start >= budget_s or (total_steps is not None and steps >= total_steps):
-                return steps
+                return steps, now - start
 
 
 def images_and_targets(batch: dict) -> tuple:
@@ -83,93 +112,95 @@ def images_and_targets(batch: dict) -> tuple:
     return images, targets
 
 
+def recipe_args(args: dict, recipe: dict, seed: int) -> dict:
+    """The configuration of a PyTorch contender's run: its learning rate and OneCycle warm-up, the seed."""
+    return {**args, "learning_rate": recipe["lr"], "pct_start": recipe["warmup"], "seed": seed}
+
+
 def train_dstorch(args: dict, train_set, loader: DataLoader, budget_s: float) -> tuple:
-    """The Solver as train.py drives it (train step, then LR step); its schedule is built per step, over the steps
-    that fit in the budget. Returns (predict, steps)."""
+    """The Solver as train.py drives it (train step, then LR step, EMA); its schedule spans the steps that fit in
+    the budget. Returns (predict, steps, seconds)."""
     solver = load_solver(args, device=torch.device("cpu"), class_names=train_set.class_names, steps_per_epoch=1)
     solver.mode_selection(True)
-    scheduled = {"on": False}
-
-    def step(batch):
-        solver.train(batch)
-        if scheduled["on"]:
-            solver.learning_rate_step()
-
-    def on_length_known(total_steps):
-        solver.parts.scheduler = solver.parts.new_scheduler(total_steps)  # steps_per_epoch=1: one "epoch" per step
-        scheduled["on"] = True
-
-    steps = train_within(budget_s, loader, step, on_length_known)
-    model = solver.parts.evaluated_model()
-    model.eval()
-    return (lambda images: model.predict(images[:, None])), steps
+    return predictor_after(solver.parts, lambda batch: solver.train(batch), loader, budget_s,
+                           lambda model: lambda images: model.predict(images[:, None]))
 
 
 def train_torchvision(kind: str, args: dict, train_set, loader: DataLoader, budget_s: float) -> tuple:
+    """FCOS or RetinaNet with DSTorch's TrainingParts (AdamW, OneCycle, gradient clipping, EMA), through
+    torchvision's own losses. Returns (predict, steps, seconds)."""
     width, height = train_set.input_size
     # the loader normalized the images already: the detector's transform must not normalize again
-    model = torchvision_detector(kind, width, height, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0],
-                                 score_thresh=SCORE_THRESHOLD, detections_per_img=MAX_DETECTIONS)
-    optimizer = build_optimizer(args["optimizer_type"], model.parameters(), args["learning_rate"], args["weight_decay"])
-    # as in the Solver, a schedule built now (and not stepped) sets the starting learning rate of the calibration steps
-    build_scheduler(args["lr_schd_type"], optimizer, args["num_epochs"], 1, args, args["config"]["schedulers"])
-    schedule = {"scheduler": None}
+    model = torchvision_detector(kind, width, height, sized_for_input=True, image_mean=[0.0, 0.0, 0.0],
+                                 image_std=[1.0, 1.0, 1.0], score_thresh=SCORE_THRESHOLD,
+                                 detections_per_img=MAX_DETECTIONS)
+    parts = TrainingParts(model, args, torch.device("cpu"), steps_per_epoch=1)
     model.train()
 
     def step(batch):
-        images, targets = images_and_targets(batch)
-        losses = model(images, targets)
-        optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args["grad_clip"])
-        optimizer.step()
-        if schedule["scheduler"] is not None:
-            schedule["scheduler"].step()
+        parts.step({"total_loss": sum(model(*images_and_targets(batch)).values())})
+
+    def predict_with(trained):
+        def predict(images):
+            found = trained(list(images))
+            counts = torch.tensor([len(f["scores"]) for f in found])
+            return {"boxes": torch.cat([f["boxes"] for f in found]), "scores": torch.cat([f["scores"] for f in found]),
+                    "labels": torch.cat([f["labels"] for f in found]) - 1,
+                    "image_index": torch.repeat_interleave(torch.arange(len(found)), counts)}
+        return predict
+
+    return predictor_after(parts, step, loader, budget_s, predict_with)
+
+
+def predictor_after(parts: TrainingParts, train_step, loader: DataLoader, budget_s: float, predict_with) -> tuple:
+    """Train with train_step(batch) for the budget, the OneCycle schedule built over the steps that fit once they
+    are known (before: the schedule built with the parts, not stepped, sets the starting learning rate). Returns
+    (predict_with(the EMA model in eval mode), steps, seconds)."""
+    args = parts.args
+
+    def step(batch):
+        train_step(batch)
+        if schedule["on"]:
+            parts.learning_rate_step()
 
     def on_length_known(total_steps):
-        schedule["scheduler"] = build_scheduler(args["lr_schd_type"], optimizer, total_steps, 1, args,
-                                                args["config"]["schedulers"])
+        parts.scheduler = build_scheduler(args["lr_schd_type"], parts.optimizer, total_steps, 1, args,
+                                          args["config"]["schedulers"])
+        schedule["on"] = True
 
-    steps = train_within(budget_s, loader, step, on_length_known)
+    schedule = {"on": False}
+    steps, seconds = train_within(budget_s, loader, step, on_length_known)
+    model = parts.evaluated_model()
     model.eval()
-
-    def predict(images):
-        found = model(list(images))
-        counts = torch.tensor([len(f["scores"]) for f in found])
-        return {"boxes": torch.cat([f["boxes"] for f in found]), "scores": torch.cat([f["scores"] for f in found]),
-                "labels": torch.cat([f["labels"] for f in found]) - 1,
-                "image_index": torch.repeat_interleave(torch.arange(len(found)), counts)}
-
-    return predict, steps
+    return predict_with(model), steps, seconds
 
 
 @torch.no_grad()
-def evaluate(predict, test_set) -> dict:
-    """COCO metrics of predict(images (I, 3, H, W)) -> {boxes (D, 4) input px, scores (D,), labels (D,),
-    image_index (D,)} (flat over the I images, as Yolo.predict) on every image of the test split, in original
-    pixels."""
-    loader = DataLoader(test_set, batch_size=1, num_workers=1, collate_fn=test_set.collate_fn)
+def detections_of(predict, dataset) -> np.ndarray:
+    """The (N, 7) COCO detections of predict(images (I, 3, H, W)) -> {boxes (D, 4) input px, scores (D,), labels
+    (D,), image_index (D,)} (flat over the I images, as Yolo.predict) on every image of `dataset`, original px."""
+    loader = DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=dataset.collate_fn)
     arrays = [np.zeros((0, 7))]
     for batch in loader:
-        arrays.append(coco_detection_array(predict(batch["images"].flatten(0, 1)), batch, test_set.input_size))
-    return score(np.concatenate(arrays), test_set)
+        arrays.append(coco_detection_array(predict(batch["images"].flatten(0, 1)), batch, dataset.input_size))
+    return np.concatenate(arrays)
 
 
-def score(detections: np.ndarray, test_set) -> dict:
-    """The metrics of COCO results, an (N, 7) array (utils.coco_eval.coco_metrics), on the test split."""
-    metrics, _ = coco_metrics(load_coco(test_set.coco_ground_truth()), detections, test_set.image_ids.tolist())
-    return {name: metrics[name] for name in ("mAP", "AP50", "AP_small", "AP_medium", "AP_large")}
+def score(detections: np.ndarray, dataset) -> dict:
+    """The metrics of COCO results, an (N, 7) array (utils.coco_eval.coco_metrics), on the images of `dataset`."""
+    metrics, _ = coco_metrics(load_coco(dataset.coco_ground_truth()), detections, dataset.image_ids.tolist())
+    return {name: metrics[name] for name in METRICS}
 
 
 def write_yolo_split(dataset, folder: Path) -> list:
-    """Ultralytics' layout for a split: images/<name>.jpg (links to the dataset's files) and labels/<name>.txt
-    (class cx cy w h, normalized); returns the image paths."""
+    """Ultralytics' layout for a split: images/<image id>.jpg (links to the dataset's files) and labels/<image
+    id>.txt (class cx cy w h, normalized); returns the image paths."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "labels").mkdir(parents=True, exist_ok=True)
     paths = []
     files, sizes = dataset.image_files.reshape(-1), dataset.image_sizes.reshape(-1, 2).tolist()
     for k, image_id in enumerate(dataset.image_ids.tolist()):
-        name = f"{image_id:06d}"
+        name = f"{image_id:06d}"  # Ultralytics' validator reads a numeric file name back as the COCO image id
         link = folder / "images" / f"{name}.jpg"
         if not link.exists():
             link.symlink_to(os.path.join(dataset.dataroot, files[k].decode()))
@@ -183,27 +214,136 @@ def write_yolo_split(dataset, folder: Path) -> list:
     return paths
 
 
-def train_yolov8n(train_set, test_set, budget_s: float, work_dir: Path) -> tuple:
-    """Train and predict in the Ultralytics environment; returns (detections in COCO format, epochs)."""
+def run_yolov8n(data: dict, recipe: dict, seed: int, budget_s: float, split: str, threads: int, run_dir: Path
+                ) -> dict:
+    """Train and validate in the Ultralytics environment (bench/quality_ultralytics.py); returns its report
+    {detections (COCO results of `split`), epochs, steps, train_s, images, ultralytics}."""
     python = VENV / "bin" / "python"
     if not python.exists():
         raise SystemExit(f"bench.quality: {VENV} is missing: run with --setup_ultralytics once (or leave yolov8n out "
                          f"of --contenders)")
-    folder = work_dir / "yolo"
-    write_yolo_split(train_set, folder / "train")
-    test_paths = write_yolo_split(test_set, folder / "test")
-    names = "".join(f"  {index}: {name}\n" for index, name in enumerate(train_set.class_names))
-    (folder / "data.yaml").write_text(f"path: {folder}\ntrain: train/images\nval: test/images\nnames:\n{names}")
-    spec = {"data": str(folder / "data.yaml"), "budget_s": budget_s, "imgsz": max(train_set.input_size),
-            "batch": 2 * train_set.image_files.shape[1], "project": str(folder / "runs"),
-            "test_images": {path: image_id for path, image_id in zip(test_paths, test_set.image_ids, strict=True)},
-            "conf": SCORE_THRESHOLD, "max_det": MAX_DETECTIONS, "out": str(folder / "detections.json")}
-    (folder / "spec.json").write_text(json.dumps(spec))
+    folder = data["work_dir"] / "yolo"
+    if not (folder / "data.yaml").exists():
+        for name in ("train", "val", "test"):
+            write_yolo_split(data[name], folder / name)
+        names = "".join(f"  {index}: {name}\n" for index, name in enumerate(data["train"].class_names))
+        (folder / "data.yaml").write_text(f"path: {folder}\ntrain: train/images\nval: val/images\ntest: test/images\n"
+                                          f"names:\n{names}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"data": str(folder / "data.yaml"), "budget_s": budget_s, "imgsz": max(data["train"].input_size),
+            "batch": data["batch_images"], "lr0": recipe["lr"], "warmup_epochs": recipe["warmup"], "seed": seed,
+            "threads": threads, "split": split, "conf": SCORE_THRESHOLD, "max_det": MAX_DETECTIONS,
+            "project": str(run_dir), "out": str(run_dir / "report.json")}
+    (run_dir / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(folder / "config")}
-    subprocess.run([str(python), str(PROJECT_ROOT / "bench" / "quality_ultralytics.py"), str(folder / "spec.json")],
-                   check=True, env=env, cwd=folder)
-    result = json.loads((folder / "detections.json").read_text())
-    return result["detections"], result["epochs"]
+    subprocess.run([str(python), str(PROJECT_ROOT / "bench" / "quality_ultralytics.py"), str(run_dir / "spec.json")],
+                   check=True, env=env, cwd=run_dir)
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def run_one(name: str, recipe: dict, seed: int, budget_s: float, split: str, data: dict, threads: int,
+            run_dir: Path) -> dict:
+    """One training run of a contender and its metrics on `split` (val or test)."""
+    if name == "yolov8n":
+        report = run_yolov8n(data, recipe, seed, budget_s, split, threads, run_dir)
+        metrics = score(coco_results_array(report["detections"]), data[split])
+        return {"steps": report["steps"], "epochs": report["epochs"], "train_s": report["train_s"],
+                "images_per_s": report["images"] / max(report["train_s"], 1e-9), "threads": report["threads"],
+                "versions": {"ultralytics": report["ultralytics"], "torch": report["torch"]}, **metrics}
+    args = recipe_args(data["args"], recipe, seed)
+    torch.manual_seed(seed)
+    loader = DataLoader(data["train"], batch_size=args["batch_size"], shuffle=True, drop_last=True,
+                        num_workers=args["num_cores"], collate_fn=data["train"].collate_fn,
+                        persistent_workers=args["num_cores"] > 0, generator=torch.Generator().manual_seed(seed))
+    if name in DSTORCH_ARCHITECTURES:
+        model = {**args["model"], "Yolo": {**args["model"]["Yolo"], **DSTORCH_ARCHITECTURES[name]}}
+        predict, steps, seconds = train_dstorch({**args, "model": model}, data["train"], loader, budget_s)
+    else:
+        predict, steps, seconds = train_torchvision(name, args, data["train"], loader, budget_s)
+    metrics = score(detections_of(predict, data[split]), data[split])
+    return {"steps": steps, "epochs": steps / len(loader), "train_s": seconds,
+            "images_per_s": steps * data["batch_images"] / seconds, "threads": torch.get_num_threads(),
+            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__}, **metrics}
+
+
+def sweep(contenders: list, data: dict, options) -> None:
+    """Every contender at every grid point around its recipe (seed 0, --sweep_minutes), scored on val; the best
+    mAP becomes <work_dir>/runs/sweep/<contender>.json once the contender's grid is complete."""
+    folder = data["work_dir"] / "runs" / "sweep"
+    grid = [(lr, warmup) for lr in options.sweep_lr_scales for warmup in options.sweep_warmup_scales]
+    for lr_scale, warmup_scale in grid:  # grid point by grid point, every contender in turn
+        for name in contenders:
+            recipe = {"lr": RECIPES[name]["lr"] * lr_scale, "warmup": RECIPES[name]["warmup"] * warmup_scale}
+            tag = f"{name}_lr{lr_scale:g}_warmup{warmup_scale:g}"
+            if not (folder / f"{tag}.json").exists():  # written at the end of the run: a killed one is run again
+                folder.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(str(folder / f"{tag}.json"), {"recipe": recipe, **run_one(
+                    name, recipe, 0, options.sweep_minutes * 60, "val", data, options.threads, folder / tag)})
+            result = json.loads((folder / f"{tag}.json").read_text())
+            print(f"sweep {tag}: val mAP {cell(result['mAP'])}", flush=True)
+    for name in contenders:
+        points = [json.loads((folder / f"{name}_lr{lr:g}_warmup{warmup:g}.json").read_text()) for lr, warmup in grid]
+        best = max(points, key=lambda point: point["mAP"] or 0.0)
+        atomic_write_json(str(folder / f"{name}.json"), {"recipe": best["recipe"], "val_mAP": best["mAP"],
+                                                         "minutes": options.sweep_minutes})
+        print(f"sweep {name}: lr {best['recipe']['lr']:g}, warm-up {best['recipe']['warmup']:g} (val mAP "
+              f"{cell(best['mAP'])})", flush=True)
+
+
+def chosen_recipe(name: str, work_dir: Path) -> tuple:
+    """(recipe, where it comes from): the sweep's choice when the contender's sweep is complete, else RECIPES."""
+    path = work_dir / "runs" / "sweep" / f"{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())["recipe"], "swept"
+    return RECIPES[name], "not swept"
+
+
+def protocol(contenders: list, data: dict, options) -> None:
+    """Budgets x seeds x contenders, interleaved, each run's result stored as it ends (done ones skipped)."""
+    for minutes in options.budgets:
+        for seed in options.seeds:
+            shift = seed % len(contenders)
+            for name in contenders[shift:] + contenders[:shift]:  # no contender always runs first
+                recipe, source = chosen_recipe(name, data["work_dir"])
+                path = data["work_dir"] / "runs" / f"{minutes:g}min" / f"{name}_seed{seed}.json"
+                if not path.exists():  # written at the end of the run: a killed one is run again
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write_json(str(path), {"recipe": recipe, "recipe_source": source, **run_one(
+                        name, recipe, seed, minutes * 60, "test", data, options.threads, path.with_suffix(""))})
+                result = json.loads(path.read_text())
+                print(f"{minutes:g} min, {name}, seed {seed}: {result['steps']} steps, "
+                      f"{result['images_per_s']:.1f} img/s, mAP {cell(result['mAP'])}", flush=True)
+
+
+def table(contenders: list, work_dir: Path, budgets: list) -> None:
+    """Mean ± half the range over the seeds done, per budget and contender (in CONTENDERS' order: no ranking)."""
+    for minutes in budgets:
+        run_dir = work_dir / "runs" / f"{minutes:g}min"
+        print(f"\n{minutes:g} min of training each\n{'contender':<16}{'seeds':>6}{'recipe':>10}{'steps':>7}"
+              f"{'img/s':>7}{'threads':>8}" + "".join(f"{name:>16}" for name in METRICS))
+        for name in contenders:
+            results = [json.loads(path.read_text()) for path in sorted(run_dir.glob(f"{name}_seed*.json"))]
+            if not results:
+                continue
+            columns = [f"{spread([r[key] for r in results]):>16}" for key in METRICS]
+            print(f"{name:<16}{len(results):>6}{results[0]['recipe_source']:>10}"
+                  f"{np.mean([r['steps'] for r in results]):>7.0f}{np.mean([r['images_per_s'] for r in results]):>7.1f}"
+                  f"{results[0]['threads']:>8}" + "".join(columns))
+        versions = {key: value for path in run_dir.glob("*.json") for key, value in
+                    json.loads(path.read_text())["versions"].items()} if run_dir.exists() else {}
+        print("versions: " + ", ".join(f"{key} {value}" for key, value in sorted(versions.items())))
+
+
+def spread(values: list) -> str:
+    """mean ± half the range, or n/a where a metric is undefined (no ground truth of that size)."""
+    if any(value is None for value in values):
+        return "n/a"
+    return f"{np.mean(values):.4f}±{(max(values) - min(values)) / 2:.4f}"
+
+
+def cell(value) -> str:
+    """A metric as printed: 4 decimals, or n/a where undefined."""
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def setup_ultralytics() -> None:
@@ -213,68 +353,65 @@ def setup_ultralytics() -> None:
     subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet", "ultralytics>=8.4,<8.5"], check=True)
 
 
+def numbers(kind, text: str) -> list:
+    return [kind(part) for part in text.split(",") if part]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=20.0, help="training budget of each contender")
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--budgets", default="10,40", help="training minutes of each run, comma-separated")
+    parser.add_argument("--seeds", default="0,1", help="seeds, comma-separated")
+    parser.add_argument("--sweep", action="store_true", help="run the learning-rate/warm-up sweep on val first")
+    parser.add_argument("--sweep_minutes", type=float, default=5.0, help="training minutes of each sweep point")
+    parser.add_argument("--sweep_lr_scales", default="0.5,1,2", help="sweep: learning rates x these")
+    parser.add_argument("--sweep_warmup_scales", default="0.5,1", help="sweep: warm-ups x these")
+    parser.add_argument("--table", action="store_true", help="print the table of the stored runs and stop")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every contender")
     parser.add_argument("--samples_per_scene", type=int, default=20)
     parser.add_argument("--setup_ultralytics", action="store_true", help="create .cache/venv-ultralytics first")
     parser.add_argument("--work_dir", default=str(PROJECT_ROOT / ".cache" / "bench_quality"),
-                        help="where the dataset, label caches, Ultralytics' files and results.json go")
+                        help="where the dataset, label caches, Ultralytics' files and the runs' results go")
     parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
-                        help="train.py flags for every contender's data and schedule (e.g. --cfg ...)")
+                        help="train.py flags for every PyTorch contender's data and loader (e.g. --num_cores 1)")
     options = parser.parse_args(argv)
     contenders = options.contenders.split(",")
     unknown = sorted(set(contenders) - set(CONTENDERS))
     if unknown:
         parser.error(f"--contenders {','.join(unknown)}: choose from {','.join(CONTENDERS)}")
+    for key, kind in (("budgets", float), ("seeds", int), ("sweep_lr_scales", float), ("sweep_warmup_scales", float)):
+        try:
+            setattr(options, key, numbers(kind, getattr(options, key)))
+        except ValueError:
+            parser.error(f"--{key} {getattr(options, key)}: comma-separated numbers, e.g. --budgets 10,40 --seeds 0,1")
+        if not getattr(options, key) or min(getattr(options, key)) < (0 if key == "seeds" else 1e-9):
+            parser.error(f"--{key}: give at least one, {'none negative' if key == 'seeds' else 'all positive'}")
+    if options.threads < 1 or options.sweep_minutes <= 0:
+        parser.error("--threads and --sweep_minutes must be positive")
+    work_dir = Path(options.work_dir)
+    if options.table:
+        table(contenders, work_dir, options.budgets)
+        return
     if options.setup_ultralytics:
         setup_ultralytics()
+    torch.set_num_threads(options.threads)
 
-    work_dir = Path(options.work_dir)
     dataroot = work_dir / f"nuscenes_{options.samples_per_scene}"
     if not dataroot.exists():
         synthetic.generate(str(dataroot), samples_per_scene=options.samples_per_scene)
     args = bench_args(dataroot, work_dir, options.flags)
-    train_set = DatasetLoader(args, mode="train")
-    test_set = DatasetLoader({**args, "bool_apply_img_aug": 0}, mode="test")
-    budget_s = options.minutes * 60
-    width, height = train_set.input_size
-    print(f"train: {len(train_set)} samples x {train_set.image_files.shape[1]} cameras; test: {len(test_set)} samples; "
-          f"input {width}x{height}; budget {options.minutes:g} min each on {os.cpu_count()} CPU cores", flush=True)
-
-    results = {}
-    for name in contenders:
-        torch.manual_seed(args["seed"])
-        loader = DataLoader(train_set, batch_size=args["batch_size"], shuffle=True, drop_last=True,
-                            num_workers=args["num_cores"], collate_fn=train_set.collate_fn,
-                            persistent_workers=args["num_cores"] > 0)
-        start = time.monotonic()
-        if name == "yolov8n":
-            detections, epochs = train_yolov8n(train_set, test_set, budget_s, work_dir)
-            trained = f"{epochs} epochs"
-            metrics = score(coco_results_array(detections), test_set)
-        else:
-            if name == "dstorch":
-                predict, steps = train_dstorch(args, train_set, loader, budget_s)
-            else:
-                predict, steps = train_torchvision(name, args, train_set, loader, budget_s)
-            trained = f"{steps} steps ({steps / len(loader):.1f} epochs)"
-            metrics = evaluate(predict, test_set)
-        results[name] = {"trained": trained, "wall_s": time.monotonic() - start, **metrics}
-        print(f"{name}: {trained}, {results[name]['wall_s']:.0f} s with evaluation, mAP {cell(metrics['mAP'])}, "
-              f"AP50 {cell(metrics['AP50'])}", flush=True)
-    (work_dir / "results.json").write_text(json.dumps(results, indent=1))
-
-    print(f"\n{'contender':<11}{'trained':>26}{'mAP':>8}{'AP50':>8}{'AP_S':>8}{'AP_M':>8}{'AP_L':>8}")
-    for name, result in results.items():  # in the order they ran: the conditions differ, so no ranking
-        print(f"{name:<11}{result['trained']:>26}" + "".join(f"{cell(result[key]):>8}" for key in (
-            "mAP", "AP50", "AP_small", "AP_medium", "AP_large")))
-
-
-def cell(value) -> str:
-    """A metric as printed: 4 decimals, or n/a where undefined (no ground truth of that size)."""
-    return "n/a" if value is None else f"{value:.4f}"
+    data = {"args": args, "work_dir": work_dir, "train": DatasetLoader(args, mode="train")}
+    for split in ("val", "test"):
+        data[split] = DatasetLoader({**args, "bool_apply_img_aug": 0}, mode=split)
+    data["batch_images"] = args["batch_size"] * data["train"].image_files.shape[1]
+    width, height = data["train"].input_size
+    print(f"train: {len(data['train'])} samples x {data['train'].image_files.shape[1]} cameras; val: "
+          f"{len(data['val'])}; test: {len(data['test'])}; input {width}x{height}; {options.threads} torch threads",
+          flush=True)
+    if options.sweep:
+        sweep(contenders, data, options)
+    protocol(contenders, data, options)
+    table(contenders, work_dir, options.budgets)
 
 
 if __name__ == "__main__":

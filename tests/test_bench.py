@@ -2,10 +2,12 @@
 and checks of the pieces whose mistakes would bias a comparison."""
 
 import argparse
+import json
 import types
 
 import numpy as np
 import pytest
+import torch
 
 from bench import ddp, overhead, quality
 from bench import eval as eval_bench
@@ -42,19 +44,79 @@ def test_loader_bench(capsys):
     assert "speed-up:" in out and "the loader" in out
 
 
-def test_quality_bench_without_ultralytics(tmp_path, capsys):
-    quality.main(["--minutes", "0.05", "--contenders", "dstorch,fcos,retinanet", "--samples_per_scene", "2",
-                  "--work_dir", str(tmp_path), "--flags", "--cfg", "data.2DObjDet.image.w=96",
-                  "--cfg", "data.2DObjDet.image.h=64", "--num_cores", "0"])
+QUALITY_TINY = ["--samples_per_scene", "2", "--flags", "--cfg", "data.2DObjDet.image.w=96", "--cfg",
+                "data.2DObjDet.image.h=64", "--num_cores", "0"]
+
+
+def test_quality_protocol_runs_interleaved_and_resumes(tmp_path, capsys):
+    """Each run stores its result as it ends; the seeds rotate the contenders' order; a second invocation runs
+    nothing again and prints the same table (mean and spread over the seeds)."""
+    argv = ["--budgets", "0.02", "--seeds", "0,1", "--contenders", "dstorch,fcos", "--work_dir", str(tmp_path),
+            *QUALITY_TINY]
+    quality.main(argv)
     out = capsys.readouterr().out
-    for name in ("dstorch", "fcos", "retinanet"):
-        assert f"\n{name} " in out
-    assert (tmp_path / "results.json").is_file()
+    runs = [line.split(":")[0] for line in out.splitlines() if line.startswith("0.02 min, ")]
+    assert runs == ["0.02 min, dstorch, seed 0", "0.02 min, fcos, seed 0", "0.02 min, fcos, seed 1",
+                    "0.02 min, dstorch, seed 1"]
+    paths = sorted((tmp_path / "runs" / "0.02min").glob("*.json"))
+    assert [path.name for path in paths] == ["dstorch_seed0.json", "dstorch_seed1.json", "fcos_seed0.json",
+                                             "fcos_seed1.json"]
+    for path in paths:
+        result = json.loads(path.read_text())
+        assert result["steps"] >= 1 and result["images_per_s"] > 0 and result["threads"] == torch.get_num_threads()
+        assert result["recipe"] == quality.RECIPES[path.name.split("_")[0]] and result["recipe_source"] == "not swept"
+        assert set(quality.METRICS) <= set(result) and "torch" in result["versions"]
+    table = out[out.index("0.02 min of training each"):]
+    for name in ("dstorch", "fcos"):
+        assert f"\n{name:<16}{2:>6}{'not swept':>10}" in table  # contender, seeds, recipe
+    written = [path.stat().st_mtime_ns for path in paths]
+    quality.main(argv)
+    assert capsys.readouterr().out.endswith(table)
+    assert [path.stat().st_mtime_ns for path in paths] == written
 
 
-def test_quality_bench_rejects_unknown_contenders(tmp_path):
-    with pytest.raises(SystemExit):
-        quality.main(["--contenders", "dstorch,yolov5", "--work_dir", str(tmp_path)])
+def test_quality_sweep_picks_the_best_val_recipe(tmp_path, capsys, monkeypatch):
+    """The sweep scores every grid point on val, keeps the best, and the protocol then trains with it."""
+    calls = []
+
+    def fake_run(name, recipe, seed, budget_s, split, data, threads, run_dir):
+        calls.append((name, recipe["lr"], split))
+        value = 1.0 - abs(recipe["lr"] - 2 * quality.RECIPES[name]["lr"]) - abs(recipe["warmup"] - 0.075)
+        return {"steps": 1, "epochs": 1.0, "train_s": 1.0, "images_per_s": 1.0, "threads": threads,
+                "versions": {"torch": "x"}, **{key: value for key in quality.METRICS}}
+
+    monkeypatch.setattr(quality, "run_one", fake_run)
+    quality.main(["--sweep", "--sweep_lr_scales", "1,2", "--sweep_warmup_scales", "0.5,1", "--budgets", "1",
+                  "--seeds", "0", "--contenders", "dstorch", "--work_dir", str(tmp_path), *QUALITY_TINY])
+    assert [split for _, _, split in calls] == ["val"] * 4 + ["test"]
+    chosen = json.loads((tmp_path / "runs" / "sweep" / "dstorch.json").read_text())["recipe"]
+    assert chosen == pytest.approx({"lr": 6e-3, "warmup": 0.075})
+    result = json.loads((tmp_path / "runs" / "1min" / "dstorch_seed0.json").read_text())
+    assert result["recipe"] == chosen and result["recipe_source"] == "swept"
+
+
+@pytest.mark.parametrize("flags", [["--contenders", "dstorch,yolov5"], ["--budgets", "10,ten"], ["--budgets", "0"],
+                                   ["--seeds", "-1"], ["--sweep_lr_scales", ""], ["--threads", "0"]])
+def test_quality_bench_rejects_bad_flags(tmp_path, flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main([*flags, "--work_dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["fcos", "retinanet"])
+def test_torchvision_contenders_are_sized_for_the_input(kind):
+    """P3-P6 at 320x192; FCOS's anchors are the strides (its regression unit), RetinaNet's 16-203 px."""
+    model = quality.torchvision_detector(kind, 320, 192, sized_for_input=True)
+    sizes = model.anchor_generator.sizes
+    assert len(sizes) == 4
+    if kind == "fcos":
+        assert sizes == ((8,), (16,), (32,), (64,))
+    else:
+        assert sizes[0][0] == 16 and round(sizes[-1][-1]) == 203
+    model.train()
+    target = {"boxes": torch.tensor([[10.0, 10, 30, 40], [100, 50, 290, 180]]), "labels": torch.tensor([1, 2])}
+    losses = model([torch.randn(3, 192, 320)], [target])
+    assert all(torch.isfinite(value) for value in losses.values())
 
 
 def test_yolo_labels_are_the_dataset_boxes(tmp_path):
