@@ -25,6 +25,7 @@ from argumentparser import build_parser
 from models.Yolo.aligned_loss import AlignedDetectionLoss
 from models.Yolo.csp_pan import CspPanYolo
 from models.Yolo.yolo import STRIDES, Yolo
+from utils.collate import padded_targets
 from utils.config import merge_config
 from utils.loss import DetectionLoss
 
@@ -57,12 +58,13 @@ def random_targets(num_images: int, width: int, height: int, boxes_per_image: in
 
 def synthetic_batch(batch_size: int, num_cameras: int, width: int, height: int) -> dict:
     """A collated batch as the loader makes it, fixed by a seed: images (B, N_cam, 3, H, W), boxes (T, 4),
-    labels (T,), box_image_index (T,) (index of the image among the B x N_cam)."""
+    labels (T,), box_image_index (T,) (index of the image among the B x N_cam) and the padded targets."""
     targets = random_targets(batch_size * num_cameras, width, height)
     images = torch.randn(batch_size, num_cameras, 3, height, width, generator=torch.Generator().manual_seed(0))
-    return {"images": images, "boxes": torch.cat([t["boxes"] for t in targets]),
-            "labels": torch.cat([t["labels"] for t in targets]),
-            "box_image_index": torch.cat([torch.full((len(t["labels"]),), i) for i, t in enumerate(targets)])}
+    boxes, labels = torch.cat([t["boxes"] for t in targets]), torch.cat([t["labels"] for t in targets])
+    box_image_index = torch.cat([torch.full((len(t["labels"]),), i) for i, t in enumerate(targets)])
+    return {"images": images, "boxes": boxes, "labels": labels, "box_image_index": box_image_index,
+            **padded_targets(boxes, labels, box_image_index, len(targets))}
 
 
 def torchvision_detector(kind: str, width: int, height: int, sized_for_input: bool = False, **options) -> nn.Module:
@@ -116,23 +118,22 @@ def main() -> None:
     targets = random_targets(args.batch_images, width, height)
     results = []
 
-    ours = Yolo(load("model")["Yolo"], (width, height), NUM_CLASSES)  # the configured model
-    loss_fn = DetectionLoss(load("loss")["Yolo"], STRIDES)
-    collated = {"boxes": torch.cat([t["boxes"] for t in targets]), "labels": torch.cat([t["labels"] for t in targets]),
-                "box_image_index": torch.arange(len(targets)).repeat_interleave(10)}
-    model_cfg = load("model")["Yolo"]
+    collated = padded_targets(torch.cat([t["boxes"] for t in targets]), torch.cat([t["labels"] for t in targets]),
+                              torch.arange(len(targets)).repeat_interleave(10), len(targets))
+    model_cfg, loss_cfg = load("model")["Yolo"], load("loss")["Yolo"]
+    csp_cfg = {**model_cfg, "architecture": "csp_pan", "backbone": "csp"}  # the default
+    csp, aligned_loss = CspPanYolo(csp_cfg, (width, height), NUM_CLASSES), AlignedDetectionLoss(loss_cfg["aligned"])
     results.append(measure(
-        f"DSTorch Yolo ({model_cfg['backbone']}, FPN {model_cfg['fpn_channels']}, anchor-free)", ours,
-        lambda: loss_fn(ours(images[None]), collated)["total_loss"].backward(),
-        lambda: ours(images[None, :1]), args.iterations, args.batch_images))
-
-    csp_cfg = {**model_cfg, "architecture": "csp_pan", "backbone": "csp"}
-    csp = CspPanYolo(csp_cfg, (width, height), NUM_CLASSES)
-    aligned_loss = AlignedDetectionLoss(load("loss")["Yolo"]["aligned"])
-    results.append(measure(
-        f"DSTorch Yolo csp_pan (widths {csp_cfg['widths'][-1]}, DFL)", csp,
+        f"DSTorch Yolo csp_pan (CSP {csp_cfg['widths'][-1]}, PAN, DFL)", csp,
         lambda: aligned_loss(csp(images[None]), collated)["total_loss"].backward(),
         lambda: csp(images[None, :1]), args.iterations, args.batch_images))
+
+    fpn_cfg = {**model_cfg, "architecture": "resnet_fpn", "backbone": "resnet18"}
+    fpn, fpn_loss = Yolo(fpn_cfg, (width, height), NUM_CLASSES), DetectionLoss(loss_cfg, STRIDES)
+    results.append(measure(
+        f"DSTorch Yolo resnet_fpn (resnet18, FPN {fpn_cfg['fpn_channels']})", fpn,
+        lambda: fpn_loss(fpn(images[None]), collated)["total_loss"].backward(),
+        lambda: fpn(images[None, :1]), args.iterations, args.batch_images))
 
     for kind, label in (("fcos", "torchvision FCOS (resnet18-FPN 256)"),
                         ("retinanet", "torchvision RetinaNet (resnet18-FPN 256)")):

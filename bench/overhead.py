@@ -18,8 +18,6 @@ import torch
 
 from bench.model import NUM_CAMERAS, platform_args, synthetic_batch
 from helper import load_solver
-from models.Yolo.yolo import STRIDES
-from utils.loss import DetectionLoss
 from utils.optim import build_optimizer, build_scheduler
 
 
@@ -38,13 +36,13 @@ def main(argv=None) -> None:
     solver.mode_selection(True)
 
     model = copy.deepcopy(solver.model)  # the same initial weights
-    loss_fn = DetectionLoss(args["loss"]["Yolo"], STRIDES)
+    loss_fn = solver.loss_fn  # the configured architecture's loss (it holds no state)
     optimizer = build_optimizer(args["optimizer_type"], model.parameters(), args["learning_rate"],
                                 args["weight_decay"])
     scheduler = build_scheduler(args["lr_schd_type"], optimizer, args["num_epochs"] * total_steps, total_steps, args,
                                 args["config"]["schedulers"])  # the Solver's schedule
     amp = bool(args["bool_mixed_precision"])
-    targets = {key: batch[key] for key in ("boxes", "labels", "box_image_index")}
+    targets = {key: batch[key] for key in ("target_boxes", "target_labels", "target_valid")}
 
     def bare_step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):

@@ -8,10 +8,12 @@ of them trained or was tuned on.
     python -m bench.quality --sweep               # each contender's learning rate and warm-up, picked on val
     python -m bench.quality                       # the protocol: budgets x seeds x contenders, interleaved
     python -m bench.quality --table               # the table of the runs done so far, without running any
+    python -m bench.quality --budgets 10 --seeds 0 --contenders dstorch_csp_pan,ablation_no_dfl  # an ablation
 
 Every run writes its result (<work_dir>/runs/<budget>min/<contender>_seed<k>.json, sweep points under runs/sweep/)
 the moment it ends, and every invocation skips the runs whose results exist: stop at any time and run the same
-command again to go on. --contenders, --seeds and --budgets choose a part of the protocol.
+command again to go on. --contenders, --seeds and --budgets choose a part of the protocol. The ablations of csp_pan
+(ABLATIONS: one part changed each, by config) run only when --contenders names them.
 
 Protocol:
 - Data: an embedded nuScenes set of --samples_per_scene keyframes per scene (generated once into --work_dir);
@@ -32,6 +34,7 @@ Protocol:
 """
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -49,6 +52,7 @@ from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
 from helper import load_solver
 from utils.coco_eval import coco_detection_array, coco_metrics, coco_results_array, load_coco
+from utils.config import CONFIG_SECTIONS, apply_override
 from utils.io import atomic_write_json
 from utils.optim import build_scheduler
 from utils.training import TrainingParts
@@ -56,15 +60,22 @@ from utils.training import TrainingParts
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VENV = PROJECT_ROOT / ".cache" / "venv-ultralytics"
 CONTENDERS = ("dstorch", "dstorch_csp_pan", "fcos", "retinanet", "yolov8n")
-# DSTorch's Yolo contenders: config/model.json's "architecture" (and, for csp_pan, "backbone") of each
-DSTORCH_ARCHITECTURES = {"dstorch": {"architecture": "resnet_fpn"},
-                         "dstorch_csp_pan": {"architecture": "csp_pan", "backbone": "csp"}}
+# DSTorch's Yolo runs as --cfg overrides: the resnet_fpn architecture (dstorch), csp_pan, and csp_pan's ablations,
+# each with one part changed (not in the protocol's default contenders; choose them with --contenders)
+CSP_PAN = ("model.Yolo.architecture=csp_pan", "model.Yolo.backbone=csp")
+DSTORCH_VARIANTS = {"dstorch": ("model.Yolo.architecture=resnet_fpn", "model.Yolo.backbone=resnet18"),
+                    "dstorch_csp_pan": CSP_PAN,
+                    "ablation_nearest_assignment": (*CSP_PAN, "loss.Yolo.aligned.assignment=nearest"),
+                    "ablation_no_dfl": (*CSP_PAN, "loss.Yolo.aligned.weights.dfl=0.0"),
+                    "ablation_binary_class_targets": (*CSP_PAN, "loss.Yolo.aligned.iou_aware=false"),
+                    "ablation_resnet18_backbone": (*CSP_PAN[:1], "model.Yolo.backbone=resnet18")}
+ABLATIONS = tuple(name for name in DSTORCH_VARIANTS if name.startswith("ablation_"))
 # Each contender's recipe for minutes of training on a CPU, before the sweep: peak learning rate (AdamW) and warm-up
 # (PyTorch contenders: OneCycle's share of the steps; YOLOv8n: epochs, Ultralytics' unit). DSTorch (both
 # architectures): its config defaults; FCOS and RetinaNet: AdamW at a from-scratch detector's usual rate with
 # DSTorch's schedule; YOLOv8n: AdamW lr0 0.002 and a 0.5-epoch warm-up, nbs = batch, mosaic off, scale 0.25
 # (quality_ultralytics.py).
-RECIPES = {"dstorch": {"lr": 3e-3, "warmup": 0.15}, "dstorch_csp_pan": {"lr": 3e-3, "warmup": 0.15},
+RECIPES = {**{name: {"lr": 3e-3, "warmup": 0.15} for name in DSTORCH_VARIANTS},
            "fcos": {"lr": 1e-3, "warmup": 0.15}, "retinanet": {"lr": 1e-3, "warmup": 0.15},
            "yolov8n": {"lr": 2e-3, "warmup": 0.5}}
 WARMUP_STEPS, CALIBRATION_STEPS = 2, 10  # steps 3-10 are timed to fix the schedule's length (not the slow first ones)
@@ -255,9 +266,11 @@ def run_one(name: str, recipe: dict, seed: int, budget_s: float, split: str, dat
     loader = DataLoader(data["train"], batch_size=args["batch_size"], shuffle=True, drop_last=True,
                         num_workers=args["num_cores"], collate_fn=data["train"].collate_fn,
                         persistent_workers=args["num_cores"] > 0, generator=torch.Generator().manual_seed(seed))
-    if name in DSTORCH_ARCHITECTURES:
-        model = {**args["model"], "Yolo": {**args["model"]["Yolo"], **DSTORCH_ARCHITECTURES[name]}}
-        predict, steps, seconds = train_dstorch({**args, "model": model}, data["train"], loader, budget_s)
+    if name in DSTORCH_VARIANTS:
+        args = copy.deepcopy(args)
+        for override in DSTORCH_VARIANTS[name]:
+            apply_override(args, override, CONFIG_SECTIONS)
+        predict, steps, seconds = train_dstorch(args, data["train"], loader, budget_s)
     else:
         predict, steps, seconds = train_torchvision(name, args, data["train"], loader, budget_s)
     metrics = score(detections_of(predict, data[split]), data[split])
@@ -319,14 +332,14 @@ def table(contenders: list, work_dir: Path, budgets: list) -> None:
     """Mean ± half the range over the seeds done, per budget and contender (in CONTENDERS' order: no ranking)."""
     for minutes in budgets:
         run_dir = work_dir / "runs" / f"{minutes:g}min"
-        print(f"\n{minutes:g} min of training each\n{'contender':<16}{'seeds':>6}{'recipe':>10}{'steps':>7}"
+        print(f"\n{minutes:g} min of training each\n{'contender':<30}{'seeds':>6}{'recipe':>10}{'steps':>7}"
               f"{'img/s':>7}{'threads':>8}" + "".join(f"{name:>16}" for name in METRICS))
         for name in contenders:
             results = [json.loads(path.read_text()) for path in sorted(run_dir.glob(f"{name}_seed*.json"))]
             if not results:
                 continue
             columns = [f"{spread([r[key] for r in results]):>16}" for key in METRICS]
-            print(f"{name:<16}{len(results):>6}{results[0]['recipe_source']:>10}"
+            print(f"{name:<30}{len(results):>6}{results[0]['recipe_source']:>10}"
                   f"{np.mean([r['steps'] for r in results]):>7.0f}{np.mean([r['images_per_s'] for r in results]):>7.1f}"
                   f"{results[0]['threads']:>8}" + "".join(columns))
         versions = {key: value for path in run_dir.glob("*.json") for key, value in
@@ -376,9 +389,9 @@ def main(argv=None) -> None:
                         help="train.py flags for every PyTorch contender's data and loader (e.g. --num_cores 1)")
     options = parser.parse_args(argv)
     contenders = options.contenders.split(",")
-    unknown = sorted(set(contenders) - set(CONTENDERS))
+    unknown = sorted(set(contenders) - set(CONTENDERS + ABLATIONS))
     if unknown:
-        parser.error(f"--contenders {','.join(unknown)}: choose from {','.join(CONTENDERS)}")
+        parser.error(f"--contenders {','.join(unknown)}: choose from {','.join(CONTENDERS + ABLATIONS)}")
     for key, kind in (("budgets", float), ("seeds", int), ("sweep_lr_scales", float), ("sweep_warmup_scales", float)):
         try:
             setattr(options, key, numbers(kind, getattr(options, key)))

@@ -63,6 +63,8 @@ class Solver:
         "loss.aligned.alpha": number(0),
         "loss.aligned.beta": number(0),
         "loss.aligned.center_radius": number(0, low_open=True),
+        "loss.aligned.assignment": one_of("task_aligned", "nearest"),
+        "loss.aligned.iou_aware": FLAG,
     }
 
     def __init__(self, args: dict, device: torch.device, class_names: list, steps_per_epoch: int,
@@ -86,7 +88,8 @@ class Solver:
     def train(self, batch: dict) -> dict:
         """One optimizer step on a collated batch; returns the loss terms as floats."""
         images = batch["images"].to(self.device, non_blocking=True)
-        targets = {key: batch[key].to(self.device, non_blocking=True) for key in ("boxes", "labels", "box_image_index")}
+        targets = {key: batch[key].to(self.device, non_blocking=True)
+                   for key in ("target_boxes", "target_labels", "target_valid")}
         with self.parts.autocast():
             outputs = self.parts.trained_model(images)
         return self.parts.step(self.loss_fn(outputs, targets))  # the loss in float32 whatever the autocast dtype

@@ -11,6 +11,7 @@ from models.Yolo.csp_pan import REG_MAX, CspPanYolo, decode_distribution
 from models.Yolo.yolo import STRIDES
 from tests.test_model import config, grid_points
 from tests.test_platform import tiny_flags
+from utils.collate import padded_targets
 from utils.loss import NO_BOX
 
 ARCHITECTURE = {"architecture": "csp_pan", "backbone": "csp", "widths": [8, 16, 16, 32, 32], "depths": [1, 1, 1, 1]}
@@ -51,9 +52,9 @@ def test_distribution_decoding_round_trip():
     assert torch.allclose(boxes, expected, atol=1e-3)
 
 
-def assign(gt_boxes, predicted=None, width=96, height=64, labels=None, probabilities=None):
-    """Assignment of the boxes of one image; predicted boxes default to a 24 px square around each point, class
-    probabilities to 0.5."""
+def assign(gt_boxes, predicted=None, width=96, height=64, labels=None, probabilities=None, **changes):
+    """Assignment of the boxes of one image (by the loss with `changes` to its config); predicted boxes default to a
+    24 px square around each point, class probabilities to 0.5."""
     points, strides = grid_points(width, height)
     if predicted is None:
         predicted = torch.cat([points - 12, points + 12], dim=1)
@@ -61,8 +62,8 @@ def assign(gt_boxes, predicted=None, width=96, height=64, labels=None, probabili
         probabilities = torch.full((len(points), 10), 0.5)
     gt = torch.tensor(gt_boxes, dtype=torch.float32).reshape(1, -1, 4)
     gt_labels = torch.tensor(labels or [0] * gt.shape[1]).reshape(1, -1)
-    assigned, target = loss_fn().assign(probabilities[None], predicted[None], points, strides, gt, gt_labels,
-                                        torch.ones(gt.shape[:2], dtype=torch.bool))
+    assigned, target = loss_fn(**changes).assign(probabilities[None], predicted[None], points, strides, gt, gt_labels,
+                                                 torch.ones(gt.shape[:2], dtype=torch.bool))
     return assigned[0], target[0], points
 
 
@@ -91,6 +92,21 @@ def test_assignment_takes_the_best_aligned_points():
         0, alignment.topk(cfg["topk"]).indices, True))
     expected = alignment / alignment[chosen].max() * iou[chosen].max()
     assert torch.allclose(target[chosen], expected[chosen]) and (target[~chosen] == 0).all()
+
+
+def test_ablations_nearest_assignment_and_binary_targets():
+    """"assignment": "nearest" takes the topk candidates nearest the box's centre whatever the predictions;
+    "iou_aware": false makes the class targets 1 at the positive points."""
+    box = [20.0, 12.0, 52.0, 44.0]
+    points, _ = grid_points(96, 64)
+    probabilities = torch.rand(len(points), 10, generator=torch.Generator().manual_seed(0))
+    assigned, target, _ = assign([box], probabilities=probabilities, assignment="nearest", iou_aware=False)
+    chosen = assigned == 0
+    inside = (points[:, 0] > 20) & (points[:, 0] < 52) & (points[:, 1] > 12) & (points[:, 1] < 44)
+    distance = (points - torch.tensor([36.0, 28.0])).abs().max(dim=1).values
+    assert chosen.sum() == config("loss")["aligned"]["topk"] and inside[chosen].all()
+    assert distance[chosen].max() <= distance[inside & ~chosen].min()
+    assert (target[chosen] == 1).all() and (target[~chosen] == 0).all()
 
 
 def test_assignment_gives_a_box_smaller_than_a_stride_its_points():
@@ -131,8 +147,8 @@ def test_losses_and_gradients_are_finite(case):
     boxes = {"no_boxes_in_batch": [], "some_images_empty": [[10, 10, 40, 50], [0, 0, 96, 64]],
              "border_boxes": [[0, 0, 20, 64], [80, 40, 96, 64]], "tiny_boxes": [[3, 3, 3.5, 3.2], [90, 60, 91, 61]]}
     images = {"no_boxes_in_batch": [], "some_images_empty": [0, 4], "border_boxes": [1, 1], "tiny_boxes": [2, 5]}
-    targets = {"boxes": torch.tensor(boxes[case], dtype=torch.float32).reshape(-1, 4),
-               "labels": torch.arange(len(boxes[case])) % 10, "box_image_index": torch.tensor(images[case]).long()}
+    targets = padded_targets(torch.tensor(boxes[case], dtype=torch.float32).reshape(-1, 4),
+                             torch.arange(len(boxes[case])) % 10, torch.tensor(images[case]).long(), num_images=6)
     losses = loss_fn()(model(torch.randn(2, 3, 3, 64, 96)), targets)
     assert set(losses) == {"box_loss", "dfl_loss", "cls_loss", "total_loss", "num_positives"}
     assert all(torch.isfinite(value).all() for value in losses.values())
@@ -150,7 +166,8 @@ def test_overfits_a_few_boxes():
     model = small_model(128, 96)
     images = torch.randn(1, 2, 3, 96, 128)
     boxes = torch.tensor([[10.0, 10, 60, 50], [70, 30, 120, 90], [40, 60, 52, 74], [20, 20, 70, 80]])
-    targets = {"boxes": boxes, "labels": torch.tensor([1, 3, 5, 7]), "box_image_index": torch.tensor([0, 0, 0, 1])}
+    labels, box_image_index = torch.tensor([1, 3, 5, 7]), torch.tensor([0, 0, 0, 1])
+    targets = padded_targets(boxes, labels, box_image_index, num_images=2)
     steps = 250
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
@@ -162,7 +179,7 @@ def test_overfits_a_few_boxes():
         scheduler.step()
     model.eval()
     detections = model.predict(images)
-    for box, label, image in zip(boxes, targets["labels"], targets["box_image_index"], strict=True):
+    for box, label, image in zip(boxes, labels, box_image_index, strict=True):
         mine = detections["image_index"] == image
         iou = box_iou(box[None], detections["boxes"][mine])[0]
         near = iou >= 0.7

@@ -12,14 +12,16 @@ from models.Yolo import yolo
 from models.Yolo.yolo import STRIDES, Yolo
 from tests.conftest import PROJECT_ROOT
 from utils.boxes import decode_ltrb, encode_ltrb, postprocess_detections, to_original_pixels
-from utils.collate import collate_detection
+from utils.collate import collate_detection, padded_targets
 from utils.errors import UserError
 from utils.loss import NO_BOX, DetectionLoss
 
 
 def config(name):
+    """The Yolo section of config/<name>.json; for "model", with the resnet_fpn architecture these tests cover."""
     with open(PROJECT_ROOT / "config" / f"{name}.json") as f:
-        return json.load(f)["Yolo"]
+        section = json.load(f)["Yolo"]
+    return {**section, "architecture": "resnet_fpn", "backbone": "resnet18"} if name == "model" else section
 
 
 def grid_points(width, height):
@@ -142,8 +144,8 @@ def test_losses_are_finite(small_model, case):
              "tiny_boxes": [[3, 3, 3.5, 3.2], [90, 60, 91, 61]]}[case]
     images = {"no_boxes_in_batch": [], "some_images_empty": [0, 4], "border_boxes": [1, 1],
               "tiny_boxes": [2, 5]}[case]
-    targets = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-               "labels": torch.arange(len(boxes)) % 10, "box_image_index": torch.tensor(images, dtype=torch.long)}
+    targets = padded_targets(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.arange(len(boxes)) % 10,
+                             torch.tensor(images, dtype=torch.long), num_images=6)
     small_model.zero_grad()
     losses = DetectionLoss(config("loss"), STRIDES)(small_model(torch.randn(2, 3, 3, 64, 96)), targets)
     assert set(losses) == {"box_loss", "obj_loss", "cls_loss", "total_loss", "num_positives"}

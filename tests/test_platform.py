@@ -17,10 +17,11 @@ import helper
 import test as test_script
 import train
 from argumentparser import build_parser
+from models.Yolo.aligned_loss import AlignedDetectionLoss
 from tests.conftest import PROJECT_ROOT
 from tests.signal_at_step import load_solver_that_signals
-from utils import loss as loss_module
 from utils.checkpoint import load_checkpoint
+from utils.collate import padded_targets
 from utils.config import load_json, merge_config
 from utils.errors import UserError
 from utils.experiment import setup_logging
@@ -220,7 +221,7 @@ def test_the_resume_command_survives_the_shell(monkeypatch):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path, monkeypatch):
-    real_forward = loss_module.DetectionLoss.forward
+    real_forward = AlignedDetectionLoss.forward
     calls = {"n": 0}
 
     def forward(self, outputs, targets):
@@ -230,7 +231,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_
             losses["total_loss"] = losses["total_loss"] * float("nan")
         return losses
 
-    monkeypatch.setattr(loss_module.DetectionLoss, "forward", forward)
+    monkeypatch.setattr(AlignedDetectionLoss, "forward", forward)
     with pytest.raises(SystemExit) as stopped:
         train.main(tiny_run())
     assert stopped.value.code == 1
@@ -281,8 +282,8 @@ def test_mixed_precision_step_on_the_cpu(trained):
     args["bool_mixed_precision"] = 1
     solver = helper.load_solver(args, device=torch.device("cpu"), class_names=list("abcdefghij"), steps_per_epoch=3)
     assert solver.parts.amp_dtype == torch.bfloat16 and not solver.parts.scaler.is_enabled()
-    batch = {"images": torch.randn(1, 2, 3, 64, 96), "boxes": torch.tensor([[10.0, 10.0, 40.0, 50.0]]),
-             "labels": torch.tensor([2]), "box_image_index": torch.tensor([1])}
+    batch = {"images": torch.randn(1, 2, 3, 64, 96),
+             **padded_targets(torch.tensor([[10.0, 10.0, 40.0, 50.0]]), torch.tensor([2]), torch.tensor([1]), 2)}
     losses = solver.train(batch)
     assert all(torch.isfinite(torch.tensor(value)) for value in losses.values())
 
@@ -342,7 +343,7 @@ def test_bad_names_fail_before_heavy_work(flags, message, tmp_path):
     (["--cfg", "model.Yolo.fpn_channels=48"], "Yolo.fpn_channels = 48 in config/model.json"),
     (["--cfg", "loss.Yolo.size_ranges=[[0, 48]]"], "Yolo.size_ranges = [[0, 48]] in config/loss.json"),
     (["--cfg", "model.Yolo.architecture=yolov8"], 'Yolo.architecture = "yolov8" in config/model.json'),
-    (["--cfg", "model.Yolo.backbone=csp"], 'whose backbone "csp" has the architecture "csp_pan"'),
+    (["--cfg", "model.Yolo.architecture=resnet_fpn"], 'whose backbone "csp" has the architecture "csp_pan"'),
     (["--cfg", "model.Yolo.widths=[16, 32, 64]"], "Yolo.widths = [16, 32, 64] in config/model.json"),
     (["--cfg", "loss.Yolo.aligned.topk=0"], "Yolo.aligned.topk = 0 in config/loss.json"),
     (["--cfg", "model.LiftBEV.threshold=0.505", "--app_mode", "BEVSeg", "--model_name", "LiftBEV"],

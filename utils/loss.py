@@ -31,19 +31,6 @@ NO_BOX = -1  # in `assign`'s output: a background point
 NEAREST_POINTS = 9  # where a box without a positive point looks for one (step 4 of the assignment)
 
 
-def pad_targets(boxes: torch.Tensor, box_image_index: torch.Tensor, num_images: int) -> tuple:
-    """Boxes (T, 4) listed image after image -> (I, M, 4) zero-padded, valid (I, M), and each box's slot (T,)."""
-    counts = torch.bincount(box_image_index, minlength=num_images)
-    first = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(len(boxes), device=boxes.device) - first[box_image_index]
-    max_boxes = int(counts.max()) if len(boxes) else 0
-    padded = boxes.new_zeros(num_images, max_boxes, 4)
-    valid = torch.zeros(num_images, max_boxes, dtype=torch.bool, device=boxes.device)
-    padded[box_image_index, slot] = boxes
-    valid[box_image_index, slot] = True
-    return padded, valid, slot
-
-
 class DetectionLoss(nn.Module):
     """cfg: a section of config/loss.json: weights {box, obj, cls}, center_radius, size_ranges (one per stride,
     smallest stride first), focal_alpha, focal_gamma."""
@@ -96,13 +83,13 @@ class DetectionLoss(nn.Module):
 
     def forward(self, outputs: dict, targets: dict) -> dict:
         """outputs: the model's dict (class_logits (I, P, C), objectness (I, P), boxes (I, P, 4), points (P, 2),
-        strides (P,)); targets: boxes (T, 4) in input px, labels (T,), box_image_index (T,), as collated.
-        Returns box_loss, obj_loss, cls_loss, total_loss (scalars) and num_positives."""
+        strides (P,)); targets: target_boxes (I, M, 4) in input px, target_labels (I, M), target_valid (I, M), as
+        collated (utils.collate.padded_targets). Returns box_loss, obj_loss, cls_loss, total_loss (scalars) and
+        num_positives."""
         class_logits, objectness = outputs["class_logits"].float(), outputs["objectness"].float()
-        num_images, _, num_classes = class_logits.shape
-        gt_boxes, gt_valid, slot = pad_targets(targets["boxes"], targets["box_image_index"], num_images)
-        gt_labels = torch.zeros(gt_valid.shape, dtype=torch.long, device=gt_valid.device)
-        gt_labels[targets["box_image_index"], slot] = targets["labels"]
+        num_classes = class_logits.shape[2]
+        gt_boxes, gt_labels = targets["target_boxes"].float(), targets["target_labels"]
+        gt_valid = targets["target_valid"]
 
         assigned = self.assign(outputs["points"].float(), outputs["strides"].float(), gt_boxes, gt_valid)
         positive = assigned != NO_BOX  # (I, P)

@@ -8,11 +8,13 @@ padded to the most of any image, points):
 2. Alignment of a candidate with its box: s^alpha x u^beta, s the predicted probability of the box's class at the
    point, u the IoU of the point's predicted box with the box (0 for the other points).
 3. Each box takes its `topk` best-aligned candidates (all of them when it has fewer); the candidates of alignment
-   0 (early in training, when no predicted box overlaps) after all others, nearest its centre first.
+   0 (early in training, when no predicted box overlaps) after all others, nearest its centre first. (With
+   "assignment": "nearest", the ablation of this step, it takes the `topk` candidates nearest its centre.)
 4. A point that several boxes took keeps the box its predicted box overlaps most (at equal IoU, the nearest box
    centre).
 A positive point's target t is its alignment scaled so that its box's best-aligned point gets the best IoU among
-the box's points (IoU-aware: the class score learns to rank detections by localization quality).
+the box's points (IoU-aware: the class score learns to rank detections by localization quality); with
+"iou_aware": false, the ablation, t is 1.
 
 Terms (weights in config/loss.json "aligned"; under DDP each normalizer is the mean of the processes'):
     cls_loss: binary cross-entropy of all class logits against t at the box's class, 0 elsewhere, summed and
@@ -34,12 +36,12 @@ from torchvision.ops import box_iou, complete_box_iou_loss
 
 from models.Yolo.csp_pan import REG_MAX
 from utils.distributed import mean_over_processes
-from utils.loss import NO_BOX, pad_targets
+from utils.loss import NO_BOX
 
 
 class AlignedDetectionLoss(nn.Module):
     """cfg: the "aligned" part of a section of config/loss.json: weights {box, dfl, cls}, topk, alpha, beta,
-    center_radius."""
+    center_radius, assignment ("task_aligned" or "nearest"), iou_aware."""
 
     def __init__(self, cfg: dict):
         super().__init__()
@@ -65,38 +67,44 @@ class AlignedDetectionLoss(nn.Module):
         probability = class_probabilities.gather(2, gt_labels[:, None, :].expand(-1, len(points), -1))  # (I, P, M)
         alignment = torch.where(candidate, probability.transpose(1, 2) ** self.cfg["alpha"] * iou ** self.cfg["beta"],
                                 0.0)
-        # alignments > 0 first; the candidates of alignment 0 after them, nearest the box's centre first
-        ranking = torch.where(candidate, torch.where(alignment > 0, alignment, -centre_distance), -torch.inf)
+        if self.cfg["assignment"] == "task_aligned":
+            # alignments > 0 first; the candidates of alignment 0 after them, nearest the box's centre first
+            ranking = torch.where(candidate, torch.where(alignment > 0, alignment, -centre_distance), -torch.inf)
+        else:  # "nearest": the candidates nearest the box's centre, whatever the predictions (a static prior)
+            ranking = torch.where(candidate, -centre_distance, -torch.inf)
         top = ranking.topk(min(self.cfg["topk"], len(points)), dim=2).indices  # (I, M, k)
         positive = torch.zeros_like(candidate).scatter_(2, top, True) & candidate  # (I, M, P)
         # a point taken by several boxes keeps the one its predicted box overlaps most (at equal IoU the nearest;
         # 1e-9 per px of distance is below any IoU difference that matters)
         best_box = torch.where(positive, iou - 1e-9 * centre_distance, -torch.inf).argmax(dim=1)  # (I, P)
-        positive &= F.one_hot(best_box, max_boxes).transpose(1, 2).bool()
+        positive &= best_box[:, None, :] == torch.arange(max_boxes, device=points.device)[None, :, None]
         alignment = torch.where(positive, alignment, 0.0)
         best_iou = torch.where(positive, iou, 0.0).amax(dim=2, keepdim=True)  # (I, M, 1)
         scale = best_iou / alignment.amax(dim=2, keepdim=True).clamp(min=1e-30)
         assigned = torch.where(positive.any(dim=1), best_box, NO_BOX)  # (I, P)
+        if not self.cfg["iou_aware"]:  # binary class targets: 1 at the positive points
+            return assigned, positive.any(dim=1).float()
         return assigned, (alignment * scale).amax(dim=1)
 
     def forward(self, outputs: dict, targets: dict) -> dict:
         """outputs: the model's dict (class_logits (I, P, C), distance_logits (I, P, 4, REG_MAX), boxes (I, P, 4),
-        points (P, 2), strides (P,)); targets: boxes (T, 4) in input px, labels (T,), box_image_index (T,), as
-        collated. Returns box_loss, dfl_loss, cls_loss, total_loss (scalars) and num_positives."""
+        points (P, 2), strides (P,)); targets: target_boxes (I, M, 4) in input px, target_labels (I, M), target_valid
+        (I, M), as collated (utils.collate.padded_targets). Returns box_loss, dfl_loss, cls_loss, total_loss
+        (scalars) and num_positives."""
         class_logits, boxes = outputs["class_logits"].float(), outputs["boxes"].float()
         points, strides = outputs["points"].float(), outputs["strides"].float()
-        num_images, _, num_classes = class_logits.shape
-        gt_boxes, gt_valid, slot = pad_targets(targets["boxes"], targets["box_image_index"], num_images)
+        num_classes = class_logits.shape[2]
         # one more, invalid slot: a batch without boxes keeps the same code path (and the gathers an index 0)
-        gt_boxes, gt_valid = F.pad(gt_boxes, (0, 0, 0, 1)), F.pad(gt_valid, (0, 1))
-        gt_labels = torch.zeros(gt_valid.shape, dtype=torch.long, device=gt_valid.device)
-        gt_labels[targets["box_image_index"], slot] = targets["labels"]
+        gt_boxes = F.pad(targets["target_boxes"].float(), (0, 0, 0, 1))  # (I, M + 1, 4)
+        gt_labels, gt_valid = F.pad(targets["target_labels"], (0, 1)), F.pad(targets["target_valid"], (0, 1))
 
         assigned, target = self.assign(torch.sigmoid(class_logits.detach()), boxes.detach(), points, strides,
                                        gt_boxes, gt_labels, gt_valid)
         positive = assigned != NO_BOX  # (I, P)
         matched = assigned.clamp(min=0)
-        class_targets = F.one_hot(gt_labels.gather(1, matched), num_classes) * target[..., None]  # (I, P, C)
+        # (I, P, C); a comparison, not F.one_hot, which reads its input's range on the host to check it
+        classes = torch.arange(num_classes, device=class_logits.device)
+        class_targets = (gt_labels.gather(1, matched)[..., None] == classes) * target[..., None]
         # Under DDP the gradients are averaged over processes: dividing by the mean normalizer of all processes
         # makes that average equal the gradient of one process that sees the whole global batch.
         normalizer = mean_over_processes(target.sum()).clamp(min=1)
