@@ -7,7 +7,8 @@ whether their numbers are identical.
 
 (1) runs on the test split of the embedded dataset (generated on first use) at the configured input size, with
 the batches decoded beforehand (bench/loader.py measures loading) and a model that keeps its 100 best detections
-of every image (score threshold 0): the most work decoding, NMS and the metrics can have.
+of every image (score threshold 0, NMS IoU threshold 1: the untrained model's boxes overlap, and NMS at 0.6
+would keep few): the most work decoding, NMS and the metrics can have.
 """
 
 import argparse
@@ -88,7 +89,8 @@ class Preloaded:
 
 
 def evaluation_pass_vs_forward(repeats: int, flags: list) -> None:
-    args = platform_args(["--num_cores", "1", "--cfg", "model.Yolo.postprocess.score_threshold=0.0", *flags])
+    args = platform_args(["--num_cores", "1", "--cfg", "model.Yolo.postprocess.score_threshold=0.0",
+                          "--cfg", "model.Yolo.postprocess.nms_iou=1.0", *flags])
     test_set, test_loader = load_datasetloader(args, torch.float32, 1, 0, "test")
     batches = Preloaded(test_loader)
     solver = load_solver(args, device=torch.device("cpu"), class_names=test_set.class_names, steps_per_epoch=1)

@@ -68,7 +68,7 @@ def test_quality_protocol_runs_interleaved_and_resumes(tmp_path, capsys):
         assert set(quality.METRICS) <= set(result) and "torch" in result["versions"]
     table = out[out.index("0.02 min of training each"):]
     for name in ("dstorch", "fcos"):
-        assert f"\n{name:<16}{2:>6}{'not swept':>10}" in table  # contender, seeds, recipe
+        assert f"\n{name:<30}{2:>6}{'not swept':>10}" in table  # contender, seeds, recipe
     written = [path.stat().st_mtime_ns for path in paths]
     quality.main(argv)
     assert capsys.readouterr().out.endswith(table)

@@ -34,6 +34,16 @@ def test_forward_shapes_fold_cameras():
     assert outputs["boxes"].shape == (6, points, 4) and outputs["points"].shape == (points, 2)
 
 
+def test_frozen_batchnorm_normalizes_by_fixed_statistics():
+    """freeze_batchnorm: no BatchNorm2d left, and a training-mode forward equals an evaluation-mode one."""
+    torch.manual_seed(0)
+    model = CspPanYolo({**config("model"), **ARCHITECTURE, "freeze_batchnorm": True}, (96, 64), num_classes=10)
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
+    images = torch.randn(1, 2, 3, 64, 96)
+    trained = model.train()(images)["class_logits"]
+    assert torch.equal(trained, model.eval()(images)["class_logits"])
+
+
 def test_resnet_backbone_plugs_in():
     model = CspPanYolo({**config("model"), "architecture": "csp_pan", "backbone": "resnet18"}, (96, 64), 10)
     assert model(torch.randn(1, 1, 3, 64, 96))["boxes"].shape == (1, 126, 4)

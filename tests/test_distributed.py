@@ -29,9 +29,12 @@ def ddp_flags(embedded_dir, folder, exp_dir, *extra):
     """The tiny run of 2 epochs with 2 samples per process (3 steps per epoch with 2 processes), where
     2 x batch b must equal 1 x batch 2b: BatchNorm frozen, no augmentation, and SGD, whose update is linear in the
     gradient (Adam's divides by its root mean square, which turns float32 rounding of gradients near zero into
-    differences of up to the learning rate); last.pt also every 2 steps."""
+    differences of up to the learning rate); the assignment by nearness to the box centre, not by the predictions
+    (the untrained model predicts many equal boxes, and float32 rounding decides which of those equals the
+    task-aligned assignment takes); last.pt also every 2 steps."""
     return tiny_flags(embedded_dir, folder, exp_dir, "--batch_size", "2", "--bool_apply_img_aug", "0",
                       "--optimizer_type", "sgd", "--cfg", "model.Yolo.freeze_batchnorm=true",
+                      "--cfg", "loss.Yolo.aligned.assignment=nearest",
                       "--cfg", "config.solver.checkpoint_every_steps=2", *extra)
 
 

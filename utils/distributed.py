@@ -68,13 +68,16 @@ def any_process(flag: bool) -> bool:
     return bool(value.item())
 
 
-def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
-    """The mean of a tensor over all processes (no gradient flows through it)."""
+def loss_normalizer(local_sum: torch.Tensor) -> torch.Tensor:
+    """What a process divides its summed loss by: max(the sum of local_sum over all processes, 1) / the number of
+    processes (no gradient flows through it). DDP averages the processes' gradients; with this normalizer that
+    average is the gradient of one process that holds the global batch and divides by max(its sum, 1). (The mean
+    over processes clamped at 1 would not be: with a global sum of 1.5 over 2 processes it divides by 1, not 0.75.)"""
     if not distributed_world():
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value)
-    return value / dist.get_world_size()
+        return local_sum.detach().clamp(min=1)
+    total = local_sum.detach().clone()
+    dist.all_reduce(total)
+    return total.clamp(min=1) / dist.get_world_size()
 
 
 def gather_to_main(items: list) -> list:

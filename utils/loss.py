@@ -12,7 +12,7 @@ Target assignment (`assign`), per image:
    positive point unless 9 boxes crowd around it that each have only one: a point predicts one box.
 
 Terms (weights in config/loss.json), each normalized by the number of positive points N_pos (at least 1; under
-DDP the mean N_pos of the processes):
+DDP that of the global batch, see utils.distributed.loss_normalizer):
     box_loss: GIoU loss (torchvision) of the decoded box of each positive point, averaged over the positives;
     obj_loss: sigmoid focal loss (torchvision) of the objectness of all points (positives are 1), summed and
               divided by N_pos, as RetinaNet and FCOS normalize it;
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from utils.distributed import mean_over_processes
+from utils.distributed import loss_normalizer
 
 NO_BOX = -1  # in `assign`'s output: a background point
 NEAREST_POINTS = 9  # where a box without a positive point looks for one (step 4 of the assignment)
@@ -96,9 +96,8 @@ class DetectionLoss(nn.Module):
         image_index, point_index = torch.nonzero(positive, as_tuple=True)
         matched = assigned[image_index, point_index]
         num_positives = positive.sum()
-        # Under DDP the gradients are averaged over processes: dividing by the mean N_pos of all processes makes
-        # that average equal the gradient of one process that sees the whole global batch.
-        normalizer = mean_over_processes(num_positives.float()).clamp(min=1)
+        # under DDP, normalized so that the processes' averaged gradient is that of one process with the global batch
+        normalizer = loss_normalizer(num_positives.float())
 
         box_loss = generalized_box_iou_loss(outputs["boxes"][image_index, point_index].float(),
                                             gt_boxes[image_index, matched], reduction="sum") / normalizer

@@ -16,7 +16,8 @@ A positive point's target t is its alignment scaled so that its box's best-align
 the box's points (IoU-aware: the class score learns to rank detections by localization quality); with
 "iou_aware": false, the ablation, t is 1.
 
-Terms (weights in config/loss.json "aligned"; under DDP each normalizer is the mean of the processes'):
+Terms (weights in config/loss.json "aligned"; under DDP each normalizer is that of the global batch, see
+utils.distributed.loss_normalizer):
     cls_loss: binary cross-entropy of all class logits against t at the box's class, 0 elsewhere, summed and
               divided by the sum of the targets t (at least 1);
     box_loss: 1 - CIoU (torchvision) of each positive point's box with its box, averaged over the positive points;
@@ -35,7 +36,7 @@ from torch import nn
 from torchvision.ops import box_iou, complete_box_iou_loss
 
 from models.Yolo.csp_pan import REG_MAX
-from utils.distributed import mean_over_processes
+from utils.distributed import loss_normalizer
 from utils.loss import NO_BOX
 
 
@@ -105,9 +106,8 @@ class AlignedDetectionLoss(nn.Module):
         # (I, P, C); a comparison, not F.one_hot, which reads its input's range on the host to check it
         classes = torch.arange(num_classes, device=class_logits.device)
         class_targets = (gt_labels.gather(1, matched)[..., None] == classes) * target[..., None]
-        # Under DDP the gradients are averaged over processes: dividing by the mean normalizer of all processes
-        # makes that average equal the gradient of one process that sees the whole global batch.
-        normalizer = mean_over_processes(target.sum()).clamp(min=1)
+        # under DDP, normalized so that the processes' averaged gradient is that of one process with the global batch
+        normalizer = loss_normalizer(target.sum())
         cls_loss = F.binary_cross_entropy_with_logits(class_logits, class_targets, reduction="sum") / normalizer
 
         # every point at once, background points weighted 0 against a unit box (finite losses and gradients)
@@ -115,7 +115,7 @@ class AlignedDetectionLoss(nn.Module):
         matched_boxes = torch.where(positive[..., None], gt_boxes.gather(1, matched[..., None].expand(-1, -1, 4)),
                                     unit_box)  # (I, P, 4)
         weight = positive.float()
-        box_normalizer = mean_over_processes(weight.sum()).clamp(min=1)
+        box_normalizer = loss_normalizer(weight.sum())
         box_loss = (complete_box_iou_loss(boxes, matched_boxes, reduction="none") * weight).sum() / box_normalizer
         sides = torch.cat([points - matched_boxes[..., :2], matched_boxes[..., 2:] - points], dim=-1) / strides[:, None]
         sides = sides.clamp(0, REG_MAX - 1.01)  # (I, P, 4) in strides, within the bins

@@ -10,7 +10,7 @@ One image from pixels to boxes, at 320x192 with the "n" widths (16, 32, 64, 128,
     logits and 4 x REG_MAX distance logits -> distances = the expectation of each side's softmax, in strides ->
     boxes around the point centres; P = 24*40 + 12*20 + 6*10 = 1260 points.
 The backbone can instead be a torchvision ResNet (config "backbone": "resnet18" ...), so that ImageNet weights plug
-in; its layer2-4 outputs take C3-C5's place.
+in; its layer2-4 outputs take C3-C5's place. "freeze_batchnorm": true freezes every BatchNorm of the model.
 """
 
 import math
@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from models.Yolo.yolo import STRIDES, DenseDetector, build_backbone, point_grid
 
@@ -168,6 +169,8 @@ class CspPanYolo(DenseDetector):
             DecoupledHead(level_channels, box_channels, class_channels, num_classes,
                           EXPECTED_OBJECTS / (num_classes * (width // stride) * (height // stride)))
             for level_channels, stride in zip(channels, STRIDES, strict=True))
+        if cfg["freeze_batchnorm"]:
+            freeze_batchnorm(self)
 
     def forward(self, images: torch.Tensor) -> dict:
         """images (B, N_cam, 3, H, W) -> over the I = B * N_cam images and P points: class_logits (I, P, C);
@@ -184,6 +187,20 @@ class CspPanYolo(DenseDetector):
     def scores(self, outputs: dict) -> torch.Tensor:
         """Detection scores (I, P, C): the class probabilities, trained against the IoU of the predicted box."""
         return torch.sigmoid(outputs["class_logits"].float())
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Replace every BatchNorm2d below `module` by torchvision's FrozenBatchNorm2d with the same statistics and
+    affine parameters: normalization by fixed statistics, in training as in evaluation, and nothing of it trained
+    (config "freeze_batchnorm"; batch statistics would make a step depend on how the batch is split)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
 
 
 class ResNetLevels(nn.Module):
