@@ -3,6 +3,7 @@ JSON value for one run. The parser comes from a function so that test.py and the
 
 import argparse
 import math
+import os
 import sys
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -29,6 +30,13 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
+
+
+def machine_workers() -> int:
+    """The cores this process may use, divided among torchrun's processes on this node, less one for the process
+    itself (which runs the training step): 1 on a 2-core machine, 15 per process on a 16-core one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
 
 
 def seed_value(text: str) -> int:
@@ -90,7 +98,9 @@ def build_parser(description: str = "Train a model (DSTorch).") -> argparse.Argu
         help="experiment folder (default: saved_models/<dataset_type>_<model_name>_model<exp_id>)")
     add("--val_ratio", type=open_fraction, default=0.25, help="share of the training scenes held out for validation")
     add("--batch_size", type=positive_int, default=2, help="samples (each with all its cameras) per step per process")
-    add("--num_cores", type=non_negative_int, default=1, help="DataLoader worker processes (0: load in the main one)")
+    add("--num_cores", type=non_negative_int, default=machine_workers(),
+        help="DataLoader worker processes per process (0: load in the main one); default: this process's share of "
+             "the CPU cores it may use, less one for itself (the cores / torchrun's processes per node - 1)")
     add("--bool_apply_img_aug", type=flag, default=1, help="training augmentation: flip, colour, scale, translate")
     # schedule and checkpoints
     add("--num_epochs", type=positive_int, default=10, help="epochs to train (may be raised when resuming)")

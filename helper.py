@@ -18,6 +18,8 @@ PLATFORM_RULES = {
     "config.solver.ema": FLAG,
     "config.solver.ema_decay": number(0, 1, high_open=True),
     "config.solver.checkpoint_every_steps": number(0, integer=True),
+    "config.solver.compile": FLAG,
+    "config.train.log_every_steps": number(1, integer=True),
     "config.distributed.timeout_s": number(0, low_open=True),
     "config.distributed.sync_batchnorm": FLAG,
     "config.schedulers.StepLR.step_epochs": number(1, integer=True),

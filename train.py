@@ -218,42 +218,62 @@ class CheckpointWriter:
 def train_epoch(solver, loader, args: dict, world_size: int, progress: Progress, stop: StopRequest, save,
                 resume_command: str, main_process: bool) -> float:
     """Train the rest of epoch progress.epoch, one solver step per batch; returns the last learning rate used.
-    Saves last.pt every config.json "checkpoint_every_steps" steps, and on a stop signal (then exits)."""
+    The loss values stay on the device until a read point: every config.json "train.log_every_steps" steps,
+    before a checkpoint and at the end of the epoch. Saves last.pt every "checkpoint_every_steps" steps, and on a
+    stop signal (then exits)."""
     epoch = progress.epoch
     loader.sampler.start_epoch(epoch, progress.samples_in_epoch)  # the order depends on the seed and epoch only
     loader.generator.manual_seed(args["seed"] * 1000 + epoch)  # and so do the workers' seeds
     solver.mode_selection(True)
-    every = args["config"]["solver"]["checkpoint_every_steps"]
-    start, images_seen, learning_rate = time.time(), 0, solver.learning_rate()
+    every, log_every = args["config"]["solver"]["checkpoint_every_steps"], args["config"]["train"]["log_every_steps"]
+    start, images_seen, learning_rate, unread = time.time(), 0, solver.learning_rate(), []
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args['num_epochs']}", initial=progress.step_in_epoch,
                total=progress.step_in_epoch + len(loader), unit="batch", dynamic_ncols=True, disable=not main_process)
     for batch in bar:
-        try:
-            losses = solver.train(batch)
-        except NonFiniteLossError as error:
-            logger.error("non-finite loss at epoch %d step %d (loss terms of this process: %s); stopping, the "
-                         "checkpoints are left as they were", epoch + 1, progress.step_in_epoch + 1, error)
-            sys.exit(1)
+        unread.append(solver.train(batch))  # loss terms as device tensors
         learning_rate = solver.learning_rate()  # the one this step used
         solver.learning_rate_step()
         progress.step_in_epoch += 1
         progress.global_step += 1
         progress.samples_in_epoch += args["batch_size"] * world_size
         images_seen += batch["images"].shape[0] * batch["images"].shape[1]
-        for key, value in losses.items():
-            progress.epoch_sums[key] = progress.epoch_sums.get(key, 0.0) + value
-        bar.set_postfix({key: f"{progress.epoch_sums[key] / progress.step_in_epoch:.3f}" for key in losses
-                         if "loss" in key} | {"lr": f"{learning_rate:.2e}",
-                                              "img/s": f"{images_seen / (time.time() - start):.1f}"})
         stop_now = any_process(stop.requested)  # all processes stop after the same step, and save together
-        if stop_now or (every and progress.global_step % every == 0):
+        save_now = stop_now or (every and progress.global_step % every == 0)
+        if save_now or progress.global_step % log_every == 0:
+            read_losses(solver, unread, progress)
+            bar.set_postfix({key: f"{value / progress.step_in_epoch:.3f}" for key, value in progress.epoch_sums.items()
+                             if "loss" in key} | {"lr": f"{learning_rate:.2e}",
+                                                  "img/s": f"{images_seen / (time.time() - start):.1f}"})
+        if save_now:
             save(["last.pt"])
         if stop_now:
             logger.info("stopped by %s at epoch %d step %d; last.pt saved; resume with: %s",
                         stop.signal_name or "a signal to another process", epoch + 1, progress.step_in_epoch,
                         resume_command)
             sys.exit(128 + (stop.signal_number or signal.SIGTERM))
+    read_losses(solver, unread, progress)
     return learning_rate
+
+
+def read_losses(solver, unread: list, progress: Progress) -> None:
+    """Bring the loss terms of the unread steps (dicts of 0-d device tensors) to the host, in one read, into
+    progress.epoch_sums (added step by step, so that the sums do not depend on where the reads fell); stop the run
+    (exit status 1, checkpoints untouched) when a loss was not finite."""
+    try:
+        solver.read_nonfinite()
+    except NonFiniteLossError as error:
+        where = (f"step {progress.step_in_epoch - error.steps_ago}" if error.steps_ago is not None
+                 else f"a step up to {progress.step_in_epoch}")
+        logger.error("non-finite loss at epoch %d %s (loss terms of this process: %s); stopping, the checkpoints "
+                     "are left as they were", progress.epoch + 1, where, error)
+        sys.exit(1)
+    if not unread:
+        return
+    values = torch.stack([torch.stack(list(losses.values())).double() for losses in unread]).tolist()
+    for step_values in values:
+        for key, value in zip(unread[0], step_values, strict=True):
+            progress.epoch_sums[key] = progress.epoch_sums.get(key, 0.0) + value
+    unread.clear()
 
 
 def end_epoch(solver, val_loader, args: dict, progress: Progress, learning_rate: float, epoch_start: float, save,

@@ -64,12 +64,16 @@ class Solver:
         self.model.train(is_train)
 
     def train(self, batch: dict) -> dict:
-        """One optimizer step on a batch (images, projections, target); returns the loss terms as floats."""
+        """One optimizer step on a batch (images, projections, target); returns the loss terms as 0-d tensors on
+        the device (read_nonfinite and train.py read them at logging points, not every step)."""
         images, projections, target = (batch[key].to(self.device, non_blocking=True)
                                        for key in ("images", "projections", "target"))
         with self.parts.autocast():
             logits = self.parts.trained_model(images, projections)
         return self.parts.step(self.loss_fn(logits, target))  # the loss in float32 whatever the autocast dtype
+
+    def read_nonfinite(self) -> None:
+        self.parts.read_nonfinite()
 
     def learning_rate_step(self) -> None:
         self.parts.learning_rate_step()

@@ -86,13 +86,17 @@ class Solver:
         self.model.train(is_train)
 
     def train(self, batch: dict) -> dict:
-        """One optimizer step on a collated batch; returns the loss terms as floats."""
+        """One optimizer step on a collated batch; returns the loss terms as 0-d tensors on the device
+        (read_nonfinite and train.py read them at logging points, not every step)."""
         images = batch["images"].to(self.device, non_blocking=True)
         targets = {key: batch[key].to(self.device, non_blocking=True)
                    for key in ("target_boxes", "target_labels", "target_valid")}
         with self.parts.autocast():
             outputs = self.parts.trained_model(images)
         return self.parts.step(self.loss_fn(outputs, targets))  # the loss in float32 whatever the autocast dtype
+
+    def read_nonfinite(self) -> None:
+        self.parts.read_nonfinite()
 
     def learning_rate_step(self) -> None:
         self.parts.learning_rate_step()

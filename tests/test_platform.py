@@ -285,7 +285,7 @@ def test_mixed_precision_step_on_the_cpu(trained):
     batch = {"images": torch.randn(1, 2, 3, 64, 96),
              **padded_targets(torch.tensor([[10.0, 10.0, 40.0, 50.0]]), torch.tensor([2]), torch.tensor([1]), 2)}
     losses = solver.train(batch)
-    assert all(torch.isfinite(torch.tensor(value)) for value in losses.values())
+    assert all(torch.isfinite(value) for value in losses.values())
 
 
 def run_train_cli(*flags):
@@ -419,6 +419,24 @@ def test_gpu_num_beyond_the_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(UserError, match="--gpu_num 5: this machine has 2 GPU"):
         experiment.select_device(5)
+
+
+def test_the_cpu_fallback_says_why_cuda_is_unusable(monkeypatch, caplog):
+    from utils import experiment
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+
+    def old_driver():
+        raise RuntimeError("The NVIDIA driver on your system is too old (found version 11040).")
+
+    monkeypatch.setattr(torch.cuda, "init", old_driver)
+    assert experiment.select_device(0) == torch.device("cpu")
+    assert ("running on the CPU (--gpu_num 0 ignored): torch" in caplog.text and "built for CUDA 13.0 but cannot "
+            "use it (The NVIDIA driver on your system is too old (found version 11040).); update the NVIDIA driver"
+            in caplog.text)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "is a CPU build; for a GPU, install a CUDA build of torch" in experiment.why_no_cuda()
 
 
 def test_config_merge_and_typed_overrides(tmp_path):

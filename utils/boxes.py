@@ -1,4 +1,5 @@
-"""Box coding and detection post-processing for dense (per-point) detectors. Boxes are (x1, y1, x2, y2) in pixels."""
+"""Box coding, box-overlap losses and detection post-processing for dense (per-point) detectors. Boxes are (x1, y1,
+x2, y2) in pixels."""
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,40 @@ def encode_ltrb(boxes: torch.Tensor, points: torch.Tensor, strides: torch.Tensor
     """Inverse of decode_ltrb for boxes (..., P, 4) that contain their points (P, 2) strictly."""
     distances = torch.cat([points - boxes[..., :2], boxes[..., 2:] - points], dim=-1) / strides[:, None]
     return distances + torch.log(-torch.expm1(-distances))  # softplus^-1(d) = log(exp(d) - 1), stable form
+
+
+def generalized_iou_loss(boxes: torch.Tensor, targets: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """GIoU loss (Rezatofighi et al., 2019) per box pair, boxes and targets (..., 4): 1 - IoU + (enclosing area -
+    union) / enclosing area. torchvision.ops.generalized_box_iou_loss computes the same, but its boolean-mask
+    intersection reads the mask on the host 5 times per training step (a CUDA stall each); clamps do not."""
+    iou, union, (enclosing_w, enclosing_h) = _overlap(boxes, targets, eps)
+    enclosing_area = enclosing_w * enclosing_h
+    return 1 - iou + (enclosing_area - union) / (enclosing_area + eps)
+
+
+def complete_iou_loss(boxes: torch.Tensor, targets: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """CIoU loss (Zheng et al., 2020) per box pair, boxes and targets (..., 4): 1 - IoU + (centre distance /
+    enclosing diagonal)^2 + alpha * v, with v the aspect-ratio term and alpha = v / (1 - IoU + v) held constant.
+    The same as torchvision.ops.complete_box_iou_loss, without its host reads (see generalized_iou_loss)."""
+    iou, _, (enclosing_w, enclosing_h) = _overlap(boxes, targets, eps)
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    tx1, ty1, tx2, ty2 = targets.unbind(-1)
+    centre_distance_squared = ((x1 + x2 - tx1 - tx2) ** 2 + (y1 + y2 - ty1 - ty2) ** 2) / 4
+    v = (4 / torch.pi ** 2) * (torch.atan((tx2 - tx1) / (ty2 - ty1)) - torch.atan((x2 - x1) / (y2 - y1))) ** 2
+    with torch.no_grad():
+        alpha = v / (1 - iou + v + eps)
+    return 1 - iou + centre_distance_squared / (enclosing_w ** 2 + enclosing_h ** 2 + eps) + alpha * v
+
+
+def _overlap(boxes: torch.Tensor, targets: torch.Tensor, eps: float) -> tuple:
+    """IoU (...), union area (...) and the (width, height) of the smallest enclosing box of each box pair."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    tx1, ty1, tx2, ty2 = targets.unbind(-1)
+    intersection = ((torch.minimum(x2, tx2) - torch.maximum(x1, tx1)).clamp(min=0)
+                    * (torch.minimum(y2, ty2) - torch.maximum(y1, ty1)).clamp(min=0))
+    union = (x2 - x1) * (y2 - y1) + (tx2 - tx1) * (ty2 - ty1) - intersection
+    enclosing = (torch.maximum(x2, tx2) - torch.minimum(x1, tx1), torch.maximum(y2, ty2) - torch.minimum(y1, ty1))
+    return intersection / (union + eps), union, enclosing
 
 
 def postprocess_detections(boxes: torch.Tensor, scores: torch.Tensor, score_threshold: float, nms_iou: float,

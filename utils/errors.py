@@ -41,8 +41,11 @@ def exit_on_user_error(main):
 
 
 class NonFiniteLossError(Exception):
-    """The loss became NaN or infinite; carries the loss terms {name: value} of the step."""
+    """The loss became NaN or infinite. terms: the loss terms {name: value} of the first such step of this process
+    (empty when another process's loss was the one); steps_ago: how many steps before the check that step was
+    (None when unknown)."""
 
-    def __init__(self, terms: dict):
-        super().__init__(", ".join(f"{name}={value:.4g}" for name, value in terms.items()))
-        self.terms = terms
+    def __init__(self, terms: dict, steps_ago: int | None):
+        super().__init__(", ".join(f"{name}={value:.4g}" for name, value in terms.items())
+                         or "the loss of another process")
+        self.terms, self.steps_ago = terms, steps_ago

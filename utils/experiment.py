@@ -64,14 +64,34 @@ def setup_logging(log_path: str | None, main_process: bool = True) -> None:
 
 
 def select_device(gpu_num: int) -> torch.device:
-    """CUDA device `gpu_num`, or the CPU (with a warning) where CUDA is unavailable."""
+    """CUDA device `gpu_num`, set up for training speed (cuDNN's autotuner for fixed input shapes, TF32 matrix
+    products), or the CPU, with a warning that says why CUDA is unusable and what to do."""
     if not torch.cuda.is_available():
-        logger.warning("CUDA is not available: running on the CPU (--gpu_num %d ignored)", gpu_num)
+        logger.warning("running on the CPU (--gpu_num %d ignored): %s", gpu_num, why_no_cuda())
         return torch.device("cpu")
     if gpu_num >= torch.cuda.device_count():
         raise UserError(f"--gpu_num {gpu_num}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
     torch.cuda.set_device(gpu_num)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     return torch.device("cuda", gpu_num)
+
+
+def why_no_cuda() -> str:
+    """Why torch.cuda.is_available() is False, and what fixes it."""
+    if torch.version.cuda is None:
+        return (f"this torch ({torch.__version__}) is a CPU build; for a GPU, install a CUDA build of torch "
+                f"(pip install torch --index-url https://download.pytorch.org/whl/cu<version>)")
+    try:
+        torch.cuda.init()
+    except (RuntimeError, AssertionError) as error:  # e.g. the driver is older than this build's CUDA
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but cannot use it ({reason}); "
+                f"update the NVIDIA driver or install a torch built for the CUDA the driver supports (nvidia-smi "
+                f"shows it)")
+    return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but sees no GPU (check "
+            f"CUDA_VISIBLE_DEVICES and nvidia-smi)")
 
 
 def write_evaluation(folder: str, metrics: dict, outputs: dict) -> None:

@@ -8,12 +8,13 @@ Target assignment (`assign`), per image:
 3. A point that is a candidate of several boxes (of the same level, so of similar sizes) goes to the box whose
    centre is nearest; FCOS's smallest-box rule would leave the larger of two overlapping pedestrians with none.
 4. A box left without a point (tiny, or out-competed by smaller boxes) gets, of the 9 points of its level
-   nearest to its centre, the nearest that is background or whose box keeps another point. So every box gets a
-   positive point unless 9 boxes crowd around it that each have only one: a point predicts one box.
+   nearest to its centre, the nearest that is background or whose box keeps another point (all such boxes
+   choose at once; when two choose one point, the one whose centre is nearer gets it). So every box gets a
+   positive point unless boxes crowd around it: a point predicts one box.
 
 Terms (weights in config/loss.json), each normalized by the number of positive points N_pos (at least 1; under
 DDP that of the global batch, see utils.distributed.loss_normalizer):
-    box_loss: GIoU loss (torchvision) of the decoded box of each positive point, averaged over the positives;
+    box_loss: GIoU loss (utils.boxes) of the decoded box of each positive point, averaged over the positives;
     obj_loss: sigmoid focal loss (torchvision) of the objectness of all points (positives are 1), summed and
               divided by N_pos, as RetinaNet and FCOS normalize it;
     cls_loss: binary cross-entropy of the C class logits of each positive point against its one-hot class,
@@ -23,8 +24,9 @@ DDP that of the global batch, see utils.distributed.loss_normalizer):
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import sigmoid_focal_loss
 
+from utils.boxes import generalized_iou_loss
 from utils.distributed import loss_normalizer
 
 NO_BOX = -1  # in `assign`'s output: a background point
@@ -65,21 +67,25 @@ class DetectionLoss(nn.Module):
         best_distance, best_box = torch.where(candidate, distance, torch.inf).min(dim=1)  # (I, P)
         assigned = torch.where(torch.isfinite(best_distance), best_box, assigned)
 
-        points_per_box = (assigned[:, None, :] == torch.arange(max_boxes, device=points.device)[None, :, None]).sum(2)
-        missing = torch.nonzero(gt_valid & (points_per_box == 0)).tolist()
-        if missing:
-            nearest = distance.topk(min(NEAREST_POINTS, len(points)), dim=2, largest=False).indices  # (I, M, 9)
-            for image, box in missing:
-                choices = nearest[image, box].tolist()
-                owners = assigned[image, choices].tolist()
-                chosen = next((p for p, owner in zip(choices, owners, strict=True)
-                               if owner == NO_BOX or points_per_box[image, owner] > 1), choices[0])
-                owner = int(assigned[image, chosen])
-                if owner != NO_BOX:
-                    points_per_box[image, owner] -= 1
-                assigned[image, chosen] = box
-                points_per_box[image, box] += 1
-        return assigned
+        # step 4, for all boxes at once: each box without a point takes, of its NEAREST_POINTS nearest points, the
+        # nearest that is background or whose box keeps another point (the nearest of all when none is); when
+        # several such boxes take one point, the box whose centre is nearest gets it (then the lowest index)
+        box_ids = torch.arange(max_boxes, device=points.device)
+        points_per_box = (assigned[:, None, :] == box_ids[None, :, None]).sum(2)  # (I, M)
+        missing = gt_valid & (points_per_box == 0)  # (I, M)
+        nearest = distance.topk(min(NEAREST_POINTS, len(points)), dim=2, largest=False)  # (I, M, K)
+        owners = assigned.gather(1, nearest.indices.flatten(1)).view_as(nearest.indices)  # (I, M, K)
+        owner_keeps_another = points_per_box.gather(1, owners.clamp(min=0).flatten(1)).view_as(owners) > 1
+        free = (owners == NO_BOX) | owner_keeps_another
+        choice = torch.where(free.any(2), free.float().argmax(2), 0)[..., None]  # (I, M, 1): first free, by distance
+        chosen_point = nearest.indices.gather(2, choice)[..., 0]  # (I, M)
+        chosen_distance = nearest.values.gather(2, choice)[..., 0]
+        claim = torch.where(missing, chosen_distance, torch.inf)  # (I, M) px^2
+        closest_claim = torch.full_like(best_distance, torch.inf).scatter_reduce(1, chosen_point, claim, "amin")
+        wins = missing & (claim == closest_claim.gather(1, chosen_point))
+        winner = torch.full_like(assigned, max_boxes).scatter_reduce(
+            1, chosen_point, torch.where(wins, box_ids, max_boxes).expand_as(chosen_point), "amin")  # (I, P)
+        return torch.where(winner < max_boxes, winner, assigned)
 
     def forward(self, outputs: dict, targets: dict) -> dict:
         """outputs: the model's dict (class_logits (I, P, C), objectness (I, P), boxes (I, P, 4), points (P, 2),
@@ -88,23 +94,28 @@ class DetectionLoss(nn.Module):
         num_positives."""
         class_logits, objectness = outputs["class_logits"].float(), outputs["objectness"].float()
         num_classes = class_logits.shape[2]
-        gt_boxes, gt_labels = targets["target_boxes"].float(), targets["target_labels"]
-        gt_valid = targets["target_valid"]
+        # one padding slot more (never valid), so that the gathers below have a box to read when M is 0
+        gt_boxes = F.pad(targets["target_boxes"].float(), (0, 0, 0, 1))
+        gt_labels, gt_valid = F.pad(targets["target_labels"], (0, 1)), F.pad(targets["target_valid"], (0, 1))
 
         assigned = self.assign(outputs["points"].float(), outputs["strides"].float(), gt_boxes, gt_valid)
         positive = assigned != NO_BOX  # (I, P)
-        image_index, point_index = torch.nonzero(positive, as_tuple=True)
-        matched = assigned[image_index, point_index]
+        matched = assigned.clamp(min=0)
         num_positives = positive.sum()
         # under DDP, normalized so that the processes' averaged gradient is that of one process with the global batch
         normalizer = loss_normalizer(num_positives.float())
 
-        box_loss = generalized_box_iou_loss(outputs["boxes"][image_index, point_index].float(),
-                                            gt_boxes[image_index, matched], reduction="sum") / normalizer
+        # every point at once (fixed shapes, no host read), background points weighted 0 against a unit box
+        unit_box = (torch.arange(4, device=gt_boxes.device) >= 2).float()  # 0 0 1 1, made on the device
+        matched_boxes = torch.where(positive[..., None], gt_boxes.gather(1, matched[..., None].expand(-1, -1, 4)),
+                                    unit_box)  # (I, P, 4)
+        box_loss = (generalized_iou_loss(outputs["boxes"].float(), matched_boxes) * positive).sum() / normalizer
         obj_loss = sigmoid_focal_loss(objectness, positive.float(), self.cfg["focal_alpha"], self.cfg["focal_gamma"],
                                       reduction="sum") / normalizer
-        class_targets = F.one_hot(gt_labels[image_index, matched], num_classes).float()
-        cls_loss = F.binary_cross_entropy_with_logits(class_logits[image_index, point_index], class_targets,
+        # (I, P, C) one-hot by comparison (F.one_hot reads its input's range on the host)
+        classes = torch.arange(num_classes, device=class_logits.device)
+        class_targets = (gt_labels.gather(1, matched)[..., None] == classes).float()
+        cls_loss = F.binary_cross_entropy_with_logits(class_logits, class_targets, weight=positive[..., None].float(),
                                                       reduction="sum") / normalizer
         weights = self.cfg["weights"]
         total = weights["box"] * box_loss + weights["obj"] * obj_loss + weights["cls"] * cls_loss

@@ -3,13 +3,20 @@ gradient clipping, an EMA of the weights, the DDP wrapper, and their checkpointe
 `TrainingParts` around its model and calls it (composition, not a base class): the solver keeps its model, loss,
 train step and evaluation pass in its own file."""
 
+import importlib.util
+import logging
+import os
+import shutil
+
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
 from utils.distributed import any_process, sync_batchnorm
 from utils.errors import NonFiniteLossError, UserError
-from utils.optim import build_optimizer, build_scheduler, ema_multi_avg_fn, fast_forward
+from utils.optim import build_optimizer, build_scheduler, fast_forward
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingParts:
@@ -19,14 +26,21 @@ class TrainingParts:
     "distributed"); steps_per_epoch: optimizer steps per epoch (for the LR schedule); world_size: processes.
 
     Attributes: model (converted to SyncBatchNorm when configured under DDP), trained_model (what the forward and
-    backward passes run: the DDP wrapper under --ddp 1), optimizer, scheduler (None: constant LR), scaler, ema
-    (None when config.json "solver.ema" is false), amp, amp_dtype."""
+    backward passes run: the DDP wrapper under --ddp 1, compiled with config.json "solver.compile"), optimizer
+    (torch's fused implementation), scheduler (None: constant LR), scaler (enabled for float16 only), ema (None when
+    config.json "solver.ema" is false), amp, amp_dtype.
+
+    The step reads nothing on the host (on CUDA, such a read waits for the GPU to finish): a step whose gradients
+    are not finite is skipped on the device, and the loss values stay tensors until the caller reads them
+    (read_nonfinite at logging points)."""
 
     def __init__(self, model: torch.nn.Module, args: dict, device: torch.device, steps_per_epoch: int,
                  world_size: int = 1):
         self.args, self.steps_per_epoch = args, steps_per_epoch
         if world_size > 1 and args["config"]["distributed"]["sync_batchnorm"]:
             model = sync_batchnorm(model, device)
+        if device.type == "cuda":  # NHWC convolutions run on the tensor cores without layout transposes
+            model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.optimizer = build_optimizer(args["optimizer_type"], model.parameters(), args["learning_rate"],
                                          args["weight_decay"])
@@ -34,19 +48,28 @@ class TrainingParts:
         self.scheduler = (build_scheduler(args["lr_schd_type"], self.optimizer, args["num_epochs"] * steps_per_epoch,
                                           steps_per_epoch, args, args["config"]["schedulers"])
                           if args["apply_lr_scheduling"] and steps_per_epoch > 0 else None)
-        # one code path for every precision: autocast and a GradScaler that is enabled on CUDA (fp16) only
-        self.amp = bool(args["bool_mixed_precision"])
-        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-        self.device_type = device.type
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp and device.type == "cuda")
+        self.amp, self.device_type = bool(args["bool_mixed_precision"]), device.type
+        self.amp_dtype = mixed_precision_dtype(device)
+        # float16's range needs loss scaling; bfloat16 has float32's range and needs none
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp and self.amp_dtype == torch.float16)
+        if self.amp:
+            logger.info("mixed precision: autocast to %s on %s%s", str(self.amp_dtype).removeprefix("torch."),
+                        device.type, ", with a GradScaler (no bfloat16 here)" if self.scaler.is_enabled() else "")
         solver_cfg = args["config"]["solver"]
-        self.ema = (AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(solver_cfg["ema_decay"]), use_buffers=True)
-                    if solver_cfg["ema"] else None)
+        self.ema = AveragedModel(model, use_buffers=True) if solver_cfg["ema"] else None
+        self.ema_decay, self.ema_updates = solver_cfg["ema_decay"], 0  # updates counted on the host, read never
+        self.steps_taken = 0  # step() calls of this process
+        # per process, on the device: the number of non-finite steps, the first one's step number and loss terms
+        self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.first_nonfinite_terms, self.loss_names = None, []
         self.trained_model = model
         if world_size > 1:
             self.trained_model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=bool(args["bool_find_unused_params"]))
+        if solver_cfg["compile"]:
+            self.trained_model = compiled(self.trained_model, device)
 
     def autocast(self):
         """The context for forward passes: autocast to amp_dtype with --bool_mixed_precision 1, a no-op otherwise."""
@@ -57,21 +80,74 @@ class TrainingParts:
         return self.ema.module if self.ema is not None else self.model
 
     def step(self, losses: dict) -> dict:
-        """One optimizer step on losses["total_loss"]: backward (scaled), gradient clipping (--grad_clip), optimizer
-        and EMA updates. Returns the loss terms as floats; raises NonFiniteLossError, before the backward pass, when
-        the loss of any process is not finite, so that no process is left waiting for a peer's gradients."""
-        if any_process(not torch.isfinite(losses["total_loss"])):
-            raise NonFiniteLossError({key: float(value.detach()) for key, value in losses.items()})
+        """One optimizer step on losses["total_loss"]: backward (scaled for float16), gradient clipping
+        (--grad_clip), optimizer and EMA updates. Returns the loss terms as detached 0-d tensors on the device.
+
+        When the gradients are not finite (a NaN or infinite loss, or a float16 overflow), the fused optimizer
+        leaves the weights and its state as they were (its found_inf input); the step is recorded, and
+        read_nonfinite reports it. Nothing here waits for the device."""
+        self.record_nonfinite(losses)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["total_loss"]).backward()
-        if self.args["grad_clip"] > 0:
+        if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args["grad_clip"])
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(gradients)  # NaN or inf when any gradient is
+        if self.args["grad_clip"] > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.args["grad_clip"], norm)
+        if self.scaler.is_enabled():  # the scaler hands its found_inf to the fused optimizer
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.found_inf = (~torch.isfinite(norm)).float()
+            self.optimizer.step()
+        self.steps_taken += 1
         if self.ema is not None:
-            self.ema.update_parameters(self.model)
-        return {key: float(value.detach()) for key, value in losses.items()}
+            self.update_ema()
+        return {key: value.detach() for key, value in losses.items()}
+
+    def record_nonfinite(self, losses: dict) -> None:
+        """Count a step whose total loss is not finite and keep the first such step's number and loss terms."""
+        bad = ~torch.isfinite(losses["total_loss"].detach())
+        first = bad & (self.first_nonfinite_step < 0)
+        terms = torch.stack([value.detach().float() for value in losses.values()])
+        if self.first_nonfinite_terms is None:
+            self.first_nonfinite_terms = torch.zeros_like(terms)
+        self.first_nonfinite_terms = torch.where(first, terms, self.first_nonfinite_terms)
+        self.first_nonfinite_step = torch.where(first, self.steps_taken, self.first_nonfinite_step)
+        self.nonfinite_steps += bad
+        self.loss_names = list(losses)
+
+    def read_nonfinite(self) -> None:
+        """Raise NonFiniteLossError when the loss of any process was not finite in any step so far (one read on
+        the host, and a collective under DDP: every process calls it at the same step)."""
+        if not any_process(bool(self.nonfinite_steps > 0)):
+            return
+        if self.first_nonfinite_terms is None or int(self.first_nonfinite_step) < 0:  # another process's loss
+            raise NonFiniteLossError({}, steps_ago=None)
+        terms = dict(zip(self.loss_names, self.first_nonfinite_terms.tolist(), strict=True))
+        raise NonFiniteLossError(terms, steps_ago=self.steps_taken - 1 - int(self.first_nonfinite_step))
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema = d * ema + (1 - d) * weights, over parameters and floating-point buffers (BatchNorm statistics;
+        integer buffers are copied), with d = min(ema_decay, (1 + n) / (10 + n)) after n updates (as in
+        tf.train.ExponentialMovingAverage), so that short runs are not dominated by the random initial weights. The
+        first update copies the weights. n is a host counter, so no value is read from the device."""
+        averaged = [*self.ema.module.parameters(), *self.ema.module.buffers()]
+        current = [*self.model.parameters(), *self.model.buffers()]
+        floating = [(a, c) for a, c in zip(averaged, current, strict=True) if torch.is_floating_point(a)]
+        counters = [(a, c) for a, c in zip(averaged, current, strict=True) if not torch.is_floating_point(a)]
+        if counters:
+            torch._foreach_copy_(*map(list, zip(*counters, strict=True)))
+        n = self.ema_updates
+        if n == 0:
+            torch._foreach_copy_(*map(list, zip(*floating, strict=True)))
+        else:
+            torch._foreach_lerp_(*map(list, zip(*floating, strict=True)),
+                                 1.0 - min(self.ema_decay, (1.0 + n) / (10.0 + n)))
+        self.ema.n_averaged += 1  # on the device: AveragedModel's own counter, kept for its state_dict
+        self.ema_updates += 1
 
     def learning_rate_step(self) -> None:
         if self.scheduler is not None:
@@ -99,6 +175,7 @@ class TrainingParts:
             self.model.load_state_dict(state["model"])
             if self.ema is not None and state.get("ema") is not None:
                 self.ema.load_state_dict(state["ema"])
+                self.ema_updates = int(self.ema.n_averaged)
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise UserError(f"the checkpoint's weights do not fit this model ({str(error).splitlines()[0]}): "
                             f"evaluate it with the model settings it was trained with") from None
@@ -114,6 +191,7 @@ class TrainingParts:
             self.model.load_state_dict(state["model"])
             if self.ema is not None and state["ema"] is not None:
                 self.ema.load_state_dict(state["ema"])
+                self.ema_updates = int(self.ema.n_averaged)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
@@ -144,3 +222,26 @@ class TrainingParts:
         return (f"the learning-rate schedule is rebuilt for {new['num_epochs']} epochs of {self.steps_per_epoch} "
                 f"steps (it had {old['num_epochs']} of {state['steps_per_epoch']}, or other schedule settings) and "
                 f"continues at step {schedule_step}")
+
+
+def mixed_precision_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 for autocast where the device has it (CPUs, NVIDIA Ampere and newer), float16 (with a GradScaler)
+    on older GPUs."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float16
+    return torch.bfloat16
+
+
+def compiled(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """torch.compile(model), or the model as it is, with a warning, where the compiler that Inductor needs for
+    `device` is missing (a C++ compiler on the CPU, Triton on CUDA)."""
+    if device.type == "cuda":
+        missing = None if importlib.util.find_spec("triton") else "Triton is not installed"
+    else:
+        compiler = os.environ.get("CXX", "g++")
+        missing = None if shutil.which(compiler) else f"no C++ compiler ({compiler}) is on the PATH"
+    if missing:
+        logger.warning("config.json solver.compile: %s, so the model runs uncompiled; install it, or set "
+                       "\"compile\": false", missing)
+        return model
+    return torch.compile(model)

@@ -33,9 +33,10 @@ No step takes the host's time: no nonzero, item or data-dependent shape after th
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_iou, complete_box_iou_loss
+from torchvision.ops import box_iou
 
 from models.Yolo.csp_pan import REG_MAX
+from utils.boxes import complete_iou_loss
 from utils.distributed import loss_normalizer
 from utils.loss import NO_BOX
 
@@ -116,7 +117,7 @@ class AlignedDetectionLoss(nn.Module):
                                     unit_box)  # (I, P, 4)
         weight = positive.float()
         box_normalizer = loss_normalizer(weight.sum())
-        box_loss = (complete_box_iou_loss(boxes, matched_boxes, reduction="none") * weight).sum() / box_normalizer
+        box_loss = (complete_iou_loss(boxes, matched_boxes) * weight).sum() / box_normalizer
         sides = torch.cat([points - matched_boxes[..., :2], matched_boxes[..., 2:] - points], dim=-1) / strides[:, None]
         sides = sides.clamp(0, REG_MAX - 1.01)  # (I, P, 4) in strides, within the bins
         left = sides.floor().long()
@@ -129,3 +130,4 @@ class AlignedDetectionLoss(nn.Module):
         total = weights["box"] * box_loss + weights["dfl"] * dfl_loss + weights["cls"] * cls_loss
         return {"box_loss": box_loss, "dfl_loss": dfl_loss, "cls_loss": cls_loss, "total_loss": total,
                 "num_positives": positive.sum()}
+

@@ -1,0 +1,139 @@
+"""The training step as a GPU needs it: no value read on the host (each read stalls a CUDA stream), counted on the
+CPU by utils.host_reads; a non-finite step skipped on the device and reported at the next read point; the
+compiled model."""
+
+import pytest
+import torch
+from torchvision.ops import complete_box_iou_loss, generalized_box_iou_loss
+
+import helper
+from argumentparser import build_parser
+from tests.conftest import PROJECT_ROOT
+from utils.boxes import complete_iou_loss, generalized_iou_loss
+from utils.collate import padded_targets
+from utils.config import merge_config
+from utils.errors import NonFiniteLossError
+from utils.host_reads import HostReadCounter
+
+
+def solver_args(*flags) -> dict:
+    return merge_config(vars(build_parser().parse_args(["--num_cores", "0", *flags])), str(PROJECT_ROOT / "config"))
+
+
+def yolo_solver(*flags):
+    args = solver_args("--cfg", "data.2DObjDet.image.w=96", "--cfg", "data.2DObjDet.image.h=64", *flags)
+    return helper.load_solver(args, device=torch.device("cpu"), class_names=[str(i) for i in range(10)],
+                              steps_per_epoch=10)
+
+
+def yolo_batch(boxes_per_image=(3, 0, 1, 2)) -> dict:
+    """2 samples x 2 cameras at 96x64 with the given numbers of boxes per image (an image without any included)."""
+    generator = torch.Generator().manual_seed(0)
+    count = sum(boxes_per_image)
+    corners = torch.rand(count, 2, generator=generator) * torch.tensor([70.0, 40.0])
+    sizes = 4 + torch.rand(count, 2, generator=generator) * 20
+    boxes = torch.cat([corners, corners + sizes], 1)
+    image_index = torch.repeat_interleave(torch.arange(len(boxes_per_image)), torch.tensor(boxes_per_image))
+    return {"images": torch.randn(2, 2, 3, 64, 96, generator=generator),
+            **padded_targets(boxes, torch.arange(count) % 10, image_index, len(boxes_per_image))}
+
+
+@pytest.mark.parametrize("flags", [(), ("--bool_mixed_precision", "1"), ("--grad_clip", "0"),
+                                   ("--optimizer_type", "sgd", "--cfg", "model.Yolo.architecture=resnet_fpn",
+                                    "--cfg", "model.Yolo.backbone=resnet18")],
+                         ids=["csp_pan", "bf16", "no_clipping", "resnet_fpn_sgd"])
+def test_a_yolo_step_reads_nothing_on_the_host(flags):
+    solver = yolo_solver(*flags)
+    solver.mode_selection(True)
+    batch = yolo_batch()
+    solver.train(batch)  # the first step creates the optimizer state
+    with HostReadCounter() as reads:
+        for _ in range(2):
+            losses = solver.train(batch)
+            solver.learning_rate_step()
+    assert reads.total == 0, reads.by_op
+    assert all(value.dim() == 0 for value in losses.values())
+    assert solver.parts.ema_updates == 3 and int(solver.parts.ema.n_averaged) == 3
+
+
+def test_a_liftbev_step_reads_nothing_on_the_host(embedded_dir, tmp_path):
+    args = solver_args("--app_mode", "BEVSeg", "--model_name", "LiftBEV", "--dataset_dir", embedded_dir,
+                       "--batch_size", "2", "--cfg", "data.BEVSeg.image.w=96", "--cfg", "data.BEVSeg.image.h=64",
+                       "--cfg", 'data.BEVSeg.cameras=["CAM_FRONT", "CAM_BACK"]',
+                       "--cfg", "data.BEVSeg.bev.x_range_m=[-20.0, 20.0]",
+                       "--cfg", "data.BEVSeg.bev.y_range_m=[-20.0, 20.0]", "--cfg", "data.BEVSeg.bev.cell_m=1.0",
+                       "--cfg", "model.LiftBEV.image_channels=16", "--cfg", "model.LiftBEV.bev_channels=32",
+                       "--cfg", "model.LiftBEV.bev_blocks=1", "--cfg", f"data.BEVSeg.label_cache_dir={tmp_path}")
+    dataset, loader = helper.load_datasetloader(args, torch.float32, 1, 0, "train")
+    solver = helper.load_solver(args, device=torch.device("cpu"), class_names=dataset.class_names,
+                                steps_per_epoch=len(loader))
+    solver.mode_selection(True)
+    batch = next(iter(loader))
+    solver.train(batch)
+    with HostReadCounter() as reads:
+        solver.train(batch)
+        solver.learning_rate_step()
+    assert reads.total == 0, reads.by_op
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_and_reported_at_the_read(monkeypatch):
+    solver = yolo_solver()
+    solver.mode_selection(True)
+    batch = yolo_batch()
+    solver.train(batch)
+    solver.read_nonfinite()  # all finite: nothing to report
+    real_loss = solver.loss_fn.forward
+
+    def nan_loss(outputs, targets):
+        losses = real_loss(outputs, targets)
+        return {**losses, "total_loss": losses["total_loss"] * float("nan")}
+
+    parameters = [parameter.detach().clone() for parameter in solver.model.parameters()]
+    monkeypatch.setattr(solver.loss_fn, "forward", nan_loss)
+    solver.train(batch)  # the bad step: skipped by the fused optimizer
+    assert all(torch.equal(before, after) for before, after in zip(parameters, solver.model.parameters(), strict=True))
+    assert int(solver.parts.optimizer.state_dict()["state"][0]["step"]) == 1
+    monkeypatch.setattr(solver.loss_fn, "forward", real_loss)
+    solver.train(batch)  # a good one after it, before the read
+    with pytest.raises(NonFiniteLossError) as error:
+        solver.read_nonfinite()
+    assert error.value.steps_ago == 1 and error.value.terms["total_loss"] != error.value.terms["total_loss"]
+    assert set(error.value.terms) >= {"box_loss", "dfl_loss", "cls_loss", "total_loss"}
+    assert all(torch.isfinite(parameter).all() for parameter in solver.model.parameters())
+
+
+def test_the_compiled_model_trains_like_the_eager_one():
+    eager, compiled = yolo_solver("--optimizer_type", "sgd"), yolo_solver("--optimizer_type", "sgd",
+                                                                         "--cfg", "config.solver.compile=true")
+    compiled.model.load_state_dict(eager.model.state_dict())
+    assert compiled.parts.trained_model is not compiled.model  # the torch.compile wrapper
+    batch = yolo_batch()
+    for solver in (eager, compiled):
+        solver.mode_selection(True)
+        losses = solver.train(batch)
+        solver.losses = losses
+    for key, value in eager.losses.items():
+        assert torch.allclose(compiled.losses[key].float(), value.float(), rtol=1e-4, atol=1e-5), key
+
+
+def test_compile_without_a_compiler_warns_and_runs_eager(monkeypatch, caplog):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    solver = yolo_solver("--cfg", "config.solver.compile=true")
+    assert solver.parts.trained_model is solver.model
+    assert "no C++ compiler (no-such-compiler) is on the PATH" in caplog.text
+
+
+@pytest.mark.parametrize("ours, torchvisions", [(generalized_iou_loss, generalized_box_iou_loss),
+                                                (complete_iou_loss, complete_box_iou_loss)])
+def test_the_box_losses_without_host_reads_equal_torchvisions(ours, torchvisions):
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(2, 500, 2, generator=generator) * 50
+    boxes, targets = (torch.cat([c, c + 1 + torch.rand(500, 2, generator=generator) * 30], 1) for c in corners)
+    boxes.requires_grad_()
+    with HostReadCounter() as reads:
+        loss = ours(boxes, targets)
+        gradient, = torch.autograd.grad(loss.sum(), boxes)
+    assert reads.total == 0
+    expected = torchvisions(boxes, targets, reduction="none")
+    expected_gradient, = torch.autograd.grad(expected.sum(), boxes)
+    assert torch.allclose(loss, expected, atol=1e-6) and torch.allclose(gradient, expected_gradient, atol=1e-6)
