@@ -57,6 +57,14 @@ class TrainingParts:
                         device.type, ", with a GradScaler (no bfloat16 here)" if self.scaler.is_enabled() else "")
         solver_cfg = args["config"]["solver"]
         self.ema = AveragedModel(model, use_buffers=True) if solver_cfg["ema"] else None
+        if self.ema is not None:  # the tensors update_ema pairs, listed once (load_state_dict copies in place)
+            pairs = list(zip([*self.ema.module.parameters(), *self.ema.module.buffers()],
+                             [*model.parameters(), *model.buffers()], strict=True))
+            floating = [pair for pair in pairs if torch.is_floating_point(pair[0])]
+            counters = [pair for pair in pairs if not torch.is_floating_point(pair[0])]
+            self.ema_tensors = ([a for a, _ in floating], [c for _, c in floating], [a for a, _ in counters],
+                                [c for _, c in counters])
+        self.trained_parameters = list(model.parameters())
         self.ema_decay, self.ema_updates = solver_cfg["ema_decay"], 0  # updates counted on the host, read never
         self.steps_taken = 0  # step() calls of this process
         # per process, on the device: the number of non-finite steps, the first one's step number and loss terms
@@ -91,10 +99,10 @@ class TrainingParts:
         self.scaler.scale(losses["total_loss"]).backward()
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
-        gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
+        gradients = [p.grad for p in self.trained_parameters if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(gradients)  # NaN or inf when any gradient is
         if self.args["grad_clip"] > 0:
-            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.args["grad_clip"], norm)
+            torch.nn.utils.clip_grads_with_norm_(self.trained_parameters, self.args["grad_clip"], norm)
         if self.scaler.is_enabled():  # the scaler hands its found_inf to the fused optimizer
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -134,18 +142,14 @@ class TrainingParts:
         integer buffers are copied), with d = min(ema_decay, (1 + n) / (10 + n)) after n updates (as in
         tf.train.ExponentialMovingAverage), so that short runs are not dominated by the random initial weights. The
         first update copies the weights. n is a host counter, so no value is read from the device."""
-        averaged = [*self.ema.module.parameters(), *self.ema.module.buffers()]
-        current = [*self.model.parameters(), *self.model.buffers()]
-        floating = [(a, c) for a, c in zip(averaged, current, strict=True) if torch.is_floating_point(a)]
-        counters = [(a, c) for a, c in zip(averaged, current, strict=True) if not torch.is_floating_point(a)]
+        floating_ema, floating, counters_ema, counters = self.ema_tensors
         if counters:
-            torch._foreach_copy_(*map(list, zip(*counters, strict=True)))
+            torch._foreach_copy_(counters_ema, counters)
         n = self.ema_updates
         if n == 0:
-            torch._foreach_copy_(*map(list, zip(*floating, strict=True)))
+            torch._foreach_copy_(floating_ema, floating)
         else:
-            torch._foreach_lerp_(*map(list, zip(*floating, strict=True)),
-                                 1.0 - min(self.ema_decay, (1.0 + n) / (10.0 + n)))
+            torch._foreach_lerp_(floating_ema, floating, 1.0 - min(self.ema_decay, (1.0 + n) / (10.0 + n)))
         self.ema.n_averaged += 1  # on the device: AveragedModel's own counter, kept for its state_dict
         self.ema_updates += 1
 
