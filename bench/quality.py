@@ -78,7 +78,13 @@ ABLATIONS = tuple(name for name in DSTORCH_VARIANTS if name.startswith("ablation
 RECIPES = {**{name: {"lr": 3e-3, "warmup": 0.15} for name in DSTORCH_VARIANTS},
            "fcos": {"lr": 1e-3, "warmup": 0.15}, "retinanet": {"lr": 1e-3, "warmup": 0.15},
            "yolov8n": {"lr": 2e-3, "warmup": 0.5}}
-WARMUP_STEPS, CALIBRATION_STEPS = 2, 10  # steps 3-10 are timed to fix the schedule's length (not the slow first ones)
+# The schedule's length is planned twice: after step CALIBRATION_STEPS from the time of steps 3-10 (not the slow
+# first ones), so that it exists early; then once more at REPLAN_AT of the budget from the steps timed since
+# REPLAN_FROM of it, after the first epoch read the images from a cold page cache (planned from the first steps
+# only, a 40-minute run once ended after 25 minutes). A run that trains less than FULL_BUDGET of its budget is
+# flagged in its result and in the table.
+WARMUP_STEPS, CALIBRATION_STEPS = 2, 10
+REPLAN_FROM, REPLAN_AT, FULL_BUDGET = 0.05, 0.10, 0.95
 SCORE_THRESHOLD, MAX_DETECTIONS = 0.001, 100
 METRICS = ("mAP", "AP50", "AP_small", "AP_medium", "AP_large")
 
@@ -96,20 +102,32 @@ def schedule_length(steps_done: int, elapsed_s: float, step_s: float, budget_s: 
 
 
 def train_within(budget_s: float, loader: DataLoader, step, on_length_known) -> tuple:
-    """Call step(batch) over epochs of `loader` until the budget is spent or the schedule ends; after
-    CALIBRATION_STEPS, on_length_known(total_steps) fixes the schedule. Returns (steps done, seconds)."""
-    start, steps, total_steps, calibration_start = time.monotonic(), 0, None, None
+    """Call step(batch) over epochs of `loader` until the budget is spent or the schedule ends;
+    on_length_known(total_steps, steps_done) plans the schedule after CALIBRATION_STEPS and plans it again at
+    REPLAN_AT of the budget. Returns (steps done, seconds)."""
+    start, steps, total_steps = time.monotonic(), 0, None
+    timed_from = {}  # share of the budget -> (seconds, steps) where a timing window starts
+
+    def plan(window_start: tuple, now: float) -> int:
+        step_s = (now - start - window_start[0]) / max(steps - window_start[1], 1)
+        planned = schedule_length(steps, now - start, step_s, budget_s)
+        on_length_known(planned, steps)
+        return planned
+
     while True:
         for batch in loader:
             step(batch)
             steps += 1
             now = time.monotonic()
             if steps == WARMUP_STEPS:
-                calibration_start = now
+                timed_from["calibration"] = (now - start, steps)
             if steps == CALIBRATION_STEPS:
-                step_s = (now - calibration_start) / (CALIBRATION_STEPS - WARMUP_STEPS)
-                total_steps = schedule_length(steps, now - start, step_s, budget_s)
-                on_length_known(total_steps)
+                total_steps = plan(timed_from["calibration"], now)
+            if "replan" not in timed_from and now - start >= REPLAN_FROM * budget_s:
+                timed_from["replan"] = (now - start, steps)
+            elif "replanned" not in timed_from and now - start >= REPLAN_AT * budget_s and steps > CALIBRATION_STEPS:
+                timed_from["replanned"] = (now - start, steps)
+                total_steps = plan(timed_from["replan"], now)
             if now - start >= budget_s or (total_steps is not None and steps >= total_steps):
                 return steps, now - start
 
@@ -171,15 +189,18 @@ def predictor_after(parts: TrainingParts, train_step, loader: DataLoader, budget
 
     def step(batch):
         train_step(batch)
-        if schedule["on"]:
+        if "first_plan_at" in schedule:
             parts.learning_rate_step()
 
-    def on_length_known(total_steps):
+    def on_length_known(total_steps, steps_done):
+        # a schedule built over the new length, then stepped to where the one it replaces stood (one scheduler
+        # step per training step after the first plan)
         parts.scheduler = build_scheduler(args["lr_schd_type"], parts.optimizer, total_steps, 1, args,
                                           args["config"]["schedulers"])
-        schedule["on"] = True
+        for _ in range(steps_done - schedule.setdefault("first_plan_at", steps_done)):
+            parts.scheduler.step()
 
-    schedule = {"on": False}
+    schedule = {}
     steps, seconds = train_within(budget_s, loader, step, on_length_known)
     model = parts.evaluated_model()
     model.eval()
@@ -254,7 +275,14 @@ def run_yolov8n(data: dict, recipe: dict, seed: int, budget_s: float, split: str
 
 def run_one(name: str, recipe: dict, seed: int, budget_s: float, split: str, data: dict, threads: int,
             run_dir: Path) -> dict:
-    """One training run of a contender and its metrics on `split` (val or test)."""
+    """One training run of a contender and its metrics on `split` (val or test), with the budget and whether the
+    training used at least FULL_BUDGET of it."""
+    result = contender_run(name, recipe, seed, budget_s, split, data, threads, run_dir)
+    return {**result, "budget_s": budget_s, "full_budget": result["train_s"] >= FULL_BUDGET * budget_s}
+
+
+def contender_run(name: str, recipe: dict, seed: int, budget_s: float, split: str, data: dict, threads: int,
+                  run_dir: Path) -> dict:
     if name == "yolov8n":
         report = run_yolov8n(data, recipe, seed, budget_s, split, threads, run_dir)
         metrics = score(coco_results_array(report["detections"]), data[split])
@@ -325,7 +353,8 @@ def protocol(contenders: list, data: dict, options) -> None:
                         name, recipe, seed, minutes * 60, "test", data, options.threads, path.with_suffix(""))})
                 result = json.loads(path.read_text())
                 print(f"{minutes:g} min, {name}, seed {seed}: {result['steps']} steps, "
-                      f"{result['images_per_s']:.1f} img/s, mAP {cell(result['mAP'])}", flush=True)
+                      f"{result['images_per_s']:.1f} img/s, mAP {cell(result['mAP'])}{budget_flag(result)}",
+                      flush=True)
 
 
 def table(contenders: list, work_dir: Path, budgets: list) -> None:
@@ -341,10 +370,18 @@ def table(contenders: list, work_dir: Path, budgets: list) -> None:
             columns = [f"{spread([r[key] for r in results]):>16}" for key in METRICS]
             print(f"{name:<30}{len(results):>6}{results[0]['recipe_source']:>10}"
                   f"{np.mean([r['steps'] for r in results]):>7.0f}{np.mean([r['images_per_s'] for r in results]):>7.1f}"
-                  f"{results[0]['threads']:>8}" + "".join(columns))
+                  f"{results[0]['threads']:>8}" + "".join(columns) + "".join(map(budget_flag, results)))
         versions = {key: value for path in run_dir.glob("*.json") for key, value in
                     json.loads(path.read_text())["versions"].items()} if run_dir.exists() else {}
         print("versions: " + ", ".join(f"{key} {value}" for key, value in sorted(versions.items())))
+
+
+def budget_flag(result: dict) -> str:
+    """A warning after a run that trained less than FULL_BUDGET of its budget (empty otherwise; results stored
+    before the budget was recorded count as full)."""
+    if result.get("full_budget", True):
+        return ""
+    return f"  [trained {result['train_s']:.0f} s of {result['budget_s']:.0f}: not comparable]"
 
 
 def spread(values: list) -> str:

@@ -132,3 +132,51 @@ def test_yolo_labels_are_the_dataset_boxes(tmp_path):
     label, cx, cy, w, h = (tmp_path / "split" / "labels" / "000007.txt").read_text().split()
     assert label == "3"
     assert np.allclose([float(cx), float(cy), float(w), float(h)], [200 / 800, 150 / 450, 200 / 800, 200 / 450])
+
+
+def test_quality_schedule_is_planned_again_after_a_slow_start(monkeypatch):
+    """The first 10 steps take 5 s (a cold page cache), the rest 1 s: planned from the first steps only, a 1000 s
+    budget would end after about 230 s; planned again from the steps after them, it trains at least 95 % of it."""
+    clock = {"now": 0.0, "steps": 0}
+
+    def step(batch):
+        clock["steps"] += 1
+        clock["now"] += 5.0 if clock["steps"] <= 10 else 1.0
+
+    monkeypatch.setattr(quality.time, "monotonic", lambda: clock["now"])
+    plans = []
+    steps, seconds = quality.train_within(1000.0, [None] * 7, step, lambda total, done: plans.append((total, done)))
+    assert plans[0] == (10 + int(950 * 0.98 / 5.0), 10)  # steps 3-10 timed: 5 s each
+    assert len(plans) == 2 and plans[1][1] == 60 and plans[1][0] == steps  # re-planned at 100 s, at 1 s per step
+    assert quality.FULL_BUDGET * 1000 <= seconds <= 1000
+    short = {"train_s": 600.0, "budget_s": 1000.0, "full_budget": False}
+    assert "trained 600 s of 1000" in quality.budget_flag(short) and quality.budget_flag({"full_budget": True}) == ""
+
+
+def test_quality_replanned_schedule_continues_where_the_first_stood(monkeypatch):
+    """After a re-plan, the learning rate is that of the new OneCycle at the steps already done in schedule."""
+    model = torch.nn.Linear(2, 1)
+    args = {"lr_schd_type": "OnecycleLR", "learning_rate": 1e-2, "pct_start": 0.3, "div_factor": 25.0,
+            "final_div_factor": 1e4, "config": {"schedulers": {}}}
+    parts = types.SimpleNamespace(args=args, optimizer=torch.optim.SGD(model.parameters(), lr=1e-2),
+                                  scheduler=None, learning_rate_step=lambda: parts.scheduler.step(),
+                                  evaluated_model=lambda: model)
+
+    def train_within(budget_s, loader, step, on_length_known):
+        for _ in range(10):
+            step(None)
+        on_length_known(100, 10)
+        for _ in range(20):
+            parts.optimizer.step()
+            step(None)
+        on_length_known(400, 30)
+        return 30, budget_s
+
+    reference = torch.optim.lr_scheduler.OneCycleLR(torch.optim.SGD(model.parameters(), lr=1e-2), max_lr=1e-2,
+                                                    total_steps=400, pct_start=0.3)
+    for _ in range(20):
+        reference.optimizer.step()
+        reference.step()
+    monkeypatch.setattr(quality, "train_within", train_within)
+    quality.predictor_after(parts, lambda batch: None, [], 60.0, lambda trained: trained)
+    assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(reference.get_last_lr()[0])
