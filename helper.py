@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from utils.config import FLAG, check_values, number
-from utils.distributed import ResumableDistributedSampler
+from utils.distributed import ResumableDistributedSampler, SeededItems
 from utils.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -20,6 +20,8 @@ PLATFORM_RULES = {
     "config.solver.checkpoint_every_steps": number(0, integer=True),
     "config.solver.compile": FLAG,
     "config.train.log_every_steps": number(1, integer=True),
+    "config.dataloader.persistent_workers": FLAG,
+    "config.dataloader.prefetch_factor": number(1, integer=True),
     "config.distributed.timeout_s": number(0, low_open=True),
     "config.distributed.sync_batchnorm": FLAG,
     "config.schedulers.StepLR.step_epochs": number(1, integer=True),
@@ -94,22 +96,30 @@ def check_config(args: dict) -> None:
     check_values(args, rules)
 
 
-def load_datasetloader(args: dict, dtype, world_size: int, rank: int, mode: str) -> tuple:
+def load_datasetloader(args: dict, world_size: int, rank: int, mode: str) -> tuple:
     """(dataset, DataLoader) of `mode` ('train', 'val' or 'test') from the loader module that config/config.json
     names for (dataset_type, app_mode). Every mode goes through a ResumableDistributedSampler (one replica
-    without DDP): its order depends only on the seed and the epoch, so runs and resumes are reproducible. In
-    evaluation each process gets a disjoint shard with no padding."""
+    without DDP): its order depends only on the seed and the epoch, and in training each item's augmentation
+    only on (seed, epoch, index) (utils.distributed.SeededItems), so runs and resumes are reproducible with any
+    number of workers; the training workers stay alive across epochs (config.json "dataloader"; evaluation's
+    start for each pass, so that they hold no memory between passes). In evaluation each process gets a disjoint
+    shard with no padding."""
     # No collective here: a label cache or the embedded dataset is built by one process while the others wait on a
     # file lock, so that no process group timeout can run out during a build of any length.
-    dataset = loader_module(args).DatasetLoader(args, dtype, world_size, rank, mode)
+    dataset = loader_module(args).DatasetLoader(args, world_size, rank, mode)
     training = mode == "train"
     sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=training,
                                           seed=args["seed"], drop_last=training, pad=training)
-    # Its own generator: creating an epoch's iterator draws the workers' base seed from it, not from the global
-    # generator that augmentation uses in the main process; train.py reseeds it per epoch.
-    loader = DataLoader(dataset, batch_size=args["batch_size"], sampler=sampler, num_workers=args["num_cores"],
-                        collate_fn=getattr(dataset, "collate_fn", None), drop_last=training,
-                        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(args["seed"]))
+    workers, settings = args["num_cores"], args["config"]["dataloader"]
+    # Its own generator: creating an iterator draws a base seed from it, not from the global generator, whose
+    # state a checkpoint restores (the items' randomness comes from SeededItems, not from that base seed).
+    loader = DataLoader(SeededItems(dataset) if training else dataset, batch_size=args["batch_size"],
+                        sampler=sampler, num_workers=workers, collate_fn=getattr(dataset, "collate_fn", None),
+                        drop_last=training, pin_memory=torch.cuda.is_available(),
+                        generator=torch.Generator().manual_seed(args["seed"]),
+                        worker_init_fn=getattr(dataset, "worker_init_fn", None),
+                        persistent_workers=training and workers > 0 and settings["persistent_workers"],
+                        prefetch_factor=settings["prefetch_factor"] if workers > 0 else None)
     return dataset, loader
 
 

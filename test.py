@@ -18,8 +18,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 import helper
 from argumentparser import build_parser, flag, non_negative_int
 from utils.checkpoint import load_checkpoint
@@ -108,7 +106,7 @@ def evaluate(args: dict, exp_dir: str, runs: dict, world_size: int, rank: int, l
     device = select_device(local_rank if args["ddp"] else args["gpu_num"])
     for name, run in runs.items():
         state = load_checkpoint(os.path.join(exp_dir, name))
-        test_set, test_loader = helper.load_datasetloader(run, torch.float32, world_size, rank, "test")
+        test_set, test_loader = helper.load_datasetloader(run, world_size, rank, "test")
         solver = helper.load_solver(run, device=device, class_names=test_set.class_names, steps_per_epoch=0,
                                     world_size=world_size, rank=rank)
         solver.load_weights(state)

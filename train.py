@@ -157,8 +157,8 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
     logger.info("configuration: %s", args)
     seed_everything(args["seed"] + rank)
 
-    train_set, train_loader = helper.load_datasetloader(args, torch.float32, world_size, rank, "train")
-    val_set, val_loader = helper.load_datasetloader(args, torch.float32, world_size, rank, "val")
+    train_set, train_loader = helper.load_datasetloader(args, world_size, rank, "train")
+    val_set, val_loader = helper.load_datasetloader(args, world_size, rank, "val")
     if len(train_loader) == 0:
         raise UserError(f"--batch_size {args['batch_size']} is larger than the {len(train_set)} training samples "
                         f"({world_size} process(es))")
@@ -215,6 +215,12 @@ class CheckpointWriter:
             save_checkpoint(os.path.join(self.exp_dir, name), state)
 
 
+def images_in(batch: dict) -> int:
+    """The images of a batch: the first two dimensions (B, N_cam) of its images, or its JPEG files where the images
+    are decoded on the device (data.json "decode": "device")."""
+    return len(batch["jpegs"]) if "jpegs" in batch else batch["images"].shape[0] * batch["images"].shape[1]
+
+
 def train_epoch(solver, loader, args: dict, world_size: int, progress: Progress, stop: StopRequest, save,
                 resume_command: str, main_process: bool) -> float:
     """Train the rest of epoch progress.epoch, one solver step per batch; returns the last learning rate used.
@@ -223,7 +229,6 @@ def train_epoch(solver, loader, args: dict, world_size: int, progress: Progress,
     stop signal (then exits)."""
     epoch = progress.epoch
     loader.sampler.start_epoch(epoch, progress.samples_in_epoch)  # the order depends on the seed and epoch only
-    loader.generator.manual_seed(args["seed"] * 1000 + epoch)  # and so do the workers' seeds
     solver.mode_selection(True)
     every, log_every = args["config"]["solver"]["checkpoint_every_steps"], args["config"]["train"]["log_every_steps"]
     start, images_seen, learning_rate, unread = time.time(), 0, solver.learning_rate(), []
@@ -236,7 +241,7 @@ def train_epoch(solver, loader, args: dict, world_size: int, progress: Progress,
         progress.step_in_epoch += 1
         progress.global_step += 1
         progress.samples_in_epoch += args["batch_size"] * world_size
-        images_seen += batch["images"].shape[0] * batch["images"].shape[1]
+        images_seen += images_in(batch)
         stop_now = any_process(stop.requested)  # all processes stop after the same step, and save together
         save_now = stop_now or (every and progress.global_step % every == 0)
         if save_now or progress.global_step % log_every == 0:

@@ -91,7 +91,7 @@ class Preloaded:
 def evaluation_pass_vs_forward(repeats: int, flags: list) -> None:
     args = platform_args(["--num_cores", "1", "--cfg", "model.Yolo.postprocess.score_threshold=0.0",
                           "--cfg", "model.Yolo.postprocess.nms_iou=1.0", *flags])
-    test_set, test_loader = load_datasetloader(args, torch.float32, 1, 0, "test")
+    test_set, test_loader = load_datasetloader(args, 1, 0, "test")
     batches = Preloaded(test_loader)
     solver = load_solver(args, device=torch.device("cpu"), class_names=test_set.class_names, steps_per_epoch=1)
     model = solver.parts.evaluated_model()  # the weights Solver.eval uses

@@ -57,10 +57,11 @@ def random_targets(num_images: int, width: int, height: int, boxes_per_image: in
 
 
 def synthetic_batch(batch_size: int, num_cameras: int, width: int, height: int) -> dict:
-    """A collated batch as the loader makes it, fixed by a seed: images (B, N_cam, 3, H, W), boxes (T, 4),
+    """A collated batch as the loader makes it, fixed by a seed: images (B, N_cam, 3, H, W) uint8, boxes (T, 4),
     labels (T,), box_image_index (T,) (index of the image among the B x N_cam) and the padded targets."""
     targets = random_targets(batch_size * num_cameras, width, height)
-    images = torch.randn(batch_size, num_cameras, 3, height, width, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(0, 256, (batch_size, num_cameras, 3, height, width), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
     boxes, labels = torch.cat([t["boxes"] for t in targets]), torch.cat([t["labels"] for t in targets])
     box_image_index = torch.cat([torch.full((len(t["labels"]),), i) for i, t in enumerate(targets)])
     return {"images": images, "boxes": boxes, "labels": labels, "box_image_index": box_image_index,
@@ -111,10 +112,11 @@ def main() -> None:
     parser.add_argument("--batch_images", type=int, default=6, help="images per step (one sample's 6 cameras)")
     parser.add_argument("--iterations", type=int, default=5, help="timed forward+backward steps per model")
     args = parser.parse_args()
-    image = load("data")["2DObjDet"]["image"]
-    width, height = image["w"], image["h"]
+    data = load("data")["2DObjDet"]
+    width, height, normalize = data["image"]["w"], data["image"]["h"], data["normalize"]
     torch.manual_seed(0)
-    images = torch.randn(args.batch_images, 3, height, width)
+    images = torch.randint(0, 256, (args.batch_images, 3, height, width), dtype=torch.uint8)  # as the loader's
+    floats = images.float() / 255  # torchvision's detectors take 0-1 images and normalize them
     targets = random_targets(args.batch_images, width, height)
     results = []
 
@@ -122,14 +124,15 @@ def main() -> None:
                               torch.arange(len(targets)).repeat_interleave(10), len(targets))
     model_cfg, loss_cfg = load("model")["Yolo"], load("loss")["Yolo"]
     csp_cfg = {**model_cfg, "architecture": "csp_pan", "backbone": "csp"}  # the default
-    csp, aligned_loss = CspPanYolo(csp_cfg, (width, height), NUM_CLASSES), AlignedDetectionLoss(loss_cfg["aligned"])
+    csp = CspPanYolo(csp_cfg, (width, height), NUM_CLASSES, normalize)
+    aligned_loss = AlignedDetectionLoss(loss_cfg["aligned"])
     results.append(measure(
         f"DSTorch Yolo csp_pan (CSP {csp_cfg['widths'][-1]}, PAN, DFL)", csp,
         lambda: aligned_loss(csp(images[None]), collated)["total_loss"].backward(),
         lambda: csp(images[None, :1]), args.iterations, args.batch_images))
 
     fpn_cfg = {**model_cfg, "architecture": "resnet_fpn", "backbone": "resnet18"}
-    fpn, fpn_loss = Yolo(fpn_cfg, (width, height), NUM_CLASSES), DetectionLoss(loss_cfg, STRIDES)
+    fpn, fpn_loss = Yolo(fpn_cfg, (width, height), NUM_CLASSES, normalize), DetectionLoss(loss_cfg, STRIDES)
     results.append(measure(
         f"DSTorch Yolo resnet_fpn (resnet18, FPN {fpn_cfg['fpn_channels']})", fpn,
         lambda: fpn_loss(fpn(images[None]), collated)["total_loss"].backward(),
@@ -137,11 +140,11 @@ def main() -> None:
 
     for kind, label in (("fcos", "torchvision FCOS (resnet18-FPN 256)"),
                         ("retinanet", "torchvision RetinaNet (resnet18-FPN 256)")):
-        model = torchvision_detector(kind, width, height)
+        model = torchvision_detector(kind, width, height, image_mean=normalize["mean"], image_std=normalize["std"])
         shifted = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
         results.append(measure(
-            label, model, lambda model=model, shifted=shifted: sum(model(list(images), shifted).values()).backward(),
-            lambda model=model: model([images[0]]), args.iterations, args.batch_images))
+            label, model, lambda model=model, shifted=shifted: sum(model(list(floats), shifted).values()).backward(),
+            lambda model=model: model([floats[0]]), args.iterations, args.batch_images))
 
     print(f"input {width}x{height}, {torch.get_num_threads()} threads, forward+backward on batches of "
           f"{args.batch_images} images, {args.iterations} timed steps")

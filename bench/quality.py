@@ -4,7 +4,7 @@ DSTorch's Yolo (dstorch: the resnet_fpn architecture; dstorch_csp_pan: csp_pan),
 time with the same torch threads on the same data, then scored by the same COCO code on the test split, which none
 of them trained or was tuned on.
 
-    python -m bench.quality --setup_ultralytics   # once: .cache/venv-ultralytics (Ultralytics needs numpy 2)
+    python -m bench.quality --setup_ultralytics   # once: .cache/venv-ultralytics (for its OpenCV)
     python -m bench.quality --sweep               # each contender's learning rate and warm-up, picked on val
     python -m bench.quality                       # the protocol: budgets x seeds x contenders, interleaved
     python -m bench.quality --table               # the table of the runs done so far, without running any
@@ -78,13 +78,14 @@ ABLATIONS = tuple(name for name in DSTORCH_VARIANTS if name.startswith("ablation
 RECIPES = {**{name: {"lr": 3e-3, "warmup": 0.15} for name in DSTORCH_VARIANTS},
            "fcos": {"lr": 1e-3, "warmup": 0.15}, "retinanet": {"lr": 1e-3, "warmup": 0.15},
            "yolov8n": {"lr": 2e-3, "warmup": 0.5}}
-# The schedule's length is planned twice: after step CALIBRATION_STEPS from the time of steps 3-10 (not the slow
-# first ones), so that it exists early; then once more at REPLAN_AT of the budget from the steps timed since
-# REPLAN_FROM of it, after the first epoch read the images from a cold page cache (planned from the first steps
-# only, a 40-minute run once ended after 25 minutes). A run that trains less than FULL_BUDGET of its budget is
-# flagged in its result and in the table.
+# The schedule's length is planned after step CALIBRATION_STEPS from the time of steps 3-10 (not the slow first
+# ones), so that it exists early, then planned again at each share of the budget in REPLAN_AT from the steps timed
+# since the previous point (REPLAN_FROM for the first, after the first epoch read the images from a cold page
+# cache): step times drift during a run (planned from the first steps only, a 40-minute run once ended after 25
+# minutes; planned once more at 10 %, after 36). A run that trains less than FULL_BUDGET of its budget is flagged
+# in its result and in the table.
 WARMUP_STEPS, CALIBRATION_STEPS = 2, 10
-REPLAN_FROM, REPLAN_AT, FULL_BUDGET = 0.05, 0.10, 0.95
+REPLAN_FROM, REPLAN_AT, FULL_BUDGET = 0.05, (0.1, 0.3, 0.5, 0.7, 0.9), 0.95
 SCORE_THRESHOLD, MAX_DETECTIONS = 0.001, 100
 METRICS = ("mAP", "AP50", "AP_small", "AP_medium", "AP_large")
 
@@ -103,15 +104,17 @@ def schedule_length(steps_done: int, elapsed_s: float, step_s: float, budget_s: 
 
 def train_within(budget_s: float, loader: DataLoader, step, on_length_known) -> tuple:
     """Call step(batch) over epochs of `loader` until the budget is spent or the schedule ends;
-    on_length_known(total_steps, steps_done) plans the schedule after CALIBRATION_STEPS and plans it again at
-    REPLAN_AT of the budget. Returns (steps done, seconds)."""
-    start, steps, total_steps = time.monotonic(), 0, None
-    timed_from = {}  # share of the budget -> (seconds, steps) where a timing window starts
+    on_length_known(total_steps, steps_done) plans the schedule after CALIBRATION_STEPS and again at each share of
+    the budget in REPLAN_AT. Returns (steps done, seconds)."""
+    start, steps, total_steps, window, replans = time.monotonic(), 0, None, None, list(REPLAN_AT)
 
-    def plan(window_start: tuple, now: float) -> int:
-        step_s = (now - start - window_start[0]) / max(steps - window_start[1], 1)
+    def plan(now: float) -> int:
+        """The schedule's length from the step time since the window's start, which moves to now."""
+        nonlocal window
+        step_s = (now - start - window[0]) / max(steps - window[1], 1)
         planned = schedule_length(steps, now - start, step_s, budget_s)
         on_length_known(planned, steps)
+        window = (now - start, steps)
         return planned
 
     while True:
@@ -120,22 +123,23 @@ def train_within(budget_s: float, loader: DataLoader, step, on_length_known) -> 
             steps += 1
             now = time.monotonic()
             if steps == WARMUP_STEPS:
-                timed_from["calibration"] = (now - start, steps)
-            if steps == CALIBRATION_STEPS:
-                total_steps = plan(timed_from["calibration"], now)
-            if "replan" not in timed_from and now - start >= REPLAN_FROM * budget_s:
-                timed_from["replan"] = (now - start, steps)
-            elif "replanned" not in timed_from and now - start >= REPLAN_AT * budget_s and steps > CALIBRATION_STEPS:
-                timed_from["replanned"] = (now - start, steps)
-                total_steps = plan(timed_from["replan"], now)
+                window = (now - start, steps)
+            elif steps == CALIBRATION_STEPS:
+                total_steps = plan(now)
+                window = None  # the next window opens at REPLAN_FROM of the budget
+            elif steps > CALIBRATION_STEPS and window is None and now - start >= REPLAN_FROM * budget_s:
+                window = (now - start, steps)
+            elif window is not None and replans and steps > CALIBRATION_STEPS and now - start >= replans[0] * budget_s:
+                replans = [share for share in replans if share * budget_s > now - start]
+                total_steps = plan(now)
             if now - start >= budget_s or (total_steps is not None and steps >= total_steps):
                 return steps, now - start
 
 
 def images_and_targets(batch: dict) -> tuple:
-    """A collated batch as torchvision's detectors take it: a list of I images (3, H, W) and a list of targets
-    {boxes (n, 4) in input px, labels (n,) with 0 kept for the background}."""
-    images = list(batch["images"].flatten(0, 1))
+    """A collated batch as torchvision's detectors take it: a list of I images (3, H, W), 0-1 floats, and a list of
+    targets {boxes (n, 4) in input px, labels (n,) with 0 kept for the background}."""
+    images = list(batch["images"].flatten(0, 1).float() / 255)
     targets = [{"boxes": batch["boxes"][batch["box_image_index"] == i],
                 "labels": batch["labels"][batch["box_image_index"] == i] + 1} for i in range(len(images))]
     return images, targets
@@ -159,9 +163,9 @@ def train_torchvision(kind: str, args: dict, train_set, loader: DataLoader, budg
     """FCOS or RetinaNet with DSTorch's TrainingParts (AdamW, OneCycle, gradient clipping, EMA), through
     torchvision's own losses. Returns (predict, steps, seconds)."""
     width, height = train_set.input_size
-    # the loader normalized the images already: the detector's transform must not normalize again
-    model = torchvision_detector(kind, width, height, sized_for_input=True, image_mean=[0.0, 0.0, 0.0],
-                                 image_std=[1.0, 1.0, 1.0], score_thresh=SCORE_THRESHOLD,
+    normalize = args["data"][args["app_mode"]]["normalize"]  # the detector's transform normalizes, as DSTorch's
+    model = torchvision_detector(kind, width, height, sized_for_input=True, image_mean=normalize["mean"],
+                                 image_std=normalize["std"], score_thresh=SCORE_THRESHOLD,
                                  detections_per_img=MAX_DETECTIONS)
     parts = TrainingParts(model, args, torch.device("cpu"), steps_per_epoch=1)
     model.train()
@@ -171,7 +175,7 @@ def train_torchvision(kind: str, args: dict, train_set, loader: DataLoader, budg
 
     def predict_with(trained):
         def predict(images):
-            found = trained(list(images))
+            found = trained(list(images.float() / 255))
             counts = torch.tensor([len(f["scores"]) for f in found])
             return {"boxes": torch.cat([f["boxes"] for f in found]), "scores": torch.cat([f["scores"] for f in found]),
                     "labels": torch.cat([f["labels"] for f in found]) - 1,
@@ -397,8 +401,10 @@ def cell(value) -> str:
 
 
 def setup_ultralytics() -> None:
-    """A virtual environment that sees this machine's torch (so nothing large is downloaded) and has ultralytics
-    with its numpy 2 in front of the system's numpy 1."""
+    """A virtual environment that sees this machine's torch (so nothing large is downloaded) and has ultralytics,
+    with the opencv-python it requires (and the numpy >= 2 that needs) in front of the system's
+    opencv-python-headless and numpy < 2 (nuscenes-devkit's): two OpenCV distributions in one environment
+    overwrite each other's cv2."""
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(VENV)], check=True)
     subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet", "ultralytics>=8.4,<8.5"], check=True)
 

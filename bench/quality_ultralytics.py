@@ -1,6 +1,7 @@
-"""The YOLOv8n contender of bench/quality.py, run by the Python of .cache/venv-ultralytics (Ultralytics needs
-numpy 2): train yolov8n.yaml from scratch for a wall-clock budget with the recipe an Ultralytics user would pick
-for minutes on a CPU, then predict on a split through Ultralytics' own validator.
+"""The YOLOv8n contender of bench/quality.py, run by the Python of .cache/venv-ultralytics (Ultralytics requires
+opencv-python, which cannot share an environment with nuscenes-devkit's OpenCV and numpy): train yolov8n.yaml
+from scratch for a wall-clock budget with the recipe an Ultralytics user would pick for minutes on a CPU, then
+predict on a split through Ultralytics' own validator.
 
     python bench/quality_ultralytics.py SPEC.json
 

@@ -55,7 +55,7 @@ class Solver:
         self.threshold = cfg["threshold"]  # a cell is predicted occupied where its probability is at least this
         OccupancyHistogram.check_threshold(self.threshold, "model.LiftBEV.threshold in config/model.json")
         model = LiftBEV(cfg, (data["image"]["w"], data["image"]["h"]), self.bev, grid_shape(self.bev),
-                        len(class_names), len(data["cameras"])).to(device)
+                        len(class_names), len(data["cameras"]), data["normalize"]).to(device)
         self.parts = TrainingParts(model, args, device, steps_per_epoch, world_size)  # optimizer, LR, AMP, EMA, DDP
         self.model = self.parts.model
         self.loss_fn = SegmentationLoss(args["loss"]["LiftBEV"])
@@ -139,7 +139,7 @@ class Solver:
             true = item["target"].numpy() > 0
             figure = Figure(figsize=(6 + 4 * len(self.class_names), 4))
             axes = figure.subplots(1, 1 + len(self.class_names), width_ratios=[1.5] + [1] * len(self.class_names))
-            cameras = make_grid(dataset.denormalize(item["images"]), nrow=3, padding=4, pad_value=255)
+            cameras = make_grid(item["images"], nrow=3, padding=4, pad_value=255)
             axes[0].imshow(cameras.permute(1, 2, 0).numpy())
             axes[0].set(title=dataset.sample_tokens[index][:12], xticks=[], yticks=[])
             for axis, name, pred, gt in zip(axes[1:], self.class_names, predicted, true, strict=True):

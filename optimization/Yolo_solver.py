@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dataset.NuscenesDataset.loader_2d_obj_det import images_on_device
 from models.Yolo.aligned_loss import AlignedDetectionLoss
 from models.Yolo.csp_pan import CspPanYolo
 from models.Yolo.yolo import BACKBONES, STRIDES, Yolo
@@ -76,7 +77,8 @@ class Solver:
         self.image_size = (image["w"], image["h"])
         model_cfg, loss_cfg = args["model"]["Yolo"], args["loss"]["Yolo"]
         architecture = Yolo if model_cfg["architecture"] == "resnet_fpn" else CspPanYolo
-        model = architecture(model_cfg, self.image_size, len(class_names)).to(device)
+        model = architecture(model_cfg, self.image_size, len(class_names),
+                             args["data"][args["app_mode"]]["normalize"]).to(device)
         self.parts = TrainingParts(model, args, device, steps_per_epoch, world_size)  # optimizer, LR, AMP, EMA, DDP
         self.model = self.parts.model
         self.loss_fn = (DetectionLoss(loss_cfg, STRIDES) if model_cfg["architecture"] == "resnet_fpn"
@@ -88,12 +90,19 @@ class Solver:
     def train(self, batch: dict) -> dict:
         """One optimizer step on a collated batch; returns the loss terms as 0-d tensors on the device
         (read_nonfinite and train.py read them at logging points, not every step)."""
-        images = batch["images"].to(self.device, non_blocking=True)
+        images = self.images(batch)
         targets = {key: batch[key].to(self.device, non_blocking=True)
                    for key in ("target_boxes", "target_labels", "target_valid")}
         with self.parts.autocast():
             outputs = self.parts.trained_model(images)
         return self.parts.step(self.loss_fn(outputs, targets))  # the loss in float32 whatever the autocast dtype
+
+    def images(self, batch: dict) -> torch.Tensor:
+        """The batch's (B, N_cam, 3, H, W) uint8 images on the device: copied there, or with data.json "decode":
+        "device" decoded and augmented there from the workers' JPEG files and parameters."""
+        if "jpegs" in batch:
+            return images_on_device(batch, self.image_size, self.device)
+        return batch["images"].to(self.device, non_blocking=True)
 
     def read_nonfinite(self) -> None:
         self.parts.read_nonfinite()
@@ -119,7 +128,7 @@ class Solver:
         arrays = [np.zeros((0, 7))]
         for batch in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not show_progress):
             with self.parts.autocast():
-                predictions = model.predict(batch["images"].to(self.device, non_blocking=True))
+                predictions = model.predict(self.images(batch))
             arrays.append(coco_detection_array(predictions, batch, self.image_size))
         detections = gather_array_to_main(np.concatenate(arrays))
         del arrays  # the per-batch copies (~200 MB at val size) are not held while scoring
@@ -143,11 +152,12 @@ class Solver:
             item = dataset[index]
             boxes = item["boxes"].split(item["counts"].tolist())
             labels = item["labels"].split(item["counts"].tolist())
-            detections = model.predict(item["images"][None].to(self.device))
+            images = self.images(dataset.collate_fn([item]))  # (1, N_cam, 3, H, W) on the device
+            detections = model.predict(images)
             confident = detections["scores"] >= threshold
             predictions = [tuple(detections[key][confident & (detections["image_index"] == camera)].cpu()
-                                 for key in ("boxes", "labels", "scores")) for camera in range(len(item["images"]))]
-            save_detection_mosaic(dataset.denormalize(item["images"]), list(zip(boxes, labels, strict=True)),
+                                 for key in ("boxes", "labels", "scores")) for camera in range(images.shape[1])]
+            save_detection_mosaic(images[0].cpu(), list(zip(boxes, labels, strict=True)),
                                   predictions, dataset.class_names, columns=3,
                                   path=os.path.join(out_dir, "visualization", f"sample_{index}.png"))
 

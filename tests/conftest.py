@@ -10,6 +10,8 @@ from dataset.NuscenesDataset import synthetic
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"samples_per_scene": 2, "width": 320, "height": 180, "seed": 0}  # 120 images, generated in a few seconds
+with open(PROJECT_ROOT / "config" / "data.json") as data_file:
+    NORMALIZE = json.load(data_file)["2DObjDet"]["normalize"]  # what the models take as their "normalize"
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from argumentparser import build_parser
 from dataset.NuscenesDataset.labels import load_nuscenes
 from dataset.NuscenesDataset.loader_bev_seg import DatasetLoader
 from models.LiftBEV.lift_bev import LiftBEV
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import NORMALIZE, PROJECT_ROOT
 from tests.test_distributed import torchrun
 from utils.checkpoint import load_checkpoint
 from utils.config import merge_config
@@ -117,7 +117,7 @@ def test_lift_reads_the_feature_centred_on_each_point():
     feature k is centred on input pixel 8k, i.e. at 8k + 0.5 with pixel i covering [i, i + 1)); cells behind the
     camera or outside its image read 0."""
     bev = {"x_range_m": [-8.0, 8.0], "y_range_m": [-8.0, 8.0], "cell_m": 1.0}
-    model = LiftBEV({**SMALL_MODEL, "heights_m": [1.0]}, (64, 32), bev, grid_shape(bev), 1, 1)
+    model = LiftBEV({**SMALL_MODEL, "heights_m": [1.0]}, (64, 32), bev, grid_shape(bev), 1, 1, NORMALIZE)
     ego_to_camera = np.array([[0.0, -1, 0, 0], [0, 0, -1, 1.0], [1, 0, 0, 0]])  # x forward -> camera z
     intrinsic = np.array([[16.0, 0, 32], [0, 16, 16], [0, 0, 1]])
     projection = torch.tensor(intrinsic @ ego_to_camera, dtype=torch.float32)[None, None]
@@ -166,7 +166,7 @@ def test_the_model_fits_two_samples(embedded_dir):
     torch.manual_seed(0)
     small = {"cameras": ["CAM_FRONT", "CAM_BACK"], "bev": BEV_20M, "image": {"w": 96, "h": 64}}
     dataset = DatasetLoader(bev_args(embedded_dir, small), mode="test")
-    model = LiftBEV(SMALL_MODEL, (96, 64), BEV_20M, grid_shape(BEV_20M), 1, 2)
+    model = LiftBEV(SMALL_MODEL, (96, 64), BEV_20M, grid_shape(BEV_20M), 1, 2, NORMALIZE)
     batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
     loss_fn = SegmentationLoss({"pos_weight": 2.0, "dice_weight": 1.0})
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -209,7 +209,7 @@ def test_mixed_precision_step(embedded_dir, tmp_path, monkeypatch):
     feature sampling (a bf16 pixel coordinate would be off by up to a pixel at 320 px), finite float32 losses."""
     flags = build_parser().parse_args(bev_flags(embedded_dir, tmp_path, "--bool_mixed_precision", "1"))
     args = merge_config(vars(flags), str(PROJECT_ROOT / "config"))
-    dataset, loader = helper.load_datasetloader(args, torch.float32, 1, 0, "train")
+    dataset, loader = helper.load_datasetloader(args, 1, 0, "train")
     solver = helper.load_solver(args, device=torch.device("cpu"), class_names=dataset.class_names, steps_per_epoch=1)
     assert solver.parts.amp_dtype == torch.bfloat16
     sampled_dtypes, grid_sample = [], torch.nn.functional.grid_sample

@@ -9,6 +9,7 @@ import train
 from models.Yolo.aligned_loss import AlignedDetectionLoss
 from models.Yolo.csp_pan import REG_MAX, CspPanYolo, decode_distribution
 from models.Yolo.yolo import STRIDES
+from tests.conftest import NORMALIZE
 from tests.test_model import config, grid_points
 from tests.test_platform import tiny_flags
 from utils.collate import padded_targets
@@ -19,7 +20,7 @@ ARCHITECTURE = {"architecture": "csp_pan", "backbone": "csp", "widths": [8, 16, 
 
 def small_model(width=96, height=64):
     torch.manual_seed(0)
-    return CspPanYolo({**config("model"), **ARCHITECTURE}, (width, height), num_classes=10)
+    return CspPanYolo({**config("model"), **ARCHITECTURE}, (width, height), num_classes=10, normalize=NORMALIZE)
 
 
 def loss_fn(**changes):
@@ -37,7 +38,8 @@ def test_forward_shapes_fold_cameras():
 def test_frozen_batchnorm_normalizes_by_fixed_statistics():
     """freeze_batchnorm: no BatchNorm2d left, and a training-mode forward equals an evaluation-mode one."""
     torch.manual_seed(0)
-    model = CspPanYolo({**config("model"), **ARCHITECTURE, "freeze_batchnorm": True}, (96, 64), num_classes=10)
+    model = CspPanYolo({**config("model"), **ARCHITECTURE, "freeze_batchnorm": True}, (96, 64), num_classes=10,
+                       normalize=NORMALIZE)
     assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
     images = torch.randn(1, 2, 3, 64, 96)
     trained = model.train()(images)["class_logits"]
@@ -45,7 +47,7 @@ def test_frozen_batchnorm_normalizes_by_fixed_statistics():
 
 
 def test_resnet_backbone_plugs_in():
-    model = CspPanYolo({**config("model"), "architecture": "csp_pan", "backbone": "resnet18"}, (96, 64), 10)
+    model = CspPanYolo({**config("model"), "architecture": "csp_pan", "backbone": "resnet18"}, (96, 64), 10, NORMALIZE)
     assert model(torch.randn(1, 1, 3, 64, 96))["boxes"].shape == (1, 126, 4)
 
 

@@ -17,11 +17,12 @@ from torch import nn
 
 import test as test_script
 import train
+from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
 from tests.conftest import PROJECT_ROOT
 from tests.signal_at_step import load_solver_that_signals
 from tests.test_platform import state_tensors, tiny_flags
 from utils.checkpoint import load_checkpoint
-from utils.distributed import ResumableDistributedSampler, init_distributed, sync_batchnorm
+from utils.distributed import ResumableDistributedSampler, SeededItems, init_distributed, sync_batchnorm
 from utils.errors import UserError
 
 
@@ -201,7 +202,7 @@ def test_the_sampler_resumes_by_samples_for_any_batch_and_process_count(before, 
             sampler = ResumableDistributedSampler(dataset, processes, rank, shuffle=True, seed=7, drop_last=True,
                                                   pad=True)
             sampler.start_epoch(epoch, samples_done)
-            indices = list(sampler)
+            indices = [index for index, _ in sampler]
             usable = len(indices) // batch * batch if steps is None else steps * batch
             shards.append(indices[:usable])
         return [index for shard in shards for index in shard]
@@ -298,3 +299,33 @@ def test_sync_batchnorm_switch(caplog):
     on_the_cpu = sync_batchnorm(model(), torch.device("cpu"))
     assert type(on_the_cpu[1]) is nn.BatchNorm2d
     assert "sync_batchnorm ignored: SyncBatchNorm needs CUDA" in caplog.text
+
+
+def test_item_seeds_depend_only_on_seed_epoch_and_index(embedded_dir, make_args):
+    """The training sampler's (index, item seed) keys: an index has the same seed in a resumed epoch as in a
+    full one and on any process, another one in the next epoch; through SeededItems the same key gives the same
+    augmented item whatever torch's generator held, and leaves that generator as it was."""
+    def keys(epoch, samples_done=0, processes=1, rank=0, seed=7):
+        sampler = ResumableDistributedSampler(list(range(20)), processes, rank, shuffle=True, seed=seed,
+                                              drop_last=True, pad=True)
+        sampler.start_epoch(epoch, samples_done)
+        return dict(sampler)
+
+    full = keys(3)
+    assert keys(3, samples_done=5).items() <= full.items()
+    assert keys(3, processes=2, rank=1).items() <= full.items()
+    assert len(set(full.values())) == 20 and not set(full.values()) & set(keys(4).values())
+    assert keys(3, seed=8).keys() == full.keys() and keys(3, seed=8) != full
+
+    dataset = DatasetLoader(make_args(embedded_dir, bool_apply_img_aug=1), mode="train")
+    seeded = SeededItems(dataset)
+    index, item_seed = next(iter(full.items()))
+    index %= len(dataset)
+    first = seeded[index, item_seed]
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    second = seeded[index, item_seed]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    other = seeded[index, item_seed + 1]
+    assert not torch.equal(first["images"], other["images"])  # another seed, another augmentation

@@ -10,7 +10,7 @@ from torchvision.ops import box_iou
 from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
 from models.Yolo import yolo
 from models.Yolo.yolo import STRIDES, Yolo
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import NORMALIZE, PROJECT_ROOT
 from utils.boxes import decode_ltrb, encode_ltrb, postprocess_detections, to_original_pixels
 from utils.collate import collate_detection, padded_targets
 from utils.errors import UserError
@@ -37,7 +37,7 @@ def grid_points(width, height):
 @pytest.fixture(scope="module")
 def small_model():
     torch.manual_seed(0)
-    return Yolo({**config("model"), "fpn_channels": 32, "head_convs": 1}, (96, 64), num_classes=10)
+    return Yolo({**config("model"), "fpn_channels": 32, "head_convs": 1}, (96, 64), num_classes=10, normalize=NORMALIZE)
 
 
 def test_forward_shapes_fold_cameras(small_model):
@@ -52,9 +52,9 @@ def test_forward_shapes_fold_cameras(small_model):
 
 def test_bad_model_config():
     with pytest.raises(UserError, match="multiples of 32"):
-        Yolo(config("model"), (100, 64), 10)
+        Yolo(config("model"), (100, 64), 10, NORMALIZE)
     with pytest.raises(UserError, match="backbone 'resnet19'.*resnet18, resnet34, resnet50"):
-        Yolo({**config("model"), "backbone": "resnet19"}, (96, 64), 10)
+        Yolo({**config("model"), "backbone": "resnet19"}, (96, 64), 10, NORMALIZE)
 
 
 def test_missing_pretrained_weights_is_one_clear_line(tmp_path, monkeypatch):
@@ -182,7 +182,7 @@ def test_overfits_one_batch(embedded_dir, make_args):
             "labels": {"visibilities": ["", "1", "2", "3", "4"], "min_box_size": 12.0}}
     batch = collate_detection([DatasetLoader(make_args(embedded_dir, data=data), mode="test")[0]])
     assert len(batch["boxes"]) >= 8
-    model = Yolo({**config("model"), "fpn_channels": 64}, (192, 128), num_classes=10)
+    model = Yolo({**config("model"), "fpn_channels": 64}, (192, 128), num_classes=10, normalize=NORMALIZE)
     loss_fn = DetectionLoss(config("loss"), STRIDES)
     steps = 250
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)

@@ -96,13 +96,25 @@ def test_train_then_test_end_to_end(trained_copy):
     assert (test_dir / "best" / "metrics.json").is_file() and (test_dir / "last" / "metrics.json").is_file()
 
 
-@pytest.mark.parametrize("num_cores, stop_after_step, stopped_at", [("0", 4, (1, 1)), ("1", 3, (0, 3))],
-                         ids=["mid_epoch_no_workers", "epoch_end_one_worker"])
+def test_a_run_that_decodes_on_the_device_trains_tests_and_draws(tiny_run, tmp_path):
+    """data.json "decode": "device" end to end on the CPU: a persistent worker sends JPEG files and augmentation
+    parameters, the solver decodes and augments them (train, validation, test, the drawings of test.py)."""
+    flags = tiny_run("exp", "--num_epochs", "1", "--num_cores", "1", "--cfg", "data.2DObjDet.decode=device")
+    train.main(flags)
+    exp = tmp_path / "exp"
+    assert "epoch 1/1:" in (exp / "training.log").read_text()
+    assert "mAP" in json.loads((exp / "metrics.json").read_text())
+    test_script.main(["--save_dir", str(exp), "--num_cores", "0", "--visualization", "1"])
+    assert (exp / "test" / "visualization" / "sample_0.png").is_file()
+
+
+@pytest.mark.parametrize("num_cores, stop_after_step, stopped_at", [("0", 4, (1, 1)), ("1", 5, (1, 2))],
+                         ids=["mid_epoch_no_workers", "mid_epoch_one_persistent_worker"])
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_run, tmp_path, monkeypatch, num_cores,
                                                                  stop_after_step, stopped_at):
     """Ctrl-C saves last.pt and exits; resuming gives the same per-epoch losses and the same final weights as a
-    run that was never stopped (CPU, fixed seed): anywhere with --num_cores 0, at epoch ends with workers.
-    Each epoch has 3 steps of 4 samples."""
+    run that was never stopped (CPU, fixed seed, augmentation on), with or without (persistent) worker processes:
+    each item's augmentation is seeded from (seed, epoch, index). Each epoch has 3 steps of 4 samples."""
     train.main(tiny_run("straight", "--num_cores", num_cores))
 
     real_load_solver = train.helper.load_solver

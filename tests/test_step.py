@@ -34,7 +34,7 @@ def yolo_batch(boxes_per_image=(3, 0, 1, 2)) -> dict:
     sizes = 4 + torch.rand(count, 2, generator=generator) * 20
     boxes = torch.cat([corners, corners + sizes], 1)
     image_index = torch.repeat_interleave(torch.arange(len(boxes_per_image)), torch.tensor(boxes_per_image))
-    return {"images": torch.randn(2, 2, 3, 64, 96, generator=generator),
+    return {"images": torch.randint(0, 256, (2, 2, 3, 64, 96), dtype=torch.uint8, generator=generator),
             **padded_targets(boxes, torch.arange(count) % 10, image_index, len(boxes_per_image))}
 
 
@@ -64,7 +64,7 @@ def test_a_liftbev_step_reads_nothing_on_the_host(embedded_dir, tmp_path):
                        "--cfg", "data.BEVSeg.bev.y_range_m=[-20.0, 20.0]", "--cfg", "data.BEVSeg.bev.cell_m=1.0",
                        "--cfg", "model.LiftBEV.image_channels=16", "--cfg", "model.LiftBEV.bev_channels=32",
                        "--cfg", "model.LiftBEV.bev_blocks=1", "--cfg", f"data.BEVSeg.label_cache_dir={tmp_path}")
-    dataset, loader = helper.load_datasetloader(args, torch.float32, 1, 0, "train")
+    dataset, loader = helper.load_datasetloader(args, 1, 0, "train")
     solver = helper.load_solver(args, device=torch.device("cpu"), class_names=dataset.class_names,
                                 steps_per_epoch=len(loader))
     solver.mode_selection(True)

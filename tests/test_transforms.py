@@ -5,7 +5,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from dataset.NuscenesDataset.loader_2d_obj_det import build_augmentation
+from dataset.NuscenesDataset.loader_2d_obj_det import Augmentation, augment_image
 
 HEIGHT, WIDTH = 96, 160
 # x1, y1, x2, y2 in px; the last one touches the border
@@ -59,10 +59,16 @@ def test_flip_mirrors_boxes():
 
 
 def test_full_pipeline_keeps_boxes_on_their_objects():
-    augmentation = build_augmentation(AUGMENTATION)
+    """The loader's augmentation: parameters drawn once, applied to the boxes and to the image separately (as the
+    workers and the device do with data.json "decode": "device")."""
+    augmentation = Augmentation(AUGMENTATION)
     for seed in range(20):
         torch.manual_seed(seed)
-        assert_boxes_frame_the_objects(augmentation(scene()))
+        sample = scene()
+        params = augmentation.draw(sample["boxes"])
+        boxes, labels = augmentation.boxes(sample["boxes"], sample["labels"], params)
+        assert_boxes_frame_the_objects({"image": augment_image(sample["image"].as_subclass(torch.Tensor), params),
+                                        "boxes": boxes, "labels": labels})
 
 
 def test_boxes_pushed_out_of_the_image_are_dropped_with_their_labels():

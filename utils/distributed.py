@@ -9,11 +9,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
+HOST_GROUP = {"group": None}  # the process group of any_process: None, the default one, except under NCCL
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -21,7 +22,8 @@ class ResumableDistributedSampler(DistributedSampler):
     - training (`pad=True`): `start_epoch(epoch, samples_done)` leaves out the first `samples_done` samples of the
       epoch's global order, which the processes of a run (any number, any batch size) consumed together: process
       r of R takes the rest's samples r, r + R, ... (the tail that R does not divide is dropped), so a run resumed
-      with another --batch_size or number of processes sees each sample of the epoch once;
+      with another --batch_size or number of processes sees each sample of the epoch once. It yields (index,
+      item seed) pairs for SeededItems: the seed depends only on (seed, epoch, index);
     - evaluation (`pad=False`): process r takes samples r, r + R, r + 2R, ... in order, so the shards are disjoint
       and cover the dataset exactly once (DistributedSampler pads with repeats instead)."""
 
@@ -42,12 +44,35 @@ class ResumableDistributedSampler(DistributedSampler):
             order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
         remaining = order[self.samples_done:]
         usable = len(remaining) // self.num_replicas * self.num_replicas
-        return iter(remaining[self.rank:usable:self.num_replicas].tolist())
+        indices = remaining[self.rank:usable:self.num_replicas]
+        # the epoch's first item seed, 62 bits from (seed, epoch), plus the index: distinct within an epoch
+        epoch_seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0]) >> 2
+        return zip(indices.tolist(), (indices + epoch_seed).tolist(), strict=True)
 
     def __len__(self) -> int:
         if not self.pad:
             return len(range(self.rank, len(self.dataset), self.num_replicas))
         return max(0, len(self.dataset) - self.samples_done) // self.num_replicas
+
+
+class SeededItems(Dataset):
+    """A training dataset read by (index, item seed) keys (ResumableDistributedSampler's): item `index`, with
+    torch's CPU generator seeded by the item seed while it is made, and restored after. Its random augmentation
+    then depends only on (seed, epoch, index), not on which worker made it, how many there are or what they made
+    before, so persistent workers keep a resumed run exact. (Augmentation must draw from torch's generator, as
+    torchvision's transforms do.)"""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple):
+        index, item_seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(item_seed)  # the CPU's only: CUDA's streams are left alone
+            return self.dataset[index]
 
 
 def distributed_world() -> bool:
@@ -60,11 +85,13 @@ def collective_device() -> torch.device:
 
 
 def any_process(flag: bool) -> bool:
-    """True on every process if `flag` is True on at least one (e.g. a stop signal that reached one process)."""
+    """True on every process if `flag` is True on at least one (e.g. a stop signal that reached one process).
+    A host value, reduced on the CPU: in the default group under gloo, in a gloo side group under NCCL (made by
+    init_distributed), so that train.py's check after every step does not wait for the GPU's queued work."""
     if not distributed_world():
         return flag
-    value = torch.tensor([float(flag)], device=collective_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    value = torch.tensor([float(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=HOST_GROUP["group"])
     return bool(value.item())
 
 
@@ -135,6 +162,8 @@ def init_distributed(ddp: bool, timeout_s: float) -> tuple:
         torch.cuda.set_device(local_rank)
         backend = "nccl"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    if backend == "nccl":  # host flags (any_process) travel through gloo, off the GPU's stream
+        HOST_GROUP["group"] = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     return dist.get_world_size(), dist.get_rank(), local_rank
 
 
@@ -150,4 +179,5 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 def close_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # and every other group
+    HOST_GROUP["group"] = None

@@ -67,8 +67,7 @@ class TrainingParts:
         self.trained_parameters = list(model.parameters())
         self.ema_decay, self.ema_updates = solver_cfg["ema_decay"], 0  # updates counted on the host, read never
         self.steps_taken = 0  # step() calls of this process
-        # per process, on the device: the number of non-finite steps, the first one's step number and loss terms
-        self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
+        # per process, on the device: the first non-finite step's number (-1: none yet) and loss terms
         self.first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.first_nonfinite_terms, self.loss_names = None, []
         self.trained_model = model
@@ -115,7 +114,7 @@ class TrainingParts:
         return {key: value.detach() for key, value in losses.items()}
 
     def record_nonfinite(self, losses: dict) -> None:
-        """Count a step whose total loss is not finite and keep the first such step's number and loss terms."""
+        """Keep the number and loss terms of the first step whose total loss is not finite."""
         bad = ~torch.isfinite(losses["total_loss"].detach())
         first = bad & (self.first_nonfinite_step < 0)
         terms = torch.stack([value.detach().float() for value in losses.values()])
@@ -123,18 +122,18 @@ class TrainingParts:
             self.first_nonfinite_terms = torch.zeros_like(terms)
         self.first_nonfinite_terms = torch.where(first, terms, self.first_nonfinite_terms)
         self.first_nonfinite_step = torch.where(first, self.steps_taken, self.first_nonfinite_step)
-        self.nonfinite_steps += bad
         self.loss_names = list(losses)
 
     def read_nonfinite(self) -> None:
         """Raise NonFiniteLossError when the loss of any process was not finite in any step so far (one read on
         the host, and a collective under DDP: every process calls it at the same step)."""
-        if not any_process(bool(self.nonfinite_steps > 0)):
+        first_step = int(self.first_nonfinite_step)
+        if not any_process(first_step >= 0):
             return
-        if self.first_nonfinite_terms is None or int(self.first_nonfinite_step) < 0:  # another process's loss
+        if first_step < 0:  # another process's loss
             raise NonFiniteLossError({}, steps_ago=None)
         terms = dict(zip(self.loss_names, self.first_nonfinite_terms.tolist(), strict=True))
-        raise NonFiniteLossError(terms, steps_ago=self.steps_taken - 1 - int(self.first_nonfinite_step))
+        raise NonFiniteLossError(terms, steps_ago=self.steps_taken - 1 - first_step)
 
     @torch.no_grad()
     def update_ema(self) -> None:

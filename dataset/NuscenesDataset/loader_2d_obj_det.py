@@ -5,7 +5,11 @@ at a reduced scale where the input size allows (libjpeg's DCT scaling, through O
 size of config/data.json.
 
 An item is a dict:
-    images      (N_cam, 3, H, W) `dtype`, normalized with data.json "normalize"; (H, W) = data.json "image"
+    images      (N_cam, 3, H, W) uint8 RGB; (H, W) = data.json "image" (the model normalizes them on its
+                 device with data.json "normalize": workers send a quarter of float32's bytes). With data.json
+                 "decode": "device", instead: jpegs, a list of N_cam (bytes,) uint8 JPEG files, and
+                 augmentation, a list of N_cam Augmentation.draw parameters (None without augmentation), from
+                 which images_on_device makes the images on the training device
     boxes       (M, 4) float32 x1, y1, x2, y2 in the model's input pixels, the cameras' boxes one after another
     labels      (M,) int64 class index 0..9 in the devkit's DETECTION_NAMES order (= COCO category_id - 1)
     counts      (N_cam,) int64 boxes of each camera (they sum to M)
@@ -25,13 +29,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.cache import file_lock, read_arrays
 from dataset.NuscenesDataset.labels import CATEGORY_IDS, coco_from_labels, label_arrays
 from utils.collate import collate_detection
-from utils.config import NUMBER_RANGE, TEXT, Rule, list_of, number
+from utils.config import NUMBER_RANGE, TEXT, Rule, list_of, number, one_of
 from utils.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +45,9 @@ MODES = ("train", "val", "test")
 VAL_SPLIT_SEED = 0  # fixed, so that the train/val scene split never depends on the run's --seed
 REDUCED_DECODING = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
                     (2, cv2.IMREAD_REDUCED_COLOR_2), (1, cv2.IMREAD_COLOR))  # (scale divisor, cv2 flag)
+# the colour jitter's kernels by v2.ColorJitter's fn_idx numbering, with the name of their drawn factor
+COLOUR_KERNELS = ((F.adjust_brightness, "brightness_factor"), (F.adjust_contrast, "contrast_factor"),
+                  (F.adjust_saturation, "saturation_factor"), (F.adjust_hue, "hue_factor"))
 
 # config/data.json values that every nuScenes loader reads (keys within data.<app_mode>), checked before work starts
 COMMON_RULES = {
@@ -96,23 +105,54 @@ def train_val_scenes(scene_names: list, val_ratio: float) -> tuple:
     return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
 
 
-def build_augmentation(cfg: dict) -> v2.Compose:
-    """Training augmentation of one camera image with its boxes: horizontal flip, photometric jitter, scale and
-    translate jitter; boxes follow the image, are clipped to it and dropped below `min_box_size` input px."""
-    return v2.Compose([
-        v2.RandomHorizontalFlip(cfg["hflip_prob"]),
-        v2.ColorJitter(cfg["brightness"], cfg["contrast"], cfg["saturation"], cfg["hue"]),
-        v2.RandomAffine(degrees=0.0, translate=(cfg["translate"], cfg["translate"]), scale=tuple(cfg["scale"])),
-        v2.ClampBoundingBoxes(),
-        v2.SanitizeBoundingBoxes(min_size=cfg["min_box_size"]),
-    ])
+class Augmentation:
+    """Training augmentation of one camera image and its boxes: horizontal flip, colour jitter (brightness,
+    contrast, saturation, hue in a random order), scale and translate jitter, with torchvision's transforms.v2
+    kernels; boxes follow the image, are clipped to it and dropped below `min_box_size` input px.
+
+    The parameters are drawn first (`draw`, from torch's generator), then applied to the boxes (`boxes`) and to
+    the image (`augment_image`), so that with data.json "decode": "device" the worker transforms the boxes and the
+    main process the image, decoded on the device, with the same parameters and the same code."""
+
+    def __init__(self, cfg: dict):
+        self.flip_prob = cfg["hflip_prob"]
+        self.jitter = v2.ColorJitter(cfg["brightness"], cfg["contrast"], cfg["saturation"], cfg["hue"])
+        self.affine = v2.RandomAffine(degrees=0.0, translate=(cfg["translate"], cfg["translate"]),
+                                      scale=tuple(cfg["scale"]))
+        self.sanitize = v2.Compose([v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=cfg["min_box_size"])])
+
+    def draw(self, boxes: tv_tensors.BoundingBoxes) -> dict:
+        """The parameters of one image's augmentation (its canvas size is the boxes'): flip (bool), jitter (the
+        order fn_idx, a list of 4, and the factors, None where the range is 0) and affine (F.affine's
+        arguments). Plain values: the main process reads nothing from a tensor to apply them."""
+        jitter = self.jitter.make_params([])
+        return {"flip": bool(torch.rand(1) < self.flip_prob), "jitter": {**jitter, "fn_idx": jitter["fn_idx"].tolist()},
+                "affine": self.affine.make_params([boxes])}
+
+    def boxes(self, boxes: tv_tensors.BoundingBoxes, labels: torch.Tensor, params: dict) -> tuple:
+        """(boxes (n, 4) float32 input px, labels (n,)) after the augmentation of `params`."""
+        if params["flip"]:
+            boxes = F.horizontal_flip(boxes)
+        boxes = F.affine(boxes, **params["affine"])
+        out = self.sanitize({"boxes": boxes, "labels": labels})
+        return out["boxes"].as_subclass(torch.Tensor), out["labels"]
 
 
-def read_image(path: str, size: tuple, full_size: tuple) -> torch.Tensor:
-    """Decode the JPEG at `path`, of full_size = (W, H) px, resized to size = (W, H): (3, H, W) uint8 RGB.
+def augment_image(image: torch.Tensor, params: dict) -> torch.Tensor:
+    """(3, H, W) uint8 image, on any device, after the augmentation of `params` (Augmentation.draw): flip, the
+    colour jitter in its drawn order, then the affine (nearest-pixel sampling, black outside)."""
+    if params["flip"]:
+        image = F.horizontal_flip(image)
+    jitter = params["jitter"]
+    for fn_id in jitter["fn_idx"]:
+        kernel, factor = COLOUR_KERNELS[fn_id]
+        if jitter[factor] is not None:
+            image = kernel(image, jitter[factor])
+    return F.affine(image, **params["affine"], interpolation=v2.InterpolationMode.NEAREST, fill=0)
 
-    libjpeg's DCT scaling decodes at 1/8, 1/4 or 1/2 of full size, whichever is the smallest still at least
-    `size`, so that little is decoded only to be thrown away by the resize."""
+
+def read_jpeg(path: str) -> bytes:
+    """The bytes of the JPEG file at `path`; a missing, unreadable or truncated file is a one-line error."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -121,6 +161,15 @@ def read_image(path: str, size: tuple, full_size: tuple) -> torch.Tensor:
     if not data.rstrip(b"\0").endswith(b"\xff\xd9"):  # libjpeg would return a silently grey-padded image
         raise UserError(f"cannot read image {path} (not a complete JPEG file): restore the file or regenerate "
                         f"the dataset")
+    return data
+
+
+def read_image(path: str, size: tuple, full_size: tuple) -> torch.Tensor:
+    """Decode the JPEG at `path`, of full_size = (W, H) px, resized to size = (W, H): (3, H, W) uint8 RGB.
+
+    libjpeg's DCT scaling decodes at 1/8, 1/4 or 1/2 of full size, whichever is the smallest still at least
+    `size`, so that little is decoded only to be thrown away by the resize."""
+    data = read_jpeg(path)
     factor, flag = next((f, flag) for f, flag in REDUCED_DECODING
                         if full_size[0] // f >= size[0] and full_size[1] // f >= size[1])
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
@@ -132,17 +181,36 @@ def read_image(path: str, size: tuple, full_size: tuple) -> torch.Tensor:
     return torch.from_numpy(cv2.cvtColor(image, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
 
 
+def images_on_device(batch: dict, size: tuple, device: torch.device) -> torch.Tensor:
+    """The (B, N_cam, 3, H, W) uint8 images of a batch of decode "device" items, made on `device`: the JPEGs
+    decoded there (torchvision.io.decode_jpeg: nvJPEG on CUDA, libjpeg-turbo on the CPU), resized to size =
+    (W, H) (antialiased bilinear from full size) and augmented with the parameters the workers drew."""
+    width, height = size
+    decoded = decode_jpeg(batch["jpegs"], mode=ImageReadMode.RGB, device=device)
+    images = [F.resize(image, [height, width], antialias=True) for image in decoded]
+    images = [image if params is None else augment_image(image, params)
+              for image, params in zip(images, batch["augmentation"], strict=True)]
+    return torch.stack(images).view(*batch["counts"].shape, 3, height, width)
+
+
+def one_opencv_thread(worker_id: int) -> None:
+    """DataLoader workers' worker_init_fn: OpenCV decodes and resizes on one thread per worker (the workers are the
+    parallelism; OpenCV's own pool, as many threads as cores in every worker, would oversubscribe the cores)."""
+    cv2.setNumThreads(1)
+
+
 class DatasetLoader(Dataset):
     """Samples of one mode: train and val split the training scenes by --val_ratio, test is the official
     validation split (mini_val on v1.0-mini).
 
     args: the merged configuration dict; this reads args["app_mode"], args["dataset_dir"] (None: data.json's),
     args["val_ratio"], args["bool_apply_img_aug"] and args["data"][app_mode] (config/data.json).
-    dtype: the images' dtype. world_size and rank are the original's signature; under DDP the sampler shards.
+    world_size and rank are the original's signature; under DDP the sampler shards.
     """
 
     class_names = list(CATEGORY_IDS)  # label index -> detection class name
     collate_fn = staticmethod(collate_detection)
+    worker_init_fn = staticmethod(one_opencv_thread)
     config_rules = {  # see helper.check_config
         **COMMON_RULES,
         "data.label_cache_dir": TEXT,
@@ -155,13 +223,14 @@ class DatasetLoader(Dataset):
                                         "[low, high] with 0 < low < high"),
         "data.augmentation.translate": number(0, 1),
         "data.augmentation.min_box_size": number(0),
+        "data.decode": one_of("cpu", "device"),
     }
 
-    def __init__(self, args: dict, dtype=torch.float32, world_size: int = 1, rank: int = 0, mode: str = "train"):
+    def __init__(self, args: dict, world_size: int = 1, rank: int = 0, mode: str = "train"):
         if mode not in MODES:
             raise UserError(f"mode '{mode}': choose one of {', '.join(MODES)}")
         cfg = args["data"][args["app_mode"]]
-        self.dtype, self.mode = dtype, mode
+        self.mode = mode
         version = cfg["version"]
         if version not in cfg["splits"]:
             raise UserError(f"version '{version}' has no entry in 'splits' of config/data.json "
@@ -195,16 +264,9 @@ class DatasetLoader(Dataset):
         self.labels = (labels["box_category"][selected] - 1).astype(np.int64)  # (M,) class index 0..9
 
         self.input_size = (cfg["image"]["w"], cfg["image"]["h"])
-        # normalized = pixel * scale + bias = (pixel / 255 - mean) / std, one fused op per image
-        std = torch.tensor(cfg["normalize"]["std"]).view(3, 1, 1)
-        self.scale = 1.0 / (255.0 * std)
-        self.bias = -torch.tensor(cfg["normalize"]["mean"]).view(3, 1, 1) / std
         augment = mode == "train" and bool(args["bool_apply_img_aug"])
-        self.augmentation = build_augmentation(cfg["augmentation"]) if augment else None
-
-    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
-        """Items' images (..., 3, H, W) back to uint8 RGB, for drawing."""
-        return ((images.float() - self.bias) / self.scale).round().clamp(0, 255).to(torch.uint8)
+        self.augmentation = Augmentation(cfg["augmentation"]) if augment else None
+        self.decode = cfg["decode"]  # "cpu": workers decode and augment the images; "device": images_on_device
 
     @staticmethod
     def sample_images(labels: dict, selected: np.ndarray, cameras: list) -> np.ndarray:
@@ -246,27 +308,32 @@ class DatasetLoader(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         width, height = self.input_size
-        images, boxes, labels, counts = [], [], [], []
+        images, boxes, labels, counts, augmentation = [], [], [], [], []
         num_cameras = self.image_files.shape[1]
         for camera in range(num_cameras):
             k = index * num_cameras + camera  # the image's position among the dataset's images
             full_width, full_height = self.image_sizes[index, camera].tolist()
-            pixels = read_image(os.path.join(self.dataroot, self.image_files[index, camera].decode()),
-                                self.input_size, (full_width, full_height))
+            path = os.path.join(self.dataroot, self.image_files[index, camera].decode())
             scale = np.array([width / full_width, height / full_height] * 2, dtype=np.float32)
             image_boxes = torch.from_numpy(self.boxes[self.box_start[k]:self.box_start[k + 1]] * scale)
             image_labels = torch.from_numpy(self.labels[self.box_start[k]:self.box_start[k + 1]])
+            params = None
             if self.augmentation is not None:
-                out = self.augmentation({
-                    "image": tv_tensors.Image(pixels),
-                    "boxes": tv_tensors.BoundingBoxes(image_boxes, format="XYXY", canvas_size=(height, width)),
-                    "labels": image_labels})
-                pixels, image_boxes, image_labels = out["image"], out["boxes"].as_subclass(torch.Tensor), out["labels"]
-            images.append(torch.addcmul(self.bias, pixels.float(), self.scale).to(self.dtype))
+                image_boxes = tv_tensors.BoundingBoxes(image_boxes, format="XYXY", canvas_size=(height, width))
+                params = self.augmentation.draw(image_boxes)
+                image_boxes, image_labels = self.augmentation.boxes(image_boxes, image_labels, params)
+            if self.decode == "device":
+                images.append(torch.frombuffer(bytearray(read_jpeg(path)), dtype=torch.uint8))
+                augmentation.append(params)
+            else:
+                pixels = read_image(path, self.input_size, (full_width, full_height))
+                images.append(pixels if params is None else augment_image(pixels, params))
             boxes.append(image_boxes)
             labels.append(image_labels)
             counts.append(len(image_labels))
-        return {"images": torch.stack(images), "boxes": torch.cat(boxes).float(), "labels": torch.cat(labels),
+        pixels = ({"jpegs": images, "augmentation": augmentation} if self.decode == "device"
+                  else {"images": torch.stack(images)})
+        return {**pixels, "boxes": torch.cat(boxes).float(), "labels": torch.cat(labels),
                 "counts": torch.tensor(counts, dtype=torch.int64),
                 "image_ids": torch.from_numpy(self.image_ids[index * num_cameras:(index + 1) * num_cameras]),
                 "orig_sizes": torch.from_numpy(self.image_sizes[index].astype(np.int64))}

@@ -14,7 +14,8 @@ the grid. The grid (data.json "bev") covers x in x_range_m and y in y_range_m wi
 the far front (x max), column 0 the far left (y max), so that drawn as an image the ego car faces up.
 
 An item is a dict:
-    images       (N_cam, 3, H, W) `dtype`, normalized with data.json "normalize"; (H, W) = data.json "image"
+    images       (N_cam, 3, H, W) uint8 RGB; (H, W) = data.json "image" (the model normalizes them on its
+                 device with data.json "normalize": workers send a quarter of float32's bytes)
     projections  (N_cam, 3, 4) float32: [u*d, v*d, d] = P @ [x, y, z, 1] maps a point of the BEV frame (m) to input
                  pixel (u, v) at depth d (m) in front of the camera; pixel i covers [i, i + 1)
     target       (C, X, Y) float32 in {0, 1}: occupancy of class c in the cell at row i, column j
@@ -39,6 +40,7 @@ from dataset.NuscenesDataset.labels import check_dataroot, load_nuscenes, split_
 from dataset.NuscenesDataset.loader_2d_obj_det import (
     COMMON_RULES,
     MODES,
+    one_opencv_thread,
     project_path,
     read_image,
     resolve_dataroot,
@@ -147,8 +149,9 @@ class DatasetLoader(Dataset):
 
     args: the merged configuration dict; this reads args["app_mode"], args["dataset_dir"] (None: data.json's),
     args["val_ratio"], args["bool_apply_img_aug"] and args["data"][app_mode] (config/data.json).
-    dtype: the images' dtype. world_size and rank: the platform's signature; under DDP the sampler shards."""
+    world_size and rank: the platform's signature; under DDP the sampler shards."""
 
+    worker_init_fn = staticmethod(one_opencv_thread)
     config_rules = {  # see helper.check_config
         **COMMON_RULES,
         "data.ego_pose_channel": TEXT,
@@ -164,11 +167,11 @@ class DatasetLoader(Dataset):
                                   'a list of one or more of the visibility tokens "", "1", "2", "3", "4"'),
     }
 
-    def __init__(self, args: dict, dtype=torch.float32, world_size: int = 1, rank: int = 0, mode: str = "train"):
+    def __init__(self, args: dict, world_size: int = 1, rank: int = 0, mode: str = "train"):
         if mode not in MODES:
             raise UserError(f"mode '{mode}': choose one of {', '.join(MODES)}")
         cfg = args["data"][args["app_mode"]]
-        self.dtype, self.cameras = dtype, cfg["cameras"]
+        self.cameras = cfg["cameras"]
         self.dataroot = resolve_dataroot(args, cfg)
         version = cfg["version"]
         if version not in cfg["splits"]:
@@ -208,9 +211,6 @@ class DatasetLoader(Dataset):
             raise UserError(f"image {missing[0]} is missing ({len(missing)} images are): restore the dataset folder "
                             f"or regenerate it")
 
-        std = torch.tensor(cfg["normalize"]["std"]).view(3, 1, 1)
-        self.scale = 1.0 / (255.0 * std)  # normalized = pixel * scale + bias = (pixel / 255 - mean) / std
-        self.bias = -torch.tensor(cfg["normalize"]["mean"]).view(3, 1, 1) / std
         jitter = cfg["augmentation"]
         # photometric only: a geometric change of an image would have to move its projection matrix with it
         self.augmentation = (v2.ColorJitter(jitter["brightness"], jitter["contrast"], jitter["saturation"],
@@ -242,10 +242,6 @@ class DatasetLoader(Dataset):
             target[class_index, row_start:row_stop, col_start:col_stop] += inside
         return torch.from_numpy(np.minimum(target, 1.0))
 
-    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
-        """Items' images (..., 3, H, W) back to uint8 RGB, for drawing."""
-        return ((images.float() - self.bias) / self.scale).round().clamp(0, 255).to(torch.uint8)
-
     def __len__(self) -> int:
         return len(self.sample_tokens)
 
@@ -255,6 +251,6 @@ class DatasetLoader(Dataset):
             pixels = read_image(os.path.join(self.dataroot, name.decode()), self.input_size, tuple(full_size))
             if self.augmentation is not None:
                 pixels = self.augmentation(pixels)
-            images.append(torch.addcmul(self.bias, pixels.float(), self.scale).to(self.dtype))
+            images.append(pixels)
         return {"images": torch.stack(images), "projections": self.projections[index],
                 "target": self.rasterize(index), "index": torch.tensor(index)}

@@ -30,6 +30,7 @@ from torchvision.ops import FeaturePyramidNetwork
 
 from models.Yolo.yolo import build_backbone
 from utils.errors import UserError
+from utils.normalize import NormalizeImages
 
 MIN_DEPTH_M = 0.1  # points closer to a camera's image plane than this are treated as behind it
 PRIOR_PROBABILITY = 0.02  # initial occupancy probability: vehicles cover a few percent of the grid
@@ -55,9 +56,11 @@ class ResidualBlock(nn.Module):
 
 class LiftBEV(nn.Module):
     """cfg: the "LiftBEV" section of config/model.json; image_size: input (W, H) px; bev: data.json's "bev"
-    (x_range_m, y_range_m, cell_m); grid: (X, Y) cells; num_classes: C; num_cameras: N_cam (for the summary)."""
+    (x_range_m, y_range_m, cell_m); grid: (X, Y) cells; num_classes: C; num_cameras: N_cam (for the summary);
+    normalize: data.json's "normalize" (mean and std of the images, 0-1 units)."""
 
-    def __init__(self, cfg: dict, image_size: tuple, bev: dict, grid: tuple, num_classes: int, num_cameras: int):
+    def __init__(self, cfg: dict, image_size: tuple, bev: dict, grid: tuple, num_classes: int, num_cameras: int,
+                 normalize: dict):
         super().__init__()
         width, height = image_size
         if width % 32 or height % 32:
@@ -67,6 +70,7 @@ class LiftBEV(nn.Module):
             raise UserError(f"BEV grid {grid[0]}x{grid[1]} cells ('bev' in config/data.json): both must be even, "
                             f"the BEV network works at half resolution")
         self.cfg, self.image_size, self.grid, self.num_cameras = cfg, (width, height), tuple(grid), num_cameras
+        self.normalize = NormalizeImages(normalize["mean"], normalize["std"])
         self.backbone, channels = build_backbone(cfg["backbone"], cfg["pretrained_backbone"], cfg["freeze_batchnorm"])
         self.fpn = FeaturePyramidNetwork(list(channels), cfg["image_channels"])
         heights = cfg["heights_m"]
@@ -111,8 +115,8 @@ class LiftBEV(nn.Module):
         return mean.view(batch, -1, num_heights, *self.grid).flatten(1, 2)  # channels: feature-major, then height
 
     def forward(self, images: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
-        """images (B, N_cam, 3, H, W), projections (B, N_cam, 3, 4) -> logits (B, C, X, Y)."""
-        levels = list(self.fpn(self.backbone(images.flatten(0, 1))).values())  # strides 8, 16, 32
+        """images (B, N_cam, 3, H, W) uint8 RGB, projections (B, N_cam, 3, 4) -> logits (B, C, X, Y)."""
+        levels = list(self.fpn(self.backbone(self.normalize(images.flatten(0, 1)))).values())  # strides 8, 16, 32
         features = levels[0]  # (B * N_cam, F, H / 8, W / 8)
         for level in levels[1:]:
             features = features + F.interpolate(level, size=features.shape[-2:], mode="bilinear", align_corners=False)
@@ -124,12 +128,13 @@ class LiftBEV(nn.Module):
         """Log the parameters of each part and the GFLOPs of one forward pass on one sample."""
         num_cameras = self.num_cameras
         width, height = self.image_size
-        parameters = {name: sum(p.numel() for p in module.parameters()) for name, module in self.named_children()}
+        parameters = {name: sum(p.numel() for p in module.parameters()) for name, module in self.named_children()
+                      if name != "normalize"}
         device = next(self.parameters()).device
         was_training = self.training
         self.eval()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            self(torch.zeros(1, num_cameras, 3, height, width, device=device),
+            self(torch.zeros(1, num_cameras, 3, height, width, dtype=torch.uint8, device=device),
                  torch.zeros(1, num_cameras, 3, 4, device=device))
         self.train(was_training)
         logger.info("LiftBEV (%s backbone) at %dx%d input, %dx%d BEV cells, %d heights:", self.cfg["backbone"], width,

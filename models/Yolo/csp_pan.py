@@ -151,10 +151,11 @@ def decode_distribution(distance_logits: torch.Tensor, points: torch.Tensor, str
 
 class CspPanYolo(DenseDetector):
     """cfg: the "Yolo" section of config/model.json (architecture "csp_pan": backbone "csp" with widths and
-    depths, or a ResNet name; neck_depth); image_size: input (W, H), multiples of 32; num_classes: C."""
+    depths, or a ResNet name; neck_depth); image_size: input (W, H), multiples of 32; num_classes: C; normalize:
+    config/data.json's "normalize"."""
 
-    def __init__(self, cfg: dict, image_size: tuple, num_classes: int):
-        super().__init__(cfg, image_size, num_classes)
+    def __init__(self, cfg: dict, image_size: tuple, num_classes: int, normalize: dict):
+        super().__init__(cfg, image_size, num_classes, normalize)
         width, height = self.image_size
         if cfg["backbone"] == "csp":
             self.backbone = CSPBackbone(cfg["widths"], cfg["depths"])
@@ -173,9 +174,10 @@ class CspPanYolo(DenseDetector):
             freeze_batchnorm(self)
 
     def forward(self, images: torch.Tensor) -> dict:
-        """images (B, N_cam, 3, H, W) -> over the I = B * N_cam images and P points: class_logits (I, P, C);
-        distance_logits (I, P, 4, REG_MAX); boxes (I, P, 4) x1 y1 x2 y2 in input px; points (P, 2); strides (P,)."""
-        features = self.neck(self.backbone(images.flatten(0, 1)))
+        """images (B, N_cam, 3, H, W) uint8 RGB -> over the I = B * N_cam images and P points: class_logits (I, P,
+        C); distance_logits (I, P, 4, REG_MAX); boxes (I, P, 4) x1 y1 x2 y2 in input px; points (P, 2); strides
+        (P,)."""
+        features = self.neck(self.backbone(self.normalize(images.flatten(0, 1))))
         distance_logits, class_logits = zip(*(head(feature) for head, feature in zip(self.heads, features,
                                                                                      strict=True)), strict=True)
         points, strides = point_grid(features, STRIDES)

@@ -25,6 +25,7 @@ from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 
 from utils.boxes import decode_ltrb, postprocess_detections
 from utils.errors import UserError
+from utils.normalize import NormalizeImages
 
 # name: (constructor, ImageNet weights, channels of layer2, layer3, layer4)
 BACKBONES = {
@@ -101,16 +102,18 @@ def point_grid(features: list, strides: tuple) -> tuple:
 
 class DenseDetector(nn.Module):
     """What every Yolo architecture shares: the input size check, detection (predict) from the architecture's
-    boxes and scores, and the model summary. An architecture sets cfg, image_size, num_classes and defines forward
-    (returning at least boxes (I, P, 4) in input px) and scores(outputs) -> (I, P, C) in [0, 1]."""
+    boxes and scores, the images' normalization and the model summary. An architecture sets cfg, image_size,
+    num_classes and defines forward (uint8 images in; returning at least boxes (I, P, 4) in input px) and
+    scores(outputs) -> (I, P, C) in [0, 1]. normalize: config/data.json's "normalize" (mean and std, 0-1 units)."""
 
-    def __init__(self, cfg: dict, image_size: tuple, num_classes: int):
+    def __init__(self, cfg: dict, image_size: tuple, num_classes: int, normalize: dict):
         super().__init__()
         width, height = image_size
         if width % 32 or height % 32:
             raise UserError(f"input size {width}x{height} ('image' in config/data.json): width and height must be "
                             f"multiples of 32, the coarsest stride")
         self.cfg, self.image_size, self.num_classes = cfg, (width, height), num_classes
+        self.normalize = NormalizeImages(normalize["mean"], normalize["std"])
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict:
@@ -124,11 +127,12 @@ class DenseDetector(nn.Module):
     def print_model_summary(self) -> None:
         """Log the parameters of each part and the GFLOPs of one forward pass on one image at the input size."""
         width, height = self.image_size
-        parameters = {name: sum(p.numel() for p in module.parameters()) for name, module in self.named_children()}
+        parameters = {name: sum(p.numel() for p in module.parameters()) for name, module in self.named_children()
+                      if name != "normalize"}
         was_training = self.training
         self.eval()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            self(torch.zeros(1, 1, 3, height, width, device=next(self.parameters()).device))
+            self(torch.zeros(1, 1, 3, height, width, dtype=torch.uint8, device=next(self.parameters()).device))
         self.train(was_training)
         logger.info("Yolo (%s architecture, %s backbone) at %dx%d input:", self.cfg["architecture"],
                     self.cfg["backbone"], width, height)
@@ -140,19 +144,19 @@ class DenseDetector(nn.Module):
 
 class Yolo(DenseDetector):
     """The "resnet_fpn" architecture (config/model.json "architecture"): cfg: the "Yolo" section of
-    config/model.json; image_size: input (W, H) in px; num_classes: C."""
+    config/model.json; image_size: input (W, H) in px; num_classes: C; normalize: data.json's "normalize"."""
 
-    def __init__(self, cfg: dict, image_size: tuple, num_classes: int):
-        super().__init__(cfg, image_size, num_classes)
+    def __init__(self, cfg: dict, image_size: tuple, num_classes: int, normalize: dict):
+        super().__init__(cfg, image_size, num_classes, normalize)
         self.backbone, channels = build_backbone(cfg["backbone"], cfg["pretrained_backbone"], cfg["freeze_batchnorm"])
         self.fpn = FeaturePyramidNetwork(list(channels), cfg["fpn_channels"])
         self.head = DetectionHead(cfg["fpn_channels"], num_classes, cfg["head_convs"], len(STRIDES))
 
     def forward(self, images: torch.Tensor) -> dict:
-        """images (B, N_cam, 3, H, W) -> dict over the I = B * N_cam images and P points of all levels:
+        """images (B, N_cam, 3, H, W) uint8 RGB -> dict over the I = B * N_cam images and P points of all levels:
             class_logits (I, P, C); objectness (I, P) logits; box_deltas (I, P, 4) raw;
             boxes (I, P, 4) x1 y1 x2 y2 in input px; points (P, 2) point centres in input px; strides (P,)."""
-        features = list(self.fpn(self.backbone(images.flatten(0, 1))).values())  # strides 8, 16, 32
+        features = list(self.fpn(self.backbone(self.normalize(images.flatten(0, 1)))).values())  # strides 8, 16, 32
         class_logits, box_deltas, objectness = zip(*(self.head(feature, level)
                                                      for level, feature in enumerate(features)), strict=True)
         points, strides = point_grid(features, STRIDES)
