@@ -9,10 +9,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from torch.utils.data import DataLoader
 
 from dataset.NuscenesDataset import cache, labels
-from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
+from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader, images_on_device
 from tests.conftest import PROJECT_ROOT
 from utils.collate import collate_detection
 from utils.errors import UserError, one_line
@@ -96,6 +97,11 @@ def test_unreadable_image_file(dataset_copy, make_args):
     with pytest.raises(UserError) as raised:  # re-raised by the DataLoader with the worker's traceback
         next(iter(loader))
     assert one_line(raised.value).startswith(f"cannot read image {path}")
+    # data.json "decode": "device": a complete file that the device's decoder cannot read is named the same way
+    device_decoded = DatasetLoader(make_args(dataset_copy, data={"decode": "device"}), mode="test")
+    batch = collate_detection([device_decoded[0]])
+    with pytest.raises(UserError, match=f"cannot read image {re.escape(path)} .*JPEG"):
+        images_on_device(batch, device_decoded.input_size, torch.device("cpu"))
 
 
 def test_corrupt_cache_file(embedded_dir, tmp_path):

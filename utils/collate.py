@@ -24,8 +24,8 @@ def collate_detection(items: list) -> dict:
 
     In: B dicts with images (N_cam, 3, H, W), boxes (M_b, 4), labels (M_b,), counts (N_cam,), image_ids (N_cam,),
     orig_sizes (N_cam, 2).
-    Out: images (B, N_cam, 3, H, W) (items with jpegs and augmentation instead: those, as flat lists over the
-    I = B * N_cam images); boxes (T, 4) and labels (T,), all boxes of the batch; box_image_index (T,),
+    Out: images (B, N_cam, 3, H, W) (items with jpegs, jpeg_paths and augmentation instead: those, as flat lists
+    over the I = B * N_cam images); boxes (T, 4) and labels (T,), all boxes of the batch; box_image_index (T,),
     the index of each box's image among the I = B * N_cam images with the cameras folded into the batch
     (b * N_cam + camera); the same boxes padded per image (padded_targets: target_boxes (I, M, 4), target_labels
     (I, M), target_valid (I, M)); counts (B, N_cam); image_ids (B, N_cam); orig_sizes (B, N_cam, 2).
@@ -35,8 +35,8 @@ def collate_detection(items: list) -> dict:
     labels = torch.cat([item["labels"] for item in items])
     box_image_index = torch.repeat_interleave(torch.arange(counts.numel()), counts.flatten())
     if "jpegs" in items[0]:  # decode "device": the files and augmentation parameters, flat over the I images
-        pixels = {"jpegs": [jpeg for item in items for jpeg in item["jpegs"]],
-                  "augmentation": [params for item in items for params in item["augmentation"]]}
+        pixels = {key: [value for item in items for value in item[key]]
+                  for key in ("jpegs", "jpeg_paths", "augmentation")}
     else:
         pixels = {"images": torch.stack([item["images"] for item in items])}
     return {

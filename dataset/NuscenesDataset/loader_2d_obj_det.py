@@ -7,9 +7,9 @@ size of config/data.json.
 An item is a dict:
     images      (N_cam, 3, H, W) uint8 RGB; (H, W) = data.json "image" (the model normalizes them on its
                  device with data.json "normalize": workers send a quarter of float32's bytes). With data.json
-                 "decode": "device", instead: jpegs, a list of N_cam (bytes,) uint8 JPEG files, and
-                 augmentation, a list of N_cam Augmentation.draw parameters (None without augmentation), from
-                 which images_on_device makes the images on the training device
+                 "decode": "device", instead: jpegs, a list of N_cam (bytes,) uint8 JPEG files, jpeg_paths
+                 (their paths, for errors) and augmentation, a list of N_cam Augmentation.draw parameters (None
+                 without augmentation), from which images_on_device makes the images on the training device
     boxes       (M, 4) float32 x1, y1, x2, y2 in the model's input pixels, the cameras' boxes one after another
     labels      (M,) int64 class index 0..9 in the devkit's DETECTION_NAMES order (= COCO category_id - 1)
     counts      (N_cam,) int64 boxes of each camera (they sum to M)
@@ -186,7 +186,16 @@ def images_on_device(batch: dict, size: tuple, device: torch.device) -> torch.Te
     decoded there (torchvision.io.decode_jpeg: nvJPEG on CUDA, libjpeg-turbo on the CPU), resized to size =
     (W, H) (antialiased bilinear from full size) and augmented with the parameters the workers drew."""
     width, height = size
-    decoded = decode_jpeg(batch["jpegs"], mode=ImageReadMode.RGB, device=device)
+    try:
+        decoded = decode_jpeg(batch["jpegs"], mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # find the file, and say what the workers' decode would say
+        for data, path in zip(batch["jpegs"], batch["jpeg_paths"], strict=True):
+            try:
+                decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+            except RuntimeError:
+                raise UserError(f"cannot read image {path} (not a JPEG file): restore the file or regenerate the "
+                                f"dataset") from None
+        raise
     images = [F.resize(image, [height, width], antialias=True) for image in decoded]
     images = [image if params is None else augment_image(image, params)
               for image, params in zip(images, batch["augmentation"], strict=True)]
@@ -308,7 +317,7 @@ class DatasetLoader(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         width, height = self.input_size
-        images, boxes, labels, counts, augmentation = [], [], [], [], []
+        images, boxes, labels, counts, augmentation, paths = [], [], [], [], [], []
         num_cameras = self.image_files.shape[1]
         for camera in range(num_cameras):
             k = index * num_cameras + camera  # the image's position among the dataset's images
@@ -325,13 +334,14 @@ class DatasetLoader(Dataset):
             if self.decode == "device":
                 images.append(torch.frombuffer(bytearray(read_jpeg(path)), dtype=torch.uint8))
                 augmentation.append(params)
+                paths.append(path)
             else:
                 pixels = read_image(path, self.input_size, (full_width, full_height))
                 images.append(pixels if params is None else augment_image(pixels, params))
             boxes.append(image_boxes)
             labels.append(image_labels)
             counts.append(len(image_labels))
-        pixels = ({"jpegs": images, "augmentation": augmentation} if self.decode == "device"
+        pixels = ({"jpegs": images, "augmentation": augmentation, "jpeg_paths": paths} if self.decode == "device"
                   else {"images": torch.stack(images)})
         return {**pixels, "boxes": torch.cat(boxes).float(), "labels": torch.cat(labels),
                 "counts": torch.tensor(counts, dtype=torch.int64),
