@@ -103,7 +103,7 @@ def build_parser(description: str = "Train a model (DSTorch).") -> argparse.Argu
              "the CPU cores it may use, less one for itself (the cores / torchrun's processes per node - 1)")
     add("--bool_apply_img_aug", type=flag, default=1, help="training augmentation: flip, colour, scale, translate")
     # schedule and checkpoints
-    add("--num_epochs", type=positive_int, default=10, help="epochs to train (may be raised when resuming)")
+    add("--num_epochs", type=positive_int, default=14, help="epochs to train (may be raised when resuming)")
     add("--valid_step", type=positive_int, default=1, help="evaluate on the val split every this many epochs")
     add("--save_every", type=positive_int, default=5, help="keep a numbered checkpoint every this many epochs")
     add("--max_num_chkpts", type=positive_int, default=3, help="numbered checkpoints kept (oldest deleted first)")

@@ -18,7 +18,7 @@ command again to go on. --contenders, --seeds and --budgets choose a part of the
 Protocol:
 - Data: an embedded nuScenes set of --samples_per_scene keyframes per scene (generated once into --work_dir);
   train on the train split of mini_train as train.py splits it, sweep on its val split, score on mini_val;
-  input 320x192 (config/data.json; YOLOv8n: imgsz 320, letterboxed), all 6 cameras.
+  input 320x192 (INPUT_SIZE; YOLOv8n: imgsz 320, letterboxed), all 6 cameras.
 - Compute: the same torch threads (--threads, all cores by default) for everyone. DSTorch, FCOS and RetinaNet
   read through DSTorch's loader with --num_cores worker(s); Ultralytics with cache='ram' (it forces workers=0 on the
   CPU). Each run logs its optimizer steps and training images/s.
@@ -87,11 +87,13 @@ RECIPES = {**{name: {"lr": 3e-3, "warmup": 0.15} for name in DSTORCH_VARIANTS},
 WARMUP_STEPS, CALIBRATION_STEPS = 2, 10
 REPLAN_FROM, REPLAN_AT, FULL_BUDGET = 0.05, (0.1, 0.3, 0.5, 0.7, 0.9), 0.95
 SCORE_THRESHOLD, MAX_DETECTIONS = 0.001, 100
+INPUT_SIZE = (320, 192)  # W, H px: the protocol's, whatever config/data.json's default (the quick start's) is
 METRICS = ("mAP", "AP50", "AP_small", "AP_medium", "AP_large")
 
 
 def bench_args(dataroot: Path, work_dir: Path, extra: list) -> dict:
     flags = ["--dataset_dir", str(dataroot), "--cfg", f"data.2DObjDet.label_cache_dir={work_dir / 'labels'}",
+             "--cfg", f"data.2DObjDet.image.w={INPUT_SIZE[0]}", "--cfg", f"data.2DObjDet.image.h={INPUT_SIZE[1]}",
              "--cfg", f"model.Yolo.postprocess.score_threshold={SCORE_THRESHOLD}",
              "--cfg", f"model.Yolo.postprocess.max_detections={MAX_DETECTIONS}", *extra]
     return platform_args(flags)

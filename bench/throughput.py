@@ -1,25 +1,32 @@
 """Throughput of the 2D detection data path and training step, stage by stage, from nuScenes' 1600x900 JPEGs at
-two input sizes (320x192, the default, and 640x352), in one run:
+two input sizes (320x192, the default, and 640x352), the path before issue 16 beside today's, in one run:
 
     python -m bench.throughput [--samples_per_scene 2] [--workers 2] [--steps 8] [--device cpu|cuda]
                                [--sizes 320x192,640x352] [--jpeg_size 1600x900]
 
-Per input size, images/s of:
+Per input size, images/s of, on one core (what one DataLoader worker does):
   1. read       the JPEG files' bytes (page cache warm: after one pass);
-  2. decode     read_image: reduced-scale libjpeg decode (1/2, 1/4, 1/8) and resize, one thread;
-  3. augment    the training augmentation (flip, colour jitter, affine, boxes) of the decoded uint8 images;
-  4. item       DatasetLoader.__getitem__ with augmentation (1-3, labels, boxes), one thread;
-  5. loader     the training DataLoader as train.py builds it (helper.load_datasetloader: --workers persistent
-                workers, seeded items, collate), with its bytes per batch (uint8 images);
-  6. copy       the batch's images to --device (pinned memory on CUDA);
-  7. step       Solver.train + learning_rate_step on one fixed batch on --device (no loading), and the host reads
-                per step (utils.host_reads: each one a stall of the CUDA stream);
-  8. fed        training fed by the loader, as train.py runs it.
+  2. decode     read_image: reduced-scale libjpeg decode (1/2, 1/4, 1/8) and resize;
+  3. augment    the training augmentation (flip, colour jitter, affine, boxes) of the decoded uint8 images: before,
+                with transforms.v2's tensor kernels (augment_image, still the "decode": "device" path's); now, with
+                OpenCV's (augment_array, the workers');
+  4. item       a training item: before, decode, transforms.v2 augmentation and float32 normalization of each image
+                (the loader's work before issue 16, rebuilt here from today's functions); now,
+                DatasetLoader.__getitem__ (uint8, OpenCV augmentation);
+  5. collate    the loader's collate_fn on batches of --batch_size items;
+and with --workers workers and the --device:
+  6. loader     the training DataLoader as train.py builds it (helper.load_datasetloader: persistent workers,
+                seeded items, collate), with its bytes per batch (uint8 images; float32 before: 4 times as many);
+  7. copy       the batch's images to --device (pinned memory on CUDA);
+  8. step       Solver.train + learning_rate_step on one fixed batch on --device (no loading), the host reads per
+                step (utils.host_reads: each one a stall of the CUDA stream), and on CUDA the share of the step's
+                time the GPU is busy (torch.profiler's kernel and copy intervals, their union over wall time);
+  9. fed        training fed by the loader, as train.py runs it.
 Then the ratio the loader delivers over what the step consumes, and with data.json "decode": "device" (dev:) the
 loader's images/s (the workers read the files and draw the augmentation) and images_on_device's on --device.
-On a GPU server, run it with --device cuda and --workers set to the cores per GPU less one: stage 4 is per core,
-stage 5 with those workers. The database is an embedded one at --jpeg_size (--samples_per_scene keyframes of 10
-scenes), generated in a temporary folder.
+On a GPU server, run it with --device cuda and --workers set to the cores per GPU less one: stages 1-5 are per
+core, stage 6 with those workers. The database is an embedded one at --jpeg_size (--samples_per_scene keyframes of
+10 scenes), generated in a temporary folder.
 """
 
 import argparse
@@ -29,11 +36,14 @@ import time
 
 import cv2
 import torch
+from torch.autograd import DeviceType
 from torchvision import tv_tensors
 
+from bench.ddp import union_length
+from bench.loader import cycle
 from bench.model import platform_args
 from dataset.NuscenesDataset import synthetic
-from dataset.NuscenesDataset.loader_2d_obj_det import augment_image, images_on_device, read_image
+from dataset.NuscenesDataset.loader_2d_obj_det import augment_array, augment_image, images_on_device, read_image
 from helper import load_datasetloader, load_solver
 from utils.host_reads import HostReadCounter
 
@@ -45,11 +55,13 @@ def rate(count: int, work) -> float:
     return count / (time.perf_counter() - start)
 
 
-def stage_rates(dataset) -> dict:
-    """Images/s of stages 1-4 over every image of `dataset` (its augmentation on), one thread."""
+def stage_rates(dataset, normalize: dict, batch_size: int) -> dict:
+    """Images/s of stages 1-5 over every image of `dataset` (its augmentation on), one thread; `normalize`:
+    data.json's mean and std, which the loader applied before issue 16 and the model applies today."""
     paths = [os.path.join(dataset.dataroot, name.decode()) for name in dataset.image_files.reshape(-1)]
     sizes = [tuple(size) for size in dataset.image_sizes.reshape(-1, 2).tolist()]
     width, height = dataset.input_size
+    mean, std = (torch.tensor(normalize[key]).view(3, 1, 1) for key in ("mean", "std"))
 
     def read_all():
         for path in paths:
@@ -64,14 +76,27 @@ def stage_rates(dataset) -> dict:
     boxes = tv_tensors.BoundingBoxes(torch.tensor([[10.0, 10.0, 60.0, 50.0]] * 8), format="XYXY",
                                      canvas_size=(height, width))
     labels = torch.zeros(8, dtype=torch.int64)
+    arrays = [image.permute(1, 2, 0).contiguous().numpy() for image in decoded]
 
-    def augment(image):
+    def augmentation():
         params = dataset.augmentation.draw(boxes)
         dataset.augmentation.boxes(boxes, labels, params)
-        return augment_image(image, params)
+        return params
 
-    rates["augment"] = rate(len(decoded), lambda: [augment(image) for image in decoded])
-    rates["item"] = rate(len(paths), lambda: [dataset[index] for index in range(len(dataset))])
+    def item_before(path, size):
+        image = augment_image(read_image(path, dataset.input_size, size), augmentation())
+        return (image.float() / 255 - mean) / std
+
+    rates["augment_before"] = rate(len(decoded), lambda: [augment_image(image, augmentation()) for image in decoded])
+    rates["augment"] = rate(len(arrays), lambda: [augment_array(array, augmentation()) for array in arrays])
+    rates["item_before"] = rate(len(paths), lambda: [item_before(path, size)
+                                                     for path, size in zip(paths, sizes, strict=True)])
+    items = []
+    rates["item"] = rate(len(paths), lambda: items.extend(dataset[index] for index in range(len(dataset))))
+    batches = [items[start:start + batch_size] for start in range(0, len(items) - batch_size + 1, batch_size)]
+    cameras = dataset.image_files.shape[1]
+    rates["collate"] = rate(len(batches) * batch_size * cameras,
+                            lambda: [dataset.collate_fn(batch) for batch in batches])
     return rates
 
 
@@ -80,8 +105,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def device_busy_seconds(work, device: torch.device) -> float:
+    """Seconds within work() in which `device` runs a kernel or a copy: the union of the intervals torch.profiler
+    records on it (the profiler slows the host, not the kernels: divide by an unprofiled run's time)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        work()
+    device_type = DeviceType.CUDA if device.type == "cuda" else DeviceType.CPU
+    return union_length([(event.time_range.start, event.time_range.end) for event in profile.events()
+                         if event.device_type == device_type]) / 1e6  # profiler times are in us
+
+
 def training_rates(args: dict, device: torch.device, steps: int) -> dict:
-    """Images/s of stages 5-8 and the host reads per step, with train.py's loader and Solver."""
+    """Images/s of stages 6-9, the host reads per step and on CUDA the GPU's busy share of a step, with train.py's
+    loader and Solver."""
     dataset, loader = load_datasetloader(args, 1, 0, "train")
     solver = load_solver(args, device=device, class_names=dataset.class_names, steps_per_epoch=steps + 2)
     solver.mode_selection(True)
@@ -112,6 +151,10 @@ def training_rates(args: dict, device: torch.device, steps: int) -> dict:
         solver.learning_rate_step()
     rates["host_reads"] = reads.total
     rates["step"] = rate(steps * images_per_batch, lambda: train(lambda: batch))
+    rates["gpu_busy"] = None
+    if device.type == "cuda":
+        busy_s = device_busy_seconds(lambda: train(lambda: batch), device)
+        rates["gpu_busy"] = min(1.0, busy_s / (steps * images_per_batch / rates["step"]))
     rates["fed"] = rate(steps * images_per_batch, lambda: train(lambda: next(batches)))
     return rates
 
@@ -145,11 +188,6 @@ def sizes(text: str) -> list:
         raise argparse.ArgumentTypeError(f"{text!r}: sizes are WxH in px, separated by commas") from None
 
 
-def cycle(loader):
-    while True:
-        yield from loader
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples_per_scene", type=int, default=2, help="keyframes per scene of the database")
@@ -168,9 +206,9 @@ def main(argv=None) -> None:
         synthetic.generate(dataroot, samples_per_scene=options.samples_per_scene, width=jpeg_width,
                            height=jpeg_height)
         print(f"{jpeg_width}x{jpeg_height} JPEGs, batch {options.batch_size} x 6 cameras, {options.workers} workers, "
-              f"training on {device} with {torch.get_num_threads()} threads; images/s per stage")
-        print(f"{'input':>8}{'read':>8}{'decode':>8}{'augment':>8}{'item':>8}{'loader':>8}{'MB/batch':>9}"
-              f"{'copy':>8}{'step':>8}{'fed':>8}{'reads/step':>11}{'loader/step':>12}"
+              f"training on {device} with {torch.get_num_threads()} threads; images/s per stage, before -> now")
+        print(f"{'input':>9}{'read':>8}{'decode':>8}{'augment':>15}{'item':>13}{'collate':>9}{'loader':>8}"
+              f"{'MB/batch':>12}{'copy':>7}{'step':>7}{'busy':>6}{'fed':>7}{'reads/step':>11}{'loader/step':>12}"
               f"{'dev:loader':>11}{'dev:decode':>11}")
         for width, height in options.sizes:
             args = platform_args(["--dataset_dir", dataroot, "--num_cores", str(options.workers), "--batch_size",
@@ -179,15 +217,19 @@ def main(argv=None) -> None:
                                   "--cfg", f"data.2DObjDet.image.w={width}",
                                   "--cfg", f"data.2DObjDet.image.h={height}"])
             dataset, _ = load_datasetloader(args, 1, 0, "train")
-            torch.set_num_threads(1)  # stages 1-4: what one worker does
-            stages = stage_rates(dataset)
+            torch.set_num_threads(1)  # stages 1-5: what one worker does
+            stages = stage_rates(dataset, args["data"]["2DObjDet"]["normalize"], options.batch_size)
             torch.set_num_threads(threads)
             trained = training_rates(args, device, options.steps)
             on_device = device_decode_rates(args, device, options.steps)
             copy = "-" if trained["copy"] is None else f"{trained['copy']:.0f}"
-            print(f"{width}x{height:<4}{stages['read']:>7.0f}{stages['decode']:>8.1f}{stages['augment']:>8.1f}"
-                  f"{stages['item']:>8.1f}{trained['loader']:>8.1f}{trained['batch_mb']:>9.2f}{copy:>8}"
-                  f"{trained['step']:>8.1f}{trained['fed']:>8.1f}{trained['host_reads']:>11}"
+            busy = "-" if trained["gpu_busy"] is None else f"{trained['gpu_busy']:.0%}"
+            augment = f"{stages['augment_before']:.1f}->{stages['augment']:.1f}"
+            item = f"{stages['item_before']:.1f}->{stages['item']:.1f}"
+            megabytes = f"{4 * trained['batch_mb']:.1f}->{trained['batch_mb']:.1f}"
+            print(f"{width}x{height:<5}{stages['read']:>7.0f}{stages['decode']:>8.1f}{augment:>15}{item:>13}"
+                  f"{stages['collate']:>9.0f}{trained['loader']:>8.1f}{megabytes:>12}{copy:>7}"
+                  f"{trained['step']:>7.1f}{busy:>6}{trained['fed']:>7.1f}{trained['host_reads']:>11}"
                   f"{trained['loader'] / trained['step']:>11.2f}x{on_device['loader']:>11.1f}"
                   f"{on_device['decode']:>11.1f}", flush=True)
 

@@ -43,7 +43,16 @@ def test_throughput_bench(capsys):
                      "--jpeg_size", "192x108"])
     row = capsys.readouterr().out.strip().splitlines()[-1].split()
     assert row[0] == "96x64" and row[-4] == "0" and row[-3].endswith("x")  # 0 host reads per step
+    assert row[8] == row[10] == "-"  # no copy to a device and no GPU busy share on the CPU
+    before, now = (float(rate) for rate in row[3].split("->"))  # augment: transforms.v2, OpenCV
+    assert before > 0 and now > 0
     assert float(row[-2]) > 0 and float(row[-1]) > 0  # decode "device": the loader and the decode
+
+
+def test_device_busy_seconds_of_cpu_work():
+    """The union of the profiler's intervals on the device: on the CPU, the ops' own (nested ops count once)."""
+    seconds = throughput.device_busy_seconds(lambda: torch.ones(512, 512) @ torch.ones(512, 512), torch.device("cpu"))
+    assert 0 < seconds < 5
 
 
 def test_loader_bench(capsys):

@@ -52,10 +52,10 @@ def test_item_contract_and_boxes_in_input_pixels(embedded_dir, make_args):
                 expected.append([x * 0.5, y * 96 / 180, (x + w) * 0.5, (y + h) * 96 / 180, ann["category_id"] - 1])
     got = torch.cat([item["boxes"], item["labels"][:, None].float()], dim=1)
     assert got.numpy() == pytest.approx(np.array(expected, dtype=np.float32).reshape(-1, 5), abs=1e-4)
-    # workers send uint8; the model's first layer normalizes as torchvision's Normalize does on 0-1 floats
+    # workers send uint8; the model's first layer normalizes exactly as the loader's transforms.v2 did before
     normalize = args["data"]["2DObjDet"]["normalize"]
-    expected = v2.Normalize(normalize["mean"], normalize["std"])(item["images"].float() / 255)
-    assert torch.allclose(NormalizeImages(normalize["mean"], normalize["std"])(item["images"]), expected, atol=1e-5)
+    expected = v2.Normalize(normalize["mean"], normalize["std"])(v2.ToDtype(torch.float32, scale=True)(item["images"]))
+    assert torch.equal(NormalizeImages(normalize["mean"], normalize["std"])(item["images"]), expected)
 
 
 @pytest.mark.parametrize("size", [(400, 224), (200, 112), (1600, 900), (640, 480)])

@@ -5,7 +5,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from dataset.NuscenesDataset.loader_2d_obj_det import Augmentation, augment_image
+from dataset.NuscenesDataset.loader_2d_obj_det import Augmentation, augment_array, augment_image
 
 HEIGHT, WIDTH = 96, 160
 # x1, y1, x2, y2 in px; the last one touches the border
@@ -77,3 +77,22 @@ def test_boxes_pushed_out_of_the_image_are_dropped_with_their_labels():
                          v2.SanitizeBoundingBoxes(min_size=2.0)])
     kept = [len(sample(scene())["labels"]) for _ in range(30)]
     assert min(kept) < len(BOXES)
+
+
+def test_workers_opencv_augmentation_matches_torchvision_kernels():
+    """The workers' augment_array (OpenCV) and the device path's augment_image (transforms.v2) give the same
+    image within two grey levels (a kernel may round one level differently, and a later one double it), for any
+    drawn parameters, but where the affine's source pixel is within rounding of a half pixel: there the nearest
+    pixels of the two may be neighbours, far apart on this high-frequency texture (up to 1 % of the pixels, for
+    a scale near 7/6)."""
+    augmentation = Augmentation(AUGMENTATION)
+    rows, columns = torch.meshgrid(torch.arange(HEIGHT), torch.arange(WIDTH), indexing="ij")
+    textured = torch.stack([rows * 255 // HEIGHT, columns * 255 // WIDTH, (rows * columns) % 256]).to(torch.uint8)
+    image = torch.maximum(scene()["image"].as_subclass(torch.Tensor), textured)  # every hue, edges, flat areas
+    for seed in range(40):
+        torch.manual_seed(seed)
+        params = augmentation.draw(scene()["boxes"])
+        expected = augment_image(image, params).int()
+        got = torch.from_numpy(augment_array(image.permute(1, 2, 0).contiguous().numpy(), params)).permute(2, 0, 1)
+        difference = (got.int() - expected).abs()
+        assert difference.float().mean() < 0.5 and (difference > 2).float().mean() < 0.02, (seed, params)

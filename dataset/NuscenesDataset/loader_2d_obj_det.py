@@ -48,6 +48,8 @@ REDUCED_DECODING = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLO
 # the colour jitter's kernels by v2.ColorJitter's fn_idx numbering, with the name of their drawn factor
 COLOUR_KERNELS = ((F.adjust_brightness, "brightness_factor"), (F.adjust_contrast, "contrast_factor"),
                   (F.adjust_saturation, "saturation_factor"), (F.adjust_hue, "hue_factor"))
+LEVELS = np.arange(256, dtype=np.float32)  # the uint8 grey levels, for look-up tables
+GREY_WEIGHTS = np.array([[0.2989, 0.587, 0.114, -0.5]], dtype=np.float32)  # R, G, B of F.rgb_to_grayscale; offset
 
 # config/data.json values that every nuScenes loader reads (keys within data.<app_mode>), checked before work starts
 COMMON_RULES = {
@@ -107,12 +109,13 @@ def train_val_scenes(scene_names: list, val_ratio: float) -> tuple:
 
 class Augmentation:
     """Training augmentation of one camera image and its boxes: horizontal flip, colour jitter (brightness,
-    contrast, saturation, hue in a random order), scale and translate jitter, with torchvision's transforms.v2
-    kernels; boxes follow the image, are clipped to it and dropped below `min_box_size` input px.
+    contrast, saturation, hue in a random order), scale and translate jitter, as torchvision's transforms.v2
+    define them; boxes follow the image, are clipped to it and dropped below `min_box_size` input px.
 
-    The parameters are drawn first (`draw`, from torch's generator), then applied to the boxes (`boxes`) and to
-    the image (`augment_image`), so that with data.json "decode": "device" the worker transforms the boxes and the
-    main process the image, decoded on the device, with the same parameters and the same code."""
+    The parameters are drawn first (`draw`, from torch's generator), then applied to the boxes (`boxes`, with
+    transforms.v2) and to the image: by the workers with OpenCV (`augment_array`), or with data.json "decode":
+    "device" by the main process on the training device with transforms.v2's kernels (`augment_image`), the
+    worker having transformed the boxes with the same parameters."""
 
     def __init__(self, cfg: dict):
         self.flip_prob = cfg["hflip_prob"]
@@ -151,6 +154,68 @@ def augment_image(image: torch.Tensor, params: dict) -> torch.Tensor:
     return F.affine(image, **params["affine"], interpolation=v2.InterpolationMode.NEAREST, fill=0)
 
 
+def brightness_opencv(image: np.ndarray, factor: float) -> np.ndarray:
+    """F.adjust_brightness of an (H, W, 3) uint8 image, as a look-up table."""
+    return cv2.LUT(image, np.clip(LEVELS * factor, 0, 255).astype(np.uint8))
+
+
+def grey_levels(image: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 grey levels of an (H, W, 3) uint8 RGB image, rounded down with torchvision's weights (OpenCV's
+    own RGB2GRAY rounds to nearest, with other weights): OpenCV rounds, so half a level less rounds down."""
+    return cv2.transform(image, GREY_WEIGHTS)
+
+
+def contrast_opencv(image: np.ndarray, factor: float) -> np.ndarray:
+    """F.adjust_contrast: a blend with the image's mean grey level, as a look-up table."""
+    mean_grey = cv2.mean(grey_levels(image))[0]
+    return cv2.LUT(image, np.clip(LEVELS * factor + (1.0 - factor) * mean_grey, 0, 255).astype(np.uint8))
+
+
+def saturation_opencv(image: np.ndarray, factor: float) -> np.ndarray:
+    """F.adjust_saturation: a blend with each pixel's grey level, rounded down as torchvision's uint8 blend."""
+    grey = cv2.cvtColor(grey_levels(image), cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(image, factor, grey, 1.0 - factor, -0.5)
+
+
+def hue_opencv(image: np.ndarray, factor: float) -> np.ndarray:
+    """F.adjust_hue: the hue turned by `factor` of a full turn, in float32 HSV (uint8 HSV would lose levels)."""
+    hsv = cv2.cvtColor(image.astype(np.float32) * np.float32(1 / 255), cv2.COLOR_RGB2HSV)  # H in degrees
+    hue = hsv[..., 0]
+    np.remainder(hue + np.float32(360 * factor), 360, out=hue)
+    return (cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * np.float32(255.999)).astype(np.uint8)  # as F.to_dtype
+
+
+OPENCV_COLOUR_KERNELS = (brightness_opencv, contrast_opencv, saturation_opencv, hue_opencv)  # by fn_idx
+
+
+def augment_array(image: np.ndarray, params: dict) -> np.ndarray:
+    """augment_image of an (H, W, 3) uint8 RGB array on the CPU, with OpenCV kernels: the workers' path.
+
+    torchvision's tensor kernels take about 36 ms per 640x352 image on one core (adjust_hue 23 of them: float HSV
+    in several passes over the image), these about 6.5 ms (bench.throughput's augment stage times both). Each
+    kernel is within one grey level of torchvision's, the whole within two (tested), but where the affine's
+    source pixel is within rounding of a half pixel: OpenCV's fixed-point nearest pixel may then be the
+    neighbour of grid_sample's."""
+    if params["flip"]:
+        image = cv2.flip(image, 1)
+    jitter = params["jitter"]
+    for fn_id in jitter["fn_idx"]:
+        factor = jitter[COLOUR_KERNELS[fn_id][1]]
+        if factor is not None:
+            image = OPENCV_COLOUR_KERNELS[fn_id](image, factor)
+    affine = params["affine"]
+    if affine["angle"] != 0.0 or any(affine["shear"]):
+        raise ValueError("augment_array applies scale and translation only")
+    # F.affine's inverse map about the image centre c = ((W - 1) / 2, (H - 1) / 2), in pixel indices:
+    # source = (target - c - translate) / scale + c
+    height, width = image.shape[:2]
+    scale, centre = affine["scale"], np.array([(width - 1) / 2, (height - 1) / 2])
+    offset = centre - (centre + np.asarray(affine["translate"], dtype=np.float64)) / scale
+    inverse = np.array([[1 / scale, 0.0, offset[0]], [0.0, 1 / scale, offset[1]]])
+    return cv2.warpAffine(image, inverse, (width, height), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
 def read_jpeg(path: str) -> bytes:
     """The bytes of the JPEG file at `path`; a missing, unreadable or truncated file is a one-line error."""
     try:
@@ -164,8 +229,9 @@ def read_jpeg(path: str) -> bytes:
     return data
 
 
-def read_image(path: str, size: tuple, full_size: tuple) -> torch.Tensor:
-    """Decode the JPEG at `path`, of full_size = (W, H) px, resized to size = (W, H): (3, H, W) uint8 RGB.
+def read_image(path: str, size: tuple, full_size: tuple, augmentation: dict | None = None) -> torch.Tensor:
+    """Decode the JPEG at `path`, of full_size = (W, H) px, resized to size = (W, H) and augmented with the
+    parameters `augmentation` (Augmentation.draw; None: not augmented): (3, H, W) uint8 RGB.
 
     libjpeg's DCT scaling decodes at 1/8, 1/4 or 1/2 of full size, whichever is the smallest still at least
     `size`, so that little is decoded only to be thrown away by the resize."""
@@ -178,7 +244,10 @@ def read_image(path: str, size: tuple, full_size: tuple) -> torch.Tensor:
     if (image.shape[1], image.shape[0]) != tuple(size):
         # the reduced decode leaves less than a 2x downscale, where bilinear interpolation does not alias much
         image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-    return torch.from_numpy(cv2.cvtColor(image, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
+    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if augmentation is not None:
+        image = augment_array(image, augmentation)
+    return torch.from_numpy(image).permute(2, 0, 1)
 
 
 def images_on_device(batch: dict, size: tuple, device: torch.device) -> torch.Tensor:
@@ -196,7 +265,10 @@ def images_on_device(batch: dict, size: tuple, device: torch.device) -> torch.Te
                 raise UserError(f"cannot read image {path} (not a JPEG file): restore the file or regenerate the "
                                 f"dataset") from None
         raise
-    images = [F.resize(image, [height, width], antialias=True) for image in decoded]
+    if len({image.shape for image in decoded}) == 1:  # one resize call for the batch (nuScenes: all 1600x900)
+        images = list(F.resize(torch.stack(decoded), [height, width], antialias=True))
+    else:
+        images = [F.resize(image, [height, width], antialias=True) for image in decoded]
     images = [image if params is None else augment_image(image, params)
               for image, params in zip(images, batch["augmentation"], strict=True)]
     return torch.stack(images).view(*batch["counts"].shape, 3, height, width)
@@ -336,8 +408,7 @@ class DatasetLoader(Dataset):
                 augmentation.append(params)
                 paths.append(path)
             else:
-                pixels = read_image(path, self.input_size, (full_width, full_height))
-                images.append(pixels if params is None else augment_image(pixels, params))
+                images.append(read_image(path, self.input_size, (full_width, full_height), params))
             boxes.append(image_boxes)
             labels.append(image_labels)
             counts.append(len(image_labels))
