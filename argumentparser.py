@@ -7,7 +7,7 @@ import os
 import sys
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
-LR_SCHEDULERS = ("OnecycleLR", "StepLR", "ExponentialLR", "CosineLR", "none")
+LR_SCHEDULERS = ("OnecycleLR", "StepLR", "ExponentialLR", "CosineLR")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

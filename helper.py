@@ -17,7 +17,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent
 PLATFORM_RULES = {
     "config.solver.ema": FLAG,
     "config.solver.ema_decay": number(0, 1, high_open=True),
-    "config.solver.checkpoint_every_steps": number(0, integer=True),
+    "config.train.checkpoint_every_steps": number(0, integer=True),
     "config.solver.compile": FLAG,
     "config.train.log_every_steps": number(1, integer=True),
     "config.dataloader.persistent_workers": FLAG,

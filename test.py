@@ -124,10 +124,10 @@ def evaluate(args: dict, exp_dir: str, runs: dict, world_size: int, rank: int, l
         logger.info("%s (epoch %d) on %d test samples: %s", name, state["epoch"], len(test_set),
                     ", ".join(f"{metric} {format_metric(metrics[metric])}" for metric in solver.metric_names))
         for table, values in metrics.items():
-            if isinstance(values, dict):  # per-class values, e.g. per_class_AP
-                logger.info("%-22s %s", "class", table)
-                for class_name, value in values.items():
-                    logger.info("%-22s %s", class_name, format_metric(value))
+            if isinstance(values, dict):  # per-item values, e.g. per_class_AP
+                logger.info("%-22s %s", "item", table)
+                for item, value in values.items():
+                    logger.info("%-22s %s", item, format_metric(value))
         logger.info("results in %s", out_dir)
 
 

@@ -22,7 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import helper
 from argumentparser import build_parser
-from utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from utils.checkpoint import check_model_name, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from utils.config import merge_config
 from utils.distributed import any_process, close_distributed, gather_to_main, init_distributed
 from utils.errors import NonFiniteLossError, UserError, exit_on_user_error
@@ -52,7 +52,8 @@ class Progress:
     step_in_epoch: int = 0  # optimizer steps done in the epoch in progress
     samples_in_epoch: int = 0  # training samples that all processes together consumed in the epoch in progress
     global_step: int = 0  # optimizer steps since the start
-    best_score: float = -1.0  # best validation value of the solver's first metric (higher is better)
+    best_score: float = float("-inf")  # best validation value of the solver's first metric (its worst_score()
+    # until one is evaluated: -inf where higher is better, +inf where lower is)
     history: list = field(default_factory=list)  # per epoch: epoch, lr, samples, mean loss terms, metrics
     epoch_sums: dict = field(default_factory=dict)  # sums of the loss terms over the epoch's steps so far
 
@@ -95,9 +96,7 @@ def checked_state(path: str, args: dict) -> dict:
     if wrong or not state["rng"]:
         raise UserError(f"checkpoint {path} lacks {', '.join(wrong) or 'rng'} or has them of another type (written "
                         f"by an older DSTorch, or not by train.py): evaluate it with test.py, or train anew")
-    if state["config"]["model_name"] != args["model_name"]:
-        raise UserError(f"checkpoint {path} is from model {state['config']['model_name']}, not "
-                        f"{args['model_name']}: resume it with --model_name {state['config']['model_name']}")
+    check_model_name(state, args["model_name"], f"checkpoint {path}")
     return state
 
 
@@ -167,7 +166,7 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
                                 steps_per_epoch=steps_per_epoch, world_size=world_size, rank=rank)
     solver.model.print_model_summary()
 
-    progress = Progress()
+    progress = Progress(best_score=solver.worst_score())
     if resumed is not None:
         progress = Progress(**{f.name: resumed[f.name] for f in fields(Progress)})
         # the schedule stands where this run's remaining steps of the epoch end it on time
@@ -225,12 +224,12 @@ def train_epoch(solver, loader, args: dict, world_size: int, progress: Progress,
                 resume_command: str, main_process: bool) -> float:
     """Train the rest of epoch progress.epoch, one solver step per batch; returns the last learning rate used.
     The loss values stay on the device until a read point: every config.json "train.log_every_steps" steps,
-    before a checkpoint and at the end of the epoch. Saves last.pt every "checkpoint_every_steps" steps, and on a
-    stop signal (then exits)."""
+    before a checkpoint and at the end of the epoch. Saves last.pt every "train.checkpoint_every_steps" steps, and
+    on a stop signal (then exits)."""
     epoch = progress.epoch
     loader.sampler.start_epoch(epoch, progress.samples_in_epoch)  # the order depends on the seed and epoch only
     solver.mode_selection(True)
-    every, log_every = args["config"]["solver"]["checkpoint_every_steps"], args["config"]["train"]["log_every_steps"]
+    every, log_every = (args["config"]["train"][key] for key in ("checkpoint_every_steps", "log_every_steps"))
     start, images_seen, learning_rate, unread = time.time(), 0, solver.learning_rate(), []
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args['num_epochs']}", initial=progress.step_in_epoch,
                total=progress.step_in_epoch + len(loader), unit="batch", dynamic_ncols=True, disable=not main_process)
@@ -296,14 +295,15 @@ def end_epoch(solver, val_loader, args: dict, progress: Progress, learning_rate:
     progress.history.append(row)
     progress.epoch, progress.step_in_epoch, progress.samples_in_epoch, progress.epoch_sums = epoch, 0, 0, {}
     names = []  # last.pt last: a process killed between the writes finds the older last.pt and redoes the epoch
-    score = row.get(solver.metric_names[0], float("-inf"))  # -inf: not evaluated this epoch
-    if score is None:  # undefined (no ground truth in the split): best.pt keeps the latest evaluated weights
-        improved = progress.best_score == -1.0
-    else:
-        improved = score > progress.best_score
-        progress.best_score = max(progress.best_score, score)
-    if improved:
-        names.append("best.pt")
+    if solver.metric_names[0] in row:  # evaluated this epoch
+        score = row[solver.metric_names[0]]
+        if score is None:  # undefined (no ground truth in the split): best.pt keeps the latest weights until a score
+            improved = progress.best_score == solver.worst_score()
+        else:
+            improved = solver.improves(score, progress.best_score)
+            progress.best_score = score if improved else progress.best_score
+        if improved:
+            names.append("best.pt")
     if epoch % args["save_every"] == 0:
         names.append(f"epoch_{epoch}.pt")
     save([*names, "last.pt"])

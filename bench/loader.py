@@ -26,10 +26,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from bench.model import platform_args
 from dataset.NuscenesDataset import synthetic
+from dataset.NuscenesDataset.collate_2d import collate_detection
+from dataset.NuscenesDataset.common import PROJECT_ROOT
 from dataset.NuscenesDataset.labels import CATEGORY_IDS, load_nuscenes
-from dataset.NuscenesDataset.loader_2d_obj_det import PROJECT_ROOT, DatasetLoader
+from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
 from helper import load_solver
-from utils.collate import collate_detection
 
 DEVKIT_POST_PROCESS_COORDS = devkit_export.post_process_coords
 

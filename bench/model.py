@@ -22,12 +22,12 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from argumentparser import build_parser
+from dataset.NuscenesDataset.collate_2d import padded_targets
 from models.Yolo.aligned_loss import AlignedDetectionLoss
 from models.Yolo.csp_pan import CspPanYolo
+from models.Yolo.loss import DetectionLoss
 from models.Yolo.yolo import STRIDES, Yolo
-from utils.collate import padded_targets
 from utils.config import merge_config
-from utils.loss import DetectionLoss
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 NUM_CLASSES = 10

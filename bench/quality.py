@@ -51,7 +51,8 @@ from bench.model import platform_args, torchvision_detector
 from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
 from helper import load_solver
-from utils.coco_eval import coco_detection_array, coco_metrics, coco_results_array, load_coco
+from models.Yolo.boxes import coco_detection_array
+from utils.coco_eval import coco_metrics, coco_results_array, load_coco
 from utils.config import CONFIG_SECTIONS, apply_override
 from utils.io import atomic_write_json
 from utils.optim import build_scheduler

@@ -26,8 +26,8 @@ from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.labels import label_arrays
 from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
 from helper import PROJECT_ROOT
-from utils.boxes import postprocess_detections
-from utils.coco_eval import coco_detection_array, coco_metrics, load_coco
+from models.Yolo.boxes import coco_detection_array, postprocess_detections
+from utils.coco_eval import coco_metrics, load_coco
 from utils.config import merge_config
 
 LABELS = {"visibilities": ["", "1", "2", "3", "4"], "min_box_size": 0.0}

@@ -43,7 +43,8 @@ from bench.ddp import union_length
 from bench.loader import cycle
 from bench.model import platform_args
 from dataset.NuscenesDataset import synthetic
-from dataset.NuscenesDataset.loader_2d_obj_det import augment_array, augment_image, images_on_device, read_image
+from dataset.NuscenesDataset.common import read_image
+from dataset.NuscenesDataset.loader_2d_obj_det import augment_array, augment_image, images_on_device
 from helper import load_datasetloader, load_solver
 from utils.host_reads import HostReadCounter
 

@@ -17,6 +17,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 import helper  # noqa: E402
 from argumentparser import build_parser  # noqa: E402
+from optimization.base import BaseSolver  # noqa: E402
 from optimization.Yolo_solver import Solver  # noqa: E402
 
 
@@ -26,12 +27,15 @@ def facts() -> dict:
     config_files = sorted(p.name for p in (PROJECT_ROOT / "config").glob("*.json"))
     loaders = json.loads((PROJECT_ROOT / "config" / "config.json").read_text())["loaders"]
     loader_modules = sorted({module for per_mode in loaders.values() for module in per_mode.values()})
-    solver_methods = [name for name, _ in inspect.getmembers(Solver, inspect.isfunction) if not name.startswith("_")]
-    solver_methods = ["app_modes", "metric_names"] + [f"{name}()" for name in solver_methods]
+    own = [name for name, value in vars(Solver).items() if inspect.isfunction(value) and not name.startswith("_")]
+    inherited = [name for name, value in vars(BaseSolver).items() if inspect.isfunction(value)
+                 and not name.startswith("_") and name not in own]
+    solver_methods = ["app_modes", "metric_names"] + [f"{name}()" for name in own]
     return {"flags": flags, "config_files": config_files, "loader_modules": loader_modules,
             "helper_functions": [n for n in ("load_datasetloader", "load_solver") if hasattr(helper, n)],
             "solvers": [f"optimization/{name}_solver.py" for name in helper.available_solvers()],
-            "solver_methods": solver_methods}
+            "solver_methods": solver_methods, "base_methods": inherited,
+            "dataset_common": sorted({module.rsplit(".", 1)[0] + ".common" for module in loader_modules})}
 
 
 def draw(path: Path) -> None:
@@ -65,8 +69,12 @@ def draw(path: Path) -> None:
     packages = sorted({module.split(".")[1] for module in found["loader_modules"]})
     loader_lines = [f"{package}/" for package in packages] + [
         f"  {module.split('.')[-1]}.py" for module in found["loader_modules"]]
-    box(0.3, 1.0, 4.2, 3.7, "(1) dataset/", loader_lines + ["DatasetLoader", "collate_fn"])
-    solver_lines = found["solvers"] + ["class Solver:"] + [f"  {m}" for m in found["solver_methods"]]
+    common = [f"  {module.split('.')[-1]}.py: shared" for module in found["dataset_common"]
+              if (PROJECT_ROOT / Path(*module.split("."))).with_suffix(".py").is_file()]
+    box(0.3, 1.0, 4.2, 3.7, "(1) dataset/", loader_lines + common + ["DatasetLoader", "collate_fn"])
+    base = found["base_methods"]
+    solver_lines = found["solvers"] + ["class Solver(BaseSolver):"] + [f"  {m}" for m in found["solver_methods"]] + [
+        "base.py, BaseSolver: TrainingParts,"] + [", ".join(base[i:i + 3]) for i in range(0, len(base), 3)]
     box(5.5, 1.9, 4.2, 5.4, "(2) optimization/", solver_lines)
     box(5.5, 0.2, 4.2, 1.3, "(3) models/ + utils/", ["model; loss, metric, TrainingParts"])
     arrow(1.6, 5.5, 1.6, 4.7)

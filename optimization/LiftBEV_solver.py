@@ -1,7 +1,8 @@
 """The Solver of the LiftBEV bird's-eye-view segmenter (--app_mode BEVSeg): its model and loss, the train step, the
 evaluation pass (IoU per class over the split) and the drawings of test.py --visualization 1. The optimizer, LR
-schedule, mixed precision, EMA, DDP wrapper and their checkpointed states are utils.training.TrainingParts. Started
-as a copy of Yolo_solver.py; docs/NEW_TASK.md walks through what changed and why."""
+schedule, mixed precision, EMA, DDP wrapper, their checkpointed states and the methods that only forward to them
+are BaseSolver's (optimization/base.py). Started as a copy of Yolo_solver.py; docs/NEW_TASK.md walks through what
+changed and why."""
 
 import os
 
@@ -11,22 +12,24 @@ from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
+from dataset.NuscenesDataset.loader_bev_seg import grid_shape
 from models.LiftBEV.lift_bev import LiftBEV
+from models.LiftBEV.loss import SegmentationLoss
 from models.Yolo.yolo import BACKBONES
+from optimization.base import BaseSolver
 from utils.config import FLAG, GROUP_NORM_CHANNELS, Rule, is_number, list_of, multiple_of, number, one_of
 from utils.distributed import gather_to_main
 from utils.plots import save_figure
-from utils.segmentation import OccupancyHistogram, SegmentationLoss, grid_shape
-from utils.training import TrainingParts
+from utils.segmentation import OccupancyHistogram
 
 
-class Solver:
+class Solver(BaseSolver):
     """args: the merged configuration dict; device: where to train; class_names: BEV class index -> name;
     steps_per_epoch: optimizer steps per epoch (for the LR schedule); world_size, rank: of torch.distributed."""
 
-    app_modes = ("BEVSeg",)  # the --app_mode values whose batches this solver takes
-    metric_names = ("mIoU",)  # scalar validation metrics, logged per epoch; the first selects best.pt
-    config_rules = {  # checked before work starts, see helper.check_config
+    app_modes = ("BEVSeg",)
+    metric_names = ("mIoU",)  # higher is better
+    config_rules = {
         "data.image.w": multiple_of(32, "the backbone's coarsest stride"),
         "data.image.h": multiple_of(32, "the backbone's coarsest stride"),
         "model.backbone": one_of(*BACKBONES),
@@ -49,19 +52,15 @@ class Solver:
 
     def __init__(self, args: dict, device: torch.device, class_names: list, steps_per_epoch: int,
                  world_size: int = 1, rank: int = 0):
-        self.args, self.device, self.class_names, self.rank = args, device, class_names, rank
         data, cfg = args["data"][args["app_mode"]], args["model"]["LiftBEV"]
         self.bev = data["bev"]
         self.threshold = cfg["threshold"]  # a cell is predicted occupied where its probability is at least this
         OccupancyHistogram.check_threshold(self.threshold, "model.LiftBEV.threshold in config/model.json")
         model = LiftBEV(cfg, (data["image"]["w"], data["image"]["h"]), self.bev, grid_shape(self.bev),
-                        len(class_names), len(data["cameras"]), data["normalize"]).to(device)
-        self.parts = TrainingParts(model, args, device, steps_per_epoch, world_size)  # optimizer, LR, AMP, EMA, DDP
-        self.model = self.parts.model
+                        len(class_names), len(data["cameras"]), data["normalize"])
+        super().__init__(model, args, device, steps_per_epoch, world_size, rank)
+        self.class_names = class_names
         self.loss_fn = SegmentationLoss(args["loss"]["LiftBEV"])
-
-    def mode_selection(self, is_train: bool) -> None:
-        self.model.train(is_train)
 
     def train(self, batch: dict) -> dict:
         """One optimizer step on a batch (images, projections, target); returns the loss terms as 0-d tensors on
@@ -71,15 +70,6 @@ class Solver:
         with self.parts.autocast():
             logits = self.parts.trained_model(images, projections)
         return self.parts.step(self.loss_fn(logits, target))  # the loss in float32 whatever the autocast dtype
-
-    def read_nonfinite(self) -> None:
-        self.parts.read_nonfinite()
-
-    def learning_rate_step(self) -> None:
-        self.parts.learning_rate_step()
-
-    def learning_rate(self) -> float:
-        return self.parts.learning_rate()
 
     @torch.no_grad()
     def eval(self, loader, show_progress: bool = True) -> tuple:
@@ -153,12 +143,3 @@ class Solver:
                 axis.set(title=f"{name}: green hit, blue missed, red false", xlabel="y (m, left +)",
                          ylabel="x (m, forward +)")
             save_figure(figure, os.path.join(out_dir, "visualization", f"sample_{index}.png"))
-
-    def state_dict(self) -> dict:
-        return self.parts.state_dict()
-
-    def load_weights(self, state: dict) -> None:
-        self.parts.load_weights(state)
-
-    def load_state_dict(self, state: dict, schedule_step: int) -> str:
-        return self.parts.load_state_dict(state, schedule_step)

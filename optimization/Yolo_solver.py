@@ -1,8 +1,8 @@
 """The Solver of the Yolo detector: its model and loss, the train step, the evaluation pass (COCO metrics) and the
-drawings of test.py --visualization 1. The optimizer, LR schedule, mixed precision, EMA, DDP wrapper and their
-checkpointed states are utils.training.TrainingParts, which the solver calls. To start a solver for a new model or
-task, copy this file to optimization/<ModelName>_solver.py and change the model, the loss and the evaluation;
-docs/NEW_TASK.md lists what train.py and test.py call."""
+drawings of test.py --visualization 1. The optimizer, LR schedule, mixed precision, EMA, DDP wrapper, their
+checkpointed states and the methods that only forward to them are BaseSolver's (optimization/base.py). To start a
+solver for a new model or task, copy this file to optimization/<ModelName>_solver.py and change the model, the loss
+and the evaluation; docs/NEW_TASK.md lists what train.py and test.py call."""
 
 import os
 
@@ -12,23 +12,24 @@ from tqdm import tqdm
 
 from dataset.NuscenesDataset.loader_2d_obj_det import images_on_device
 from models.Yolo.aligned_loss import AlignedDetectionLoss
+from models.Yolo.boxes import coco_detection_array
 from models.Yolo.csp_pan import CspPanYolo
+from models.Yolo.loss import DetectionLoss
 from models.Yolo.yolo import BACKBONES, STRIDES, Yolo
-from utils.coco_eval import SUMMARY_NAMES, coco_detection_array, coco_metrics, coco_results_list, load_coco
+from optimization.base import BaseSolver
+from utils.coco_eval import SUMMARY_NAMES, coco_metrics, coco_results_list, load_coco
 from utils.config import FLAG, GROUP_NORM_CHANNELS, NUMBER_RANGE, Rule, list_of, multiple_of, number, one_of
 from utils.distributed import gather_array_to_main
-from utils.loss import DetectionLoss
 from utils.plots import save_detection_mosaic
-from utils.training import TrainingParts
 
 
-class Solver:
+class Solver(BaseSolver):
     """args: the merged configuration dict; device: where to train; class_names: label index -> name;
     steps_per_epoch: optimizer steps per epoch (for the LR schedule); world_size, rank: of torch.distributed."""
 
-    app_modes = ("2DObjDet",)  # the --app_mode values whose batches this solver takes
-    metric_names = SUMMARY_NAMES  # scalar validation metrics, logged per epoch; the first selects best.pt
-    config_rules = {  # checked before work starts, see helper.check_config
+    app_modes = ("2DObjDet",)
+    metric_names = SUMMARY_NAMES  # COCO's, higher is better
+    config_rules = {
         "data.image.w": multiple_of(STRIDES[-1], "the coarsest stride"),
         "data.image.h": multiple_of(STRIDES[-1], "the coarsest stride"),
         "model.architecture": one_of("resnet_fpn", "csp_pan"),
@@ -70,22 +71,15 @@ class Solver:
 
     def __init__(self, args: dict, device: torch.device, class_names: list, steps_per_epoch: int,
                  world_size: int = 1, rank: int = 0):
-        self.args, self.device, self.class_names = args, device, class_names
-        self.steps_per_epoch, self.rank = steps_per_epoch, rank
-        self.ground_truth = {}  # label cache path -> its indexed COCO ground truth, made at the first evaluation
         image = args["data"][args["app_mode"]]["image"]
         self.image_size = (image["w"], image["h"])
         model_cfg, loss_cfg = args["model"]["Yolo"], args["loss"]["Yolo"]
         architecture = Yolo if model_cfg["architecture"] == "resnet_fpn" else CspPanYolo
-        model = architecture(model_cfg, self.image_size, len(class_names),
-                             args["data"][args["app_mode"]]["normalize"]).to(device)
-        self.parts = TrainingParts(model, args, device, steps_per_epoch, world_size)  # optimizer, LR, AMP, EMA, DDP
-        self.model = self.parts.model
+        model = architecture(model_cfg, self.image_size, len(class_names), args["data"][args["app_mode"]]["normalize"])
+        super().__init__(model, args, device, steps_per_epoch, world_size, rank)
         self.loss_fn = (DetectionLoss(loss_cfg, STRIDES) if model_cfg["architecture"] == "resnet_fpn"
                         else AlignedDetectionLoss(loss_cfg["aligned"]))
-
-    def mode_selection(self, is_train: bool) -> None:
-        self.model.train(is_train)
+        self.ground_truth = {}  # label cache path -> its indexed COCO ground truth, made at the first evaluation
 
     def train(self, batch: dict) -> dict:
         """One optimizer step on a collated batch; returns the loss terms as 0-d tensors on the device
@@ -104,15 +98,6 @@ class Solver:
             return images_on_device(batch, self.image_size, self.device)
         return batch["images"].to(self.device, non_blocking=True)
 
-    def read_nonfinite(self) -> None:
-        self.parts.read_nonfinite()
-
-    def learning_rate_step(self) -> None:
-        self.parts.learning_rate_step()
-
-    def learning_rate(self) -> float:
-        return self.parts.learning_rate()
-
     @torch.no_grad()
     def eval(self, loader, show_progress: bool = True) -> tuple:
         """Detect on every image of `loader` with the EMA weights (the trained ones without EMA) and score the
@@ -122,7 +107,7 @@ class Solver:
         returns them; outputs {"detections.json": a function returning the detections in COCO results format
         (image_id, category_id, bbox [x, y, w, h] in original px, score), called only when test.py writes them}.
         Under DDP every process detects on its shard and the main process (rank 0) scores them all; the others get
-        empty results. Detections travel as (D, 7) arrays (one per batch, utils.coco_eval.coco_detection_array)."""
+        empty results. Detections travel as (D, 7) arrays (one per batch, models.Yolo.boxes.coco_detection_array)."""
         model = self.parts.evaluated_model()
         model.eval()
         arrays = [np.zeros((0, 7))]
@@ -160,12 +145,3 @@ class Solver:
             save_detection_mosaic(images[0].cpu(), list(zip(boxes, labels, strict=True)),
                                   predictions, dataset.class_names, columns=3,
                                   path=os.path.join(out_dir, "visualization", f"sample_{index}.png"))
-
-    def state_dict(self) -> dict:
-        return self.parts.state_dict()
-
-    def load_weights(self, state: dict) -> None:
-        self.parts.load_weights(state)
-
-    def load_state_dict(self, state: dict, schedule_step: int) -> str:
-        return self.parts.load_state_dict(state, schedule_step)

@@ -1,21 +1,19 @@
 """Every bad input the data code promises to reject: one line naming the path or value, what to do, exit != 0,
 and no half-written cache left behind."""
 
+import importlib
 import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from dataset.NuscenesDataset import cache, labels
+from dataset.NuscenesDataset.collate_2d import collate_detection
 from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader, images_on_device
-from tests.conftest import PROJECT_ROOT
-from utils.collate import collate_detection
 from utils.errors import UserError, one_line
 
 LABELS = {"visibilities": ["", "1", "2", "3", "4"], "min_box_size": 0.0}
@@ -29,10 +27,21 @@ def dataset_copy(embedded_dir, tmp_path) -> str:
     return str(copy)
 
 
-def run_cli(module, *args):
-    result = subprocess.run([sys.executable, "-m", module, *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                            timeout=300)
-    return result.returncode, result.stderr.strip()
+@pytest.fixture
+def run_cli(capsys):
+    """run_cli(module, *args): the module's main(args) in this process (the entry points' own subprocess tests are
+    in test_platform and test_labels), as (exit status, stderr)."""
+
+    def run(module: str, *args) -> tuple:
+        capsys.readouterr()
+        try:
+            importlib.import_module(module).main(list(args))
+            code = 0
+        except SystemExit as exit_request:
+            code = exit_request.code
+        return code, capsys.readouterr().err.strip()
+
+    return run
 
 
 def assert_one_line(stderr, *fragments):
@@ -41,7 +50,7 @@ def assert_one_line(stderr, *fragments):
         assert fragment in stderr
 
 
-def test_missing_dataset_dir_cli(tmp_path):
+def test_missing_dataset_dir_cli(tmp_path, run_cli):
     missing = str(tmp_path / "no_such_dir")
     code, stderr = run_cli("dataset.NuscenesDataset.export_coco", "--dataroot", missing, "--version", "v1.0-mini",
                            "--split", "mini_val", "--out", str(tmp_path / "out.json"))
@@ -50,7 +59,7 @@ def test_missing_dataset_dir_cli(tmp_path):
     assert not (tmp_path / "out.json").exists()
 
 
-def test_missing_version_folder_cli(embedded_dir, tmp_path):
+def test_missing_version_folder_cli(embedded_dir, tmp_path, run_cli):
     code, stderr = run_cli("dataset.NuscenesDataset.export_coco", "--dataroot", embedded_dir, "--version",
                            "v1.0-trainval", "--split", "val", "--out", str(tmp_path / "out.json"))
     assert code == 2
@@ -116,16 +125,14 @@ def test_corrupt_cache_file(embedded_dir, tmp_path):
         labels.label_cache(embedded_dir, "v1.0-mini", "mini_val", LABELS, str(tmp_path))
 
 
-def test_corrupt_cache_file_cli(embedded_dir, tmp_path):
-    cache_dir = PROJECT_ROOT / ".cache" / "labels"
+def test_corrupt_cache_file_cli(embedded_dir, tmp_path, run_cli):
+    cache_dir = tmp_path / "labels"
     path, _ = labels.label_cache(embedded_dir, "v1.0-mini", "mini_val", LABELS, str(cache_dir))
-    try:
-        with open(path, "w") as f:
-            f.write("{ half a file")
-        code, stderr = run_cli("dataset.NuscenesDataset.export_coco", "--dataroot", embedded_dir, "--version",
-                               "v1.0-mini", "--split", "mini_val", "--out", str(tmp_path / "out.json"))
-    finally:
-        os.remove(path)
+    with open(path, "w") as f:
+        f.write("{ half a file")
+    code, stderr = run_cli("dataset.NuscenesDataset.export_coco", "--dataroot", embedded_dir, "--version",
+                           "v1.0-mini", "--split", "mini_val", "--out", str(tmp_path / "out.json"),
+                           "--label_cache_dir", str(cache_dir))
     assert code == 2
     assert_one_line(stderr, path, "delete it")
 
@@ -175,7 +182,7 @@ def test_bad_val_ratio(embedded_dir, make_args, val_ratio):
         DatasetLoader(make_args(embedded_dir, val_ratio=val_ratio), mode="train")
 
 
-def test_generator_refuses_existing_out_cli(tmp_path):
+def test_generator_refuses_existing_out_cli(tmp_path, run_cli):
     code, stderr = run_cli("dataset.NuscenesDataset.synthetic", "--out", str(tmp_path))
     assert code == 2
     assert_one_line(stderr, str(tmp_path), "already exists")

@@ -1,5 +1,6 @@
 """Smoke tests of the benchmarks at tiny sizes, so that they keep running (their numbers are not checked here),
-and checks of the pieces whose mistakes would bias a comparison."""
+marked `bench`: they run with `pytest --bench` (CI's command), not in a plain `pytest`; and checks of the pieces
+whose mistakes would bias a comparison, which always run."""
 
 import argparse
 import json
@@ -12,9 +13,10 @@ import torch
 from bench import ddp, overhead, quality, throughput
 from bench import eval as eval_bench
 from bench import loader as loader_bench
-from tests.test_platform import tiny_flags
+from tests.conftest import tiny_flags
 
 
+@pytest.mark.bench
 def test_ddp_bench_measures_two_processes_and_their_allreduce():
     options = argparse.Namespace(batch_size=1, steps=2, warmup=1, width=64, height=64)
     result = ddp.launch(options, procs=2, threads=1)
@@ -27,17 +29,20 @@ def test_union_of_allreduce_intervals():
     assert ddp.union_length([]) == 0.0
 
 
+@pytest.mark.bench
 def test_overhead_bench(capsys):
     overhead.main(["--steps", "1", "--warmup", "0", "--batch_size", "1"])
     assert "ratio Solver / bare:" in capsys.readouterr().out
 
 
+@pytest.mark.bench
 def test_eval_bench(embedded_dir, tmp_path, capsys):
     eval_bench.main(["--repeats", "1", "--coco_images", "20", "--flags", *tiny_flags(embedded_dir, tmp_path)])
     out = capsys.readouterr().out
     assert "ratio full / forward:" in out and "100 per image" in out and "speed-up" in out
 
 
+@pytest.mark.bench
 def test_throughput_bench(capsys):
     throughput.main(["--samples_per_scene", "2", "--steps", "1", "--workers", "1", "--sizes", "96x64",
                      "--jpeg_size", "192x108"])
@@ -55,6 +60,7 @@ def test_device_busy_seconds_of_cpu_work():
     assert 0 < seconds < 5
 
 
+@pytest.mark.bench
 def test_loader_bench(capsys):
     loader_bench.main(["--samples_per_scene", "2", "--repeats", "1", "--train_steps", "1"])
     out = capsys.readouterr().out
@@ -65,6 +71,7 @@ QUALITY_TINY = ["--samples_per_scene", "2", "--flags", "--cfg", "data.2DObjDet.i
                 "data.2DObjDet.image.h=64", "--num_cores", "0"]
 
 
+@pytest.mark.bench
 def test_quality_protocol_runs_interleaved_and_resumes(tmp_path, capsys):
     """Each run stores its result as it ends; the seeds rotate the contenders' order; a second invocation runs
     nothing again and prints the same table (mean and spread over the seeds)."""
@@ -92,6 +99,7 @@ def test_quality_protocol_runs_interleaved_and_resumes(tmp_path, capsys):
     assert [path.stat().st_mtime_ns for path in paths] == written
 
 
+@pytest.mark.bench
 def test_quality_sweep_picks_the_best_val_recipe(tmp_path, capsys, monkeypatch):
     """The sweep scores every grid point on val, keeps the best, and the protocol then trains with it."""
     calls = []

@@ -18,14 +18,14 @@ import test as test_script
 import train
 from argumentparser import build_parser
 from dataset.NuscenesDataset.labels import load_nuscenes
-from dataset.NuscenesDataset.loader_bev_seg import DatasetLoader
+from dataset.NuscenesDataset.loader_bev_seg import DatasetLoader, grid_shape
 from models.LiftBEV.lift_bev import LiftBEV
-from tests.conftest import NORMALIZE, PROJECT_ROOT
-from tests.test_distributed import torchrun
+from models.LiftBEV.loss import SegmentationLoss
+from tests.conftest import NORMALIZE, PROJECT_ROOT, torchrun
 from utils.checkpoint import load_checkpoint
 from utils.config import merge_config
 from utils.errors import UserError
-from utils.segmentation import OccupancyHistogram, SegmentationLoss, grid_shape
+from utils.segmentation import OccupancyHistogram
 
 BEV_20M = {"x_range_m": [-20.0, 20.0], "y_range_m": [-20.0, 20.0], "cell_m": 1.0}  # 40 x 40 cells
 SMALL_MODEL = {"backbone": "resnet18", "pretrained_backbone": False, "freeze_batchnorm": False, "image_channels": 16,

@@ -6,14 +6,12 @@ import torch
 from torchvision.ops import box_iou
 
 import train
+from dataset.NuscenesDataset.collate_2d import padded_targets
 from models.Yolo.aligned_loss import AlignedDetectionLoss
 from models.Yolo.csp_pan import REG_MAX, CspPanYolo, decode_distribution
+from models.Yolo.loss import NO_BOX
 from models.Yolo.yolo import STRIDES
-from tests.conftest import NORMALIZE
-from tests.test_model import config, grid_points
-from tests.test_platform import tiny_flags
-from utils.collate import padded_targets
-from utils.loss import NO_BOX
+from tests.conftest import NORMALIZE, config, grid_points, tiny_flags
 
 ARCHITECTURE = {"architecture": "csp_pan", "backbone": "csp", "widths": [8, 16, 16, 32, 32], "depths": [1, 1, 1, 1]}
 

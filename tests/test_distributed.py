@@ -18,9 +18,8 @@ from torch import nn
 import test as test_script
 import train
 from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, launch, state_tensors, tiny_flags, torchrun
 from tests.signal_at_step import load_solver_that_signals
-from tests.test_platform import state_tensors, tiny_flags
 from utils.checkpoint import load_checkpoint
 from utils.distributed import ResumableDistributedSampler, SeededItems, init_distributed, sync_batchnorm
 from utils.errors import UserError
@@ -36,21 +35,7 @@ def ddp_flags(embedded_dir, folder, exp_dir, *extra):
     return tiny_flags(embedded_dir, folder, exp_dir, "--batch_size", "2", "--bool_apply_img_aug", "0",
                       "--optimizer_type", "sgd", "--cfg", "model.Yolo.freeze_batchnorm=true",
                       "--cfg", "loss.Yolo.aligned.assignment=nearest",
-                      "--cfg", "config.solver.checkpoint_every_steps=2", *extra)
-
-
-def launch(command: list, timeout: float = 300, check: bool = True, **env) -> subprocess.CompletedProcess:
-    """Run a launcher (torchrun or one of the run_train_*.sh scripts) with 1 thread per process."""
-    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT), **env})
-    if check:
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
-
-
-def torchrun(*args, check: bool = True, **env) -> subprocess.CompletedProcess:
-    return launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
-                  check=check, **env)
+                      "--cfg", "config.train.checkpoint_every_steps=2", *extra)
 
 
 def free_port() -> int:
@@ -138,7 +123,7 @@ def test_a_killed_worker_is_restarted_and_resumes_exactly(ddp_trained, embedded_
 def test_a_worker_killed_before_the_first_checkpoint_is_restarted_afresh(ddp_trained, embedded_dir, tmp_path):
     """No checkpoint every few steps: rank 1 is SIGKILLed at its 2nd step of epoch 1, before anything was saved;
     the restarted workers start afresh (one log line) and end with the weights of the uninterrupted run."""
-    flags = ddp_flags(embedded_dir, tmp_path, "exp", "--cfg", "config.solver.checkpoint_every_steps=0")
+    flags = ddp_flags(embedded_dir, tmp_path, "exp", "--cfg", "config.train.checkpoint_every_steps=0")
     result = torchrun("--max_restarts", "1", "tests/train_with_signal.py", "--ddp", "1", *flags, SIGNAL_RANK="1",
                       SIGNAL_NAME="KILL", SIGNAL_STEP="2", SIGNAL_BEFORE_STEP="1",
                       TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
@@ -167,12 +152,13 @@ def test_a_restart_after_start_epoch_continues_from_the_newest_state(ddp_trained
 def test_a_one_process_run_resumed_by_two_sees_each_sample_once(embedded_dir, tmp_path):
     """Stopped after 2 of the 6 steps of epoch 1 with 1 process of 2 samples, resumed by 2 processes of 2: the 8
     samples left take 2 steps of 4, epoch 2 takes 3."""
-    flags = ddp_flags(embedded_dir, tmp_path, "exp", "--cfg", "config.solver.checkpoint_every_steps=0")
+    flags = ddp_flags(embedded_dir, tmp_path, "exp", "--cfg", "config.train.checkpoint_every_steps=0")
     real_load_solver = train.helper.load_solver
     train.helper.load_solver = load_solver_that_signals(real_load_solver, 2, signal.SIGINT)
     try:
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as stopped:
             train.main(flags)
+        assert stopped.value.code == 128 + signal.SIGINT  # stopped by the signal, last.pt saved
     finally:
         train.helper.load_solver = real_load_solver
     launch(["bash", "run_train_ddp.sh", "2", *flags, "--load_pretrained", "1"])
@@ -263,9 +249,9 @@ def test_ddp_without_torchrun_is_one_line(tmp_path):
 
 
 def test_train_main_rejects_ddp_in_process(embedded_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as failed:
         train.main(tiny_flags(embedded_dir, tmp_path, "exp", "--ddp", "1"))
-    assert "needs torchrun's environment" in capsys.readouterr().err
+    assert failed.value.code == 2 and "needs torchrun's environment" in capsys.readouterr().err
 
 
 def set_torchrun_environment(monkeypatch, **extra):

@@ -9,11 +9,10 @@ from faster_coco_eval import COCOeval_faster
 from torchvision.ops import batched_nms
 
 from bench.eval import synthetic_coco
-from utils.boxes import postprocess_detections, to_original_pixels
+from models.Yolo.boxes import coco_detection_array, postprocess_detections, to_original_pixels
 from utils.coco_eval import (
     COCO,
     SUMMARY_NAMES,
-    coco_detection_array,
     coco_metrics,
     coco_results_array,
     coco_results_list,

@@ -10,9 +10,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from dataset.NuscenesDataset import loader_2d_obj_det as loader_module
-from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader, images_on_device, read_image, train_val_scenes
-from utils.collate import collate_detection
+from dataset.NuscenesDataset import common as loader_module
+from dataset.NuscenesDataset.collate_2d import collate_detection
+from dataset.NuscenesDataset.common import read_image, train_val_scenes
+from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader, images_on_device
 from utils.distributed import SeededItems
 from utils.errors import UserError
 from utils.normalize import NormalizeImages

@@ -1,37 +1,19 @@
 """Model, loss and post-processing: shapes, box coding, target assignment, NMS, finite losses, and that it learns."""
 
-import json
 import logging
 
 import pytest
 import torch
 from torchvision.ops import box_iou
 
+from dataset.NuscenesDataset.collate_2d import collate_detection, padded_targets
 from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
 from models.Yolo import yolo
+from models.Yolo.boxes import decode_ltrb, encode_ltrb, postprocess_detections, to_original_pixels
+from models.Yolo.loss import NO_BOX, DetectionLoss
 from models.Yolo.yolo import STRIDES, Yolo
-from tests.conftest import NORMALIZE, PROJECT_ROOT
-from utils.boxes import decode_ltrb, encode_ltrb, postprocess_detections, to_original_pixels
-from utils.collate import collate_detection, padded_targets
+from tests.conftest import NORMALIZE, config, grid_points
 from utils.errors import UserError
-from utils.loss import NO_BOX, DetectionLoss
-
-
-def config(name):
-    """The Yolo section of config/<name>.json; for "model", with the resnet_fpn architecture these tests cover."""
-    with open(PROJECT_ROOT / "config" / f"{name}.json") as f:
-        section = json.load(f)["Yolo"]
-    return {**section, "architecture": "resnet_fpn", "backbone": "resnet18"} if name == "model" else section
-
-
-def grid_points(width, height):
-    """Point centres (P, 2) and strides (P,) of the model's three levels, in the model's order."""
-    points, strides = [], []
-    for stride in STRIDES:
-        y, x = torch.meshgrid(torch.arange(height // stride), torch.arange(width // stride), indexing="ij")
-        points.append(torch.stack([x.flatten(), y.flatten()], 1).float().add(0.5).mul(stride))
-        strides.append(torch.full((len(points[-1]),), float(stride)))
-    return torch.cat(points), torch.cat(strides)
 
 
 @pytest.fixture(scope="module")

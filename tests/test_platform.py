@@ -17,25 +17,16 @@ import helper
 import test as test_script
 import train
 from argumentparser import build_parser
+from dataset.NuscenesDataset.collate_2d import padded_targets
 from models.Yolo.aligned_loss import AlignedDetectionLoss
-from tests.conftest import PROJECT_ROOT
+from optimization.base import BaseSolver
+from tests.conftest import PROJECT_ROOT, state_tensors, tiny_flags
 from tests.signal_at_step import load_solver_that_signals
 from utils.checkpoint import load_checkpoint
-from utils.collate import padded_targets
 from utils.config import load_json, merge_config
 from utils.errors import UserError
 from utils.experiment import setup_logging
 from utils.optim import build_optimizer, build_scheduler
-
-
-def tiny_flags(embedded_dir, folder, exp_dir="exp", *extra):
-    """Command-line flags of a tiny CPU run on the small embedded dataset: 2 cameras at 96x64, a slim head."""
-    return ["--dataset_dir", embedded_dir, "--save_dir", str(folder / exp_dir), "--num_epochs", "2",
-            "--batch_size", "4", "--num_cores", "0", "--seed", "3",
-            "--cfg", "data.2DObjDet.image.w=96", "--cfg", "data.2DObjDet.image.h=64",
-            "--cfg", 'data.2DObjDet.cameras=["CAM_FRONT", "CAM_BACK"]',
-            "--cfg", f"data.2DObjDet.label_cache_dir={folder / 'cache'}",
-            "--cfg", "model.Yolo.fpn_channels=32", "--cfg", "model.Yolo.head_convs=1", *extra]
 
 
 @pytest.fixture
@@ -57,12 +48,6 @@ def trained_copy(trained, tmp_path, embedded_dir):
     """A copy of the trained experiment that a test may change, and the flags that name it."""
     shutil.copytree(trained, tmp_path / "exp")
     return tmp_path / "exp", lambda *extra: tiny_flags(embedded_dir, tmp_path, "exp", *extra)
-
-
-def state_tensors(path):
-    state = load_checkpoint(path)
-    return state, {**{f"model.{k}": v for k, v in state["model"].items()},
-                   **{f"ema.{k}": v for k, v in state["ema"].items()}}
 
 
 def test_train_then_test_end_to_end(trained_copy):
@@ -152,8 +137,9 @@ def test_resume_with_a_doubled_batch_sees_each_sample_once(tiny_run, tmp_path, m
     take 2 steps, epoch 2 takes 3, and the rebuilt OneCycle schedule ends on its last step (it raises past it)."""
     real_load_solver = train.helper.load_solver
     monkeypatch.setattr(train.helper, "load_solver", load_solver_that_signals(real_load_solver, 2, signal.SIGINT))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stopped:
         train.main(tiny_run("exp", "--batch_size", "2"))
+    assert stopped.value.code == 128 + signal.SIGINT
     monkeypatch.setattr(train.helper, "load_solver", real_load_solver)
     stopped = load_checkpoint(str(tmp_path / "exp" / "last.pt"))
     assert (stopped["epoch"], stopped["step_in_epoch"], stopped["samples_in_epoch"]) == (0, 2, 4)
@@ -477,3 +463,67 @@ def test_broken_json_config_names_file_line_and_column(tmp_path):
         merge_config({}, str(tmp_path))
     with pytest.raises(UserError, match="not found"):
         load_json(str(tmp_path / "absent.json"))
+
+
+class RecordingSave:
+    """train.end_epoch's `save`: records the checkpoint names of each call instead of writing them."""
+
+    def __init__(self, exp_dir: str):
+        self.exp_dir, self.calls = exp_dir, []
+
+    def __call__(self, names: list) -> None:
+        self.calls.append(names)
+
+
+class NoWriter:
+    def add_scalar(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize("error_metric", [True, False], ids=["error_metric", "score_metric"])
+def test_best_pt_follows_the_first_metric_in_its_direction(tmp_path, error_metric):
+    """A solver states which metrics are better when lower (an error such as MAE): best.pt is then written when the
+    metric falls, from the first evaluation on (best_score starts at +inf, not at -1 where no error is better)."""
+
+    class CountingSolver(BaseSolver):
+        metric_names = ("MAE", "bias")
+        lower_is_better = ("MAE",) if error_metric else ()
+
+        def __init__(self, values):
+            self.values = iter(values)
+
+        def eval(self, loader, show_progress):
+            return {"MAE": next(self.values), "bias": -4.0}, {}, {}
+
+    solver = CountingSolver([3.0, 2.0, 2.5, 1.0])
+    progress, save = train.Progress(best_score=solver.worst_score()), RecordingSave(str(tmp_path))
+    args = {"valid_step": 1, "num_epochs": 4, "save_every": 100, "max_num_chkpts": 3}
+    for _ in range(4):
+        train.end_epoch(solver, None, args, progress, 0.1, 0.0, save, NoWriter(), main_process=True)
+    best = ["best.pt" in names for names in save.calls]
+    assert best == ([True, True, False, True] if error_metric else [True, False, False, False])
+    assert progress.best_score == (1.0 if error_metric else 3.0)
+    assert (tmp_path / "curves.png").is_file()  # metrics far outside [0, 1] are drawn
+
+
+def test_a_config_section_inherits_another_and_writes_only_what_differs(tmp_path):
+    """data.json (any config file): a section with "inherit" takes the named section's keys, its own on top,
+    nested dicts merged key by key; --cfg then overrides the result; a missing parent or a cycle is one line."""
+    config_dir = tmp_path / "config"
+    shutil.copytree(PROJECT_ROOT / "config", config_dir)
+    data = load_json(str(config_dir / "data.json"))
+    data["Counting"] = {"inherit": "2DObjDet", "image": {"w": 96}, "cameras": ["CAM_FRONT"]}
+    (config_dir / "data.json").write_text(json.dumps(data))
+    flags = vars(build_parser().parse_args(["--cfg", "data.Counting.image.h=64"]))
+    merged = merge_config(flags, str(config_dir))
+    counting, detection = merged["data"]["Counting"], merged["data"]["2DObjDet"]
+    assert counting["image"] == {"w": 96, "h": 64} and counting["cameras"] == ["CAM_FRONT"]
+    assert "inherit" not in counting and counting["labels"] == detection["labels"]
+    assert detection["image"] == {"w": 384, "h": 224}  # the parent is not changed by its child
+    for inherit, message in (("Nothing", r"Counting.inherit = \"Nothing\" is not a section of the file: name one of "
+                                         r"2DObjDet, BEVSeg"),
+                             ("Counting", r"makes a cycle \(Counting -> Counting\)")):
+        data["Counting"]["inherit"] = inherit
+        (config_dir / "data.json").write_text(json.dumps(data))
+        with pytest.raises(UserError, match=message):
+            merge_config(flags, str(config_dir))

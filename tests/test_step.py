@@ -8,9 +8,9 @@ from torchvision.ops import complete_box_iou_loss, generalized_box_iou_loss
 
 import helper
 from argumentparser import build_parser
+from dataset.NuscenesDataset.collate_2d import padded_targets
+from models.Yolo.boxes import complete_iou_loss, generalized_iou_loss
 from tests.conftest import PROJECT_ROOT
-from utils.boxes import complete_iou_loss, generalized_iou_loss
-from utils.collate import padded_targets
 from utils.config import merge_config
 from utils.errors import NonFiniteLossError
 from utils.host_reads import HostReadCounter

@@ -41,6 +41,13 @@ def save_checkpoint(path: str, state: dict) -> None:
                         f"and permissions there; the previous file is unchanged") from None
 
 
+def check_model_name(state: dict, model_name: str, what: str = "the checkpoint") -> None:
+    """A checkpoint of another model is one line, before its weights are read into this one."""
+    if state["config"]["model_name"] != model_name:
+        raise UserError(f"{what} is from model {state['config']['model_name']}, not {model_name}: resume it with "
+                        f"--model_name {state['config']['model_name']} (test.py reads the model from it)")
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Read a checkpoint with weights_only=True; a missing, truncated or foreign file is one clear line."""
     try:

@@ -9,7 +9,6 @@ CPU core: ~25 s and ~0.4 GB, where faster-coco-eval's COCOeval, which builds Pyt
 import logging
 
 import numpy as np
-import torch
 from faster_coco_eval import COCO
 
 SUMMARY_NAMES = ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")  # the first six of COCOeval.stats
@@ -27,23 +26,6 @@ logger = logging.getLogger(__name__)
 def load_coco(path: str) -> COCO:
     """A COCO annotation file, indexed; its progress messages go to this module's logger at DEBUG."""
     return COCO(path, print_function=logger.debug)
-
-
-def coco_detection_array(predictions: dict, batch: dict, input_size: tuple) -> np.ndarray:
-    """The detections of a collated batch as COCO results, (D, 7) float64 rows [image_id, x, y, w, h, score,
-    category_id = label + 1] with boxes in original px, built on the predictions' device and copied to the host once.
-
-    predictions: flat tensors over the batch's I = B x N_cam images (utils.boxes.postprocess_detections): boxes (D, 4)
-    x1 y1 x2 y2 in input px (input_size = (W, H)), scores (D,), labels (D,) 0-based, image_index (D,) into the
-    images in the batch's order; batch: image_ids (B, N_cam), orig_sizes (B, N_cam, 2) original (W, H)."""
-    device, index = predictions["boxes"].device, predictions["image_index"]
-    # the scale in float32 and the box in float32 times it: the detections' precision (a box is float32)
-    scale = (batch["orig_sizes"].flatten(0, 1).double() / torch.tensor(input_size, dtype=torch.float64)).float()
-    boxes = (predictions["boxes"].float() * scale.to(device)[index].repeat(1, 2)).double()  # (D, 4) original px
-    columns = (batch["image_ids"].flatten().to(device)[index].double()[:, None], boxes[:, :2],
-               boxes[:, 2:] - boxes[:, :2], predictions["scores"].double()[:, None],
-               predictions["labels"].double()[:, None] + 1)
-    return torch.cat(columns, dim=1).cpu().numpy()
 
 
 def coco_results_list(detections: np.ndarray) -> list:

@@ -66,12 +66,49 @@ def apply_override(cfg: dict, override: str, sections: tuple) -> None:
             node = node[part]
 
 
+def deep_merge(base: dict, own: dict) -> dict:
+    """`base` with `own`'s keys on top: dicts merged key by key, any other value replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in own.items():
+        both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = deep_merge(merged[key], value) if both_dicts else copy.deepcopy(value)
+    return merged
+
+
+def resolve_inherits(entries: dict, path: str) -> dict:
+    """The top-level entries of a config file, each entry with an "inherit": "<other entry>" key replaced by that
+    entry (itself resolved) with its own keys on top, so that a task reuses another task's settings and writes only
+    what differs (e.g. a data.json section that reads the same dataset as "2DObjDet")."""
+    resolved = {}
+
+    def resolve(name: str, chain: tuple) -> dict:
+        if name in resolved:
+            return resolved[name]
+        entry = entries[name]
+        if isinstance(entry, dict) and "inherit" in entry:
+            parent = entry["inherit"]
+            if parent in chain:
+                raise UserError(f"config file {path}: {name}.inherit = {json.dumps(parent)} makes a cycle "
+                                f"({' -> '.join((*chain, parent))}): let one of them inherit from none")
+            if parent not in entries or not isinstance(entries[parent], dict):
+                others = [key for key in entries if key != name and isinstance(entries[key], dict)]
+                raise UserError(f"config file {path}: {name}.inherit = {json.dumps(parent)} is not a section of the "
+                                f"file: name one of {', '.join(others) or '(none: add that section)'}")
+            entry = deep_merge(resolve(parent, (*chain, name)), {k: v for k, v in entry.items() if k != "inherit"})
+        resolved[name] = entry
+        return entry
+
+    return {name: resolve(name, (name,)) for name in entries}
+
+
 def merge_config(flags: dict, config_dir: str, sections: tuple = CONFIG_SECTIONS) -> dict:
-    """One plain dict: the flags at the top level, each config/<section>.json under its section name, then the
-    `--cfg` overrides (flags["cfg"], a list) applied to the sections."""
+    """One plain dict: the flags at the top level, each config/<section>.json under its section name (its
+    "inherit" keys resolved), then the `--cfg` overrides (flags["cfg"], a list) applied to the sections."""
     cfg = copy.deepcopy(flags)
     for section in sections:
-        cfg[section] = load_json(os.path.join(config_dir, f"{section}.json"))
+        path = os.path.join(config_dir, f"{section}.json")
+        entries = load_json(path)
+        cfg[section] = resolve_inherits(entries, path) if isinstance(entries, dict) else entries
     for override in flags.get("cfg") or []:
         apply_override(cfg, override, sections)
     return cfg

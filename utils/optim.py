@@ -40,13 +40,12 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: in
 
 def scheduler_by_name(name: str, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
                       flags: dict, cfg: dict):
-    """A torch.optim.lr_scheduler stepped per optimizer step, or None for a constant learning rate.
+    """A torch.optim.lr_scheduler stepped per optimizer step (a constant learning rate is --apply_lr_scheduling 0:
+    no scheduler).
 
     name: OnecycleLR (flags: learning_rate, div_factor, pct_start, final_div_factor), StepLR (cfg StepLR:
     step_epochs, gamma), ExponentialLR (cfg: gamma_per_epoch), CosineLR (cfg: warmup_epochs, min_lr_ratio: a
-    linear warmup from min_lr_ratio, then cosine decay to min_lr_ratio * learning_rate) or none."""
-    if name == "none":
-        return None
+    linear warmup from min_lr_ratio, then cosine decay to min_lr_ratio * learning_rate)."""
     if name == "OnecycleLR":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=flags["learning_rate"], total_steps=total_steps, pct_start=flags["pct_start"],
@@ -64,7 +63,7 @@ def scheduler_by_name(name: str, optimizer: torch.optim.Optimizer, total_steps: 
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=min_ratio * flags["learning_rate"])
         return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
-    raise UserError(f"--lr_schd_type {name}: choose one of OnecycleLR, StepLR, ExponentialLR, CosineLR, none")
+    raise UserError(f"--lr_schd_type {name}: choose one of OnecycleLR, StepLR, ExponentialLR, CosineLR")
 
 
 def fast_forward(scheduler, steps: int) -> None:

@@ -15,8 +15,8 @@ def save_figure(figure: Figure, path: str) -> None:
 
 def plot_curves(history: list, metric_names: tuple, path: str) -> None:
     """history: one dict per epoch with 'epoch', the mean training loss terms ('*_loss') and, on evaluated
-    epochs, the validation metrics `metric_names` (values in [0, 1], or None). Left: losses per epoch; right:
-    metrics."""
+    epochs, the validation metrics `metric_names` (any scale, or None). Left: losses per epoch; right: metrics,
+    on an axis scaled to their values."""
     figure = Figure(figsize=(11, 4))
     loss_axis, metric_axis = figure.subplots(1, 2)
     epochs = [row["epoch"] for row in history]
@@ -28,7 +28,7 @@ def plot_curves(history: list, metric_names: tuple, path: str) -> None:
     for key in metric_names:  # None: undefined (no ground truth of that kind), not drawn
         values = [float("nan") if row[key] is None else row[key] for row in evaluated]
         metric_axis.plot([row["epoch"] for row in evaluated], values, marker="o", label=key)
-    metric_axis.set(xlabel="epoch", ylabel="validation metric", ylim=(0, 1), title="validation")
+    metric_axis.set(xlabel="epoch", ylabel="validation metric", title="validation")
     metric_axis.legend()
     save_figure(figure, path)
 

@@ -1,50 +1,12 @@
-"""Multi-label segmentation on a grid (each class its own binary map, e.g. BEV occupancy): the loss and the IoU
-metric, task-independent.
+"""The IoU of multi-label segmentation on a grid (each class its own binary map, e.g. BEV occupancy),
+task-independent.
 
-Shapes: logits and targets (B, C, X, Y); targets in {0, 1}."""
+Shapes: probabilities and targets (B, C, X, Y); targets in {0, 1}."""
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from utils.errors import UserError
-
-
-def grid_shape(bev: dict) -> tuple:
-    """(X rows, Y columns) of the grid over bev["x_range_m"] x bev["y_range_m"] with square cells of bev["cell_m"]
-    (config/data.json "bev"); one line if the ranges are not whole numbers of cells."""
-    cell = bev["cell_m"]
-    if not cell > 0:
-        raise UserError(f"'bev' in config/data.json: cell_m {cell} must be > 0 (the cell side in m)")
-    shape = []
-    for key in ("x_range_m", "y_range_m"):
-        low, high = bev[key]
-        cells = (high - low) / cell
-        if not (high > low and abs(cells - round(cells)) < 1e-6):
-            raise UserError(f"'bev' in config/data.json: {key} {bev[key]} must be [low, high] with high > low, a "
-                            f"whole number of cells of cell_m {cell} m")
-        shape.append(round(cells))
-    return tuple(shape)
-
-
-class SegmentationLoss(nn.Module):
-    """Binary cross-entropy with `pos_weight` on the occupied cells (they are a few percent of the grid), plus
-    `dice_weight` x the soft Dice loss per class over the whole batch (1 - 2 |p t| / (|p| + |t|)), which scores
-    the overlap that the IoU metric measures. cfg: a section of config/loss.json."""
-
-    def __init__(self, cfg: dict):
-        super().__init__()
-        self.pos_weight, self.dice_weight = cfg["pos_weight"], cfg["dice_weight"]
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> dict:
-        logits = logits.float()  # in float32 whatever the autocast dtype
-        bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=logits.new_tensor(self.pos_weight))
-        probabilities = torch.sigmoid(logits)
-        overlap = (probabilities * target).sum(dim=(0, 2, 3))  # (C,)
-        sizes = probabilities.sum(dim=(0, 2, 3)) + target.sum(dim=(0, 2, 3))
-        dice = (1.0 - 2.0 * overlap / sizes.clamp(min=1.0)).mean()
-        return {"bce_loss": bce, "dice_loss": dice, "total_loss": bce + self.dice_weight * dice}
 
 
 class OccupancyHistogram:

@@ -12,6 +12,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
+from utils.checkpoint import check_model_name
 from utils.distributed import any_process, sync_batchnorm
 from utils.errors import NonFiniteLossError, UserError
 from utils.optim import build_optimizer, build_scheduler, fast_forward
@@ -166,14 +167,9 @@ class TrainingParts:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict(), "steps_per_epoch": self.steps_per_epoch}
 
-    def check_model_name(self, state: dict) -> None:
-        if state["config"]["model_name"] != self.args["model_name"]:
-            raise UserError(f"the checkpoint is from model {state['config']['model_name']}, not "
-                            f"{self.args['model_name']}: use --model_name {state['config']['model_name']}")
-
     def load_weights(self, state: dict) -> None:
         """Only the model and EMA weights of a checkpoint, for evaluation."""
-        self.check_model_name(state)
+        check_model_name(state, self.args["model_name"])
         try:
             self.model.load_state_dict(state["model"])
             if self.ema is not None and state.get("ema") is not None:
@@ -189,7 +185,7 @@ class TrainingParts:
         --num_epochs, --batch_size or number of processes), other settings (type, learning rate, shape) or stands
         at another step, the schedule is rebuilt from this run's settings and advanced to schedule_step; returns why
         then (the learning rate may jump), else ""."""
-        self.check_model_name(state)
+        check_model_name(state, self.args["model_name"])
         try:
             self.model.load_state_dict(state["model"])
             if self.ema is not None and state["ema"] is not None:

@@ -11,8 +11,8 @@ import argparse
 import json
 import os
 
+from dataset.NuscenesDataset.common import PROJECT_ROOT, project_path
 from dataset.NuscenesDataset.labels import label_cache
-from dataset.NuscenesDataset.loader_2d_obj_det import PROJECT_ROOT, project_path
 from utils.errors import exit_on_user_error
 from utils.experiment import setup_logging
 from utils.io import atomic_write_json
@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", required=True, help="nuScenes version, e.g. v1.0-mini or v1.0-trainval")
     parser.add_argument("--split", required=True, help="a key of create_splits_scenes(), e.g. mini_val or val")
     parser.add_argument("--out", required=True, help="COCO JSON file to write")
+    parser.add_argument("--label_cache_dir", default=None,
+                        help="the label cache folder (default: config/data.json's label_cache_dir)")
     return parser
 
 
@@ -35,7 +37,8 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     with open(PROJECT_ROOT / "config" / "data.json") as f:
         cfg = json.load(f)[APP_MODE]
-    _, coco = label_cache(args.dataroot, args.version, args.split, cfg["labels"], project_path(cfg["label_cache_dir"]))
+    cache_dir = os.path.abspath(args.label_cache_dir) if args.label_cache_dir else project_path(cfg["label_cache_dir"])
+    _, coco = label_cache(args.dataroot, args.version, args.split, cfg["labels"], cache_dir)
     atomic_write_json(args.out, coco)
     print(f"wrote {len(coco['images'])} images and {len(coco['annotations'])} boxes of {args.version} {args.split} "
           f"to {os.path.abspath(args.out)}")

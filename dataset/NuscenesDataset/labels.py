@@ -41,6 +41,7 @@ from shapely.geometry import box as shapely_box
 from tqdm import tqdm
 
 from dataset.NuscenesDataset.cache import cache_key, cached_arrays, read_arrays, tables_key, write_arrays
+from dataset.NuscenesDataset.common import scene_samples
 from utils.errors import UserError
 
 LABEL_FORMAT = 2  # bump when the label computation changes, so that old caches are rebuilt
@@ -162,9 +163,7 @@ def scene_labels(nusc: NuScenes, scene_name: str, visibilities: list, min_box_si
     `min_box_size` px in width and height."""
     scene = next(scene for scene in nusc.scene if scene["name"] == scene_name)
     images, boxes = [], []
-    sample_token = scene["first_sample_token"]
-    while sample_token:
-        sample = nusc.get("sample", sample_token)
+    for sample in scene_samples(nusc, scene):
         for channel in sorted(sample["data"]):
             sd_rec = nusc.get("sample_data", sample["data"][channel])
             if sd_rec["sensor_modality"] != "camera":
@@ -177,7 +176,6 @@ def scene_labels(nusc: NuScenes, scene_name: str, visibilities: list, min_box_si
                               ann_rec["token"], ann_rec["visibility_token"]))
             images.append((sd_rec["filename"], sd_rec["width"], sd_rec["height"], sd_rec["sample_token"],
                            sd_rec["channel"], sd_rec["token"]))
-        sample_token = sample["next"]
     return {
         "image_file": np.array([image[0] for image in images], dtype=np.bytes_).reshape(-1),
         "image_size": np.array([image[1:3] for image in images], dtype=np.int32).reshape(-1, 2),

@@ -16,13 +16,10 @@ An item is a dict:
     image_ids   (N_cam,) int64 COCO image ids in the label cache
     orig_sizes  (N_cam, 2) int64 original (width, height) in px; without augmentation, original pixels are
                 input pixels * orig_size / input_size
-`utils.collate.collate_detection` batches items.
+`dataset.NuscenesDataset.collate_2d.collate_detection` batches items.
 """
 
-import logging
 import os
-import random
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -33,79 +30,28 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from dataset.NuscenesDataset import synthetic
-from dataset.NuscenesDataset.cache import file_lock, read_arrays
+from dataset.NuscenesDataset.cache import read_arrays
+from dataset.NuscenesDataset.collate_2d import collate_detection
+from dataset.NuscenesDataset.common import (
+    COMMON_RULES,
+    check_images_exist,
+    decode_image,
+    mode_scenes,
+    one_opencv_thread,
+    project_path,
+    read_jpeg,
+    resolve_dataroot,
+    version_split,
+)
 from dataset.NuscenesDataset.labels import CATEGORY_IDS, coco_from_labels, label_arrays
-from utils.collate import collate_detection
-from utils.config import NUMBER_RANGE, TEXT, Rule, list_of, number, one_of
+from utils.config import NUMBER_RANGE, TEXT, Rule, number, one_of
 from utils.errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-MODES = ("train", "val", "test")
-VAL_SPLIT_SEED = 0  # fixed, so that the train/val scene split never depends on the run's --seed
-REDUCED_DECODING = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
-                    (2, cv2.IMREAD_REDUCED_COLOR_2), (1, cv2.IMREAD_COLOR))  # (scale divisor, cv2 flag)
 # the colour jitter's kernels by v2.ColorJitter's fn_idx numbering, with the name of their drawn factor
 COLOUR_KERNELS = ((F.adjust_brightness, "brightness_factor"), (F.adjust_contrast, "contrast_factor"),
                   (F.adjust_saturation, "saturation_factor"), (F.adjust_hue, "hue_factor"))
 LEVELS = np.arange(256, dtype=np.float32)  # the uint8 grey levels, for look-up tables
 GREY_WEIGHTS = np.array([[0.2989, 0.587, 0.114, -0.5]], dtype=np.float32)  # R, G, B of F.rgb_to_grayscale; offset
-
-# config/data.json values that every nuScenes loader reads (keys within data.<app_mode>), checked before work starts
-COMMON_RULES = {
-    "data.dataset_dir": TEXT,
-    "data.version": TEXT,
-    "data.cameras": Rule(lambda value: list_of(TEXT).check(value) and len(set(value)) == len(value),
-                         "a list of one or more different camera channels"),
-    "data.embedded.samples_per_scene": number(1, integer=True),
-    "data.embedded.width": number(32, integer=True),
-    "data.embedded.height": number(32, integer=True),
-    "data.embedded.seed": number(0, integer=True),
-    "data.image.w": number(1, integer=True),
-    "data.image.h": number(1, integer=True),
-    "data.normalize.mean": list_of(number(), length=3),
-    "data.normalize.std": list_of(number(0, low_open=True), length=3),
-    "data.augmentation.brightness": number(0),
-    "data.augmentation.contrast": number(0),
-    "data.augmentation.saturation": number(0),
-    "data.augmentation.hue": number(0, 0.5),
-}
-
-logger = logging.getLogger(__name__)
-
-
-def project_path(path: str) -> str:
-    """Paths in config/*.json are relative to the project folder."""
-    return str((PROJECT_ROOT / path).resolve())
-
-
-def resolve_dataroot(args: dict, cfg: dict) -> str:
-    """The dataset folder: --dataset_dir if given, else data.json's. The embedded dataset's folder is created
-    when missing; any other missing folder is an error (raised when the labels are loaded)."""
-    dataroot = os.path.abspath(args["dataset_dir"]) if args.get("dataset_dir") else project_path(cfg["dataset_dir"])
-    embedded = cfg["embedded"]
-    if dataroot == project_path(embedded["dataset_dir"]) and not os.path.exists(dataroot):
-        os.makedirs(os.path.dirname(dataroot), exist_ok=True)
-        with file_lock(f"{dataroot}.lock", "the embedded dataset"):  # one process generates, the others wait
-            if not os.path.exists(dataroot):
-                logger.info("dataset_dir %s is missing: generating the embedded nuScenes dataset there", dataroot)
-                synthetic.generate(dataroot, embedded["samples_per_scene"], embedded["width"], embedded["height"],
-                                   embedded["seed"])
-    return dataroot
-
-
-def train_val_scenes(scene_names: list, val_ratio: float) -> tuple:
-    """Split the training scenes into (train, val) scene lists, deterministically: a fixed-seed shuffle of the
-    sorted names, the first round(val_ratio * n) (at least one) going to val."""
-    if not 0.0 < val_ratio < 1.0:
-        raise UserError(f"--val_ratio {val_ratio}: must be between 0 and 1 (the share of training scenes for val)")
-    if len(scene_names) < 2:
-        raise UserError(f"--val_ratio needs at least 2 training scenes to split; found {len(scene_names)}")
-    shuffled = sorted(scene_names)
-    random.Random(VAL_SPLIT_SEED).shuffle(shuffled)
-    n_val = min(max(1, round(val_ratio * len(shuffled))), len(shuffled) - 1)
-    return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
-
 
 class Augmentation:
     """Training augmentation of one camera image and its boxes: horizontal flip, colour jitter (brightness,
@@ -216,40 +162,6 @@ def augment_array(image: np.ndarray, params: dict) -> np.ndarray:
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
-def read_jpeg(path: str) -> bytes:
-    """The bytes of the JPEG file at `path`; a missing, unreadable or truncated file is a one-line error."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as error:
-        raise UserError(f"cannot read image {path} ({error}): restore the file or regenerate the dataset") from None
-    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):  # libjpeg would return a silently grey-padded image
-        raise UserError(f"cannot read image {path} (not a complete JPEG file): restore the file or regenerate "
-                        f"the dataset")
-    return data
-
-
-def read_image(path: str, size: tuple, full_size: tuple, augmentation: dict | None = None) -> torch.Tensor:
-    """Decode the JPEG at `path`, of full_size = (W, H) px, resized to size = (W, H) and augmented with the
-    parameters `augmentation` (Augmentation.draw; None: not augmented): (3, H, W) uint8 RGB.
-
-    libjpeg's DCT scaling decodes at 1/8, 1/4 or 1/2 of full size, whichever is the smallest still at least
-    `size`, so that little is decoded only to be thrown away by the resize."""
-    data = read_jpeg(path)
-    factor, flag = next((f, flag) for f, flag in REDUCED_DECODING
-                        if full_size[0] // f >= size[0] and full_size[1] // f >= size[1])
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
-    if image is None:
-        raise UserError(f"cannot read image {path} (not a JPEG file): restore the file or regenerate the dataset")
-    if (image.shape[1], image.shape[0]) != tuple(size):
-        # the reduced decode leaves less than a 2x downscale, where bilinear interpolation does not alias much
-        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    if augmentation is not None:
-        image = augment_array(image, augmentation)
-    return torch.from_numpy(image).permute(2, 0, 1)
-
-
 def images_on_device(batch: dict, size: tuple, device: torch.device) -> torch.Tensor:
     """The (B, N_cam, 3, H, W) uint8 images of a batch of decode "device" items, made on `device`: the JPEGs
     decoded there (torchvision.io.decode_jpeg: nvJPEG on CUDA, libjpeg-turbo on the CPU), resized to size =
@@ -272,12 +184,6 @@ def images_on_device(batch: dict, size: tuple, device: torch.device) -> torch.Te
     images = [image if params is None else augment_image(image, params)
               for image, params in zip(images, batch["augmentation"], strict=True)]
     return torch.stack(images).view(*batch["counts"].shape, 3, height, width)
-
-
-def one_opencv_thread(worker_id: int) -> None:
-    """DataLoader workers' worker_init_fn: OpenCV decodes and resizes on one thread per worker (the workers are the
-    parallelism; OpenCV's own pool, as many threads as cores in every worker, would oversubscribe the cores)."""
-    cv2.setNumThreads(1)
 
 
 class DatasetLoader(Dataset):
@@ -308,23 +214,13 @@ class DatasetLoader(Dataset):
     }
 
     def __init__(self, args: dict, world_size: int = 1, rank: int = 0, mode: str = "train"):
-        if mode not in MODES:
-            raise UserError(f"mode '{mode}': choose one of {', '.join(MODES)}")
         cfg = args["data"][args["app_mode"]]
         self.mode = mode
-        version = cfg["version"]
-        if version not in cfg["splits"]:
-            raise UserError(f"version '{version}' has no entry in 'splits' of config/data.json "
-                            f"(entries: {', '.join(cfg['splits'])})")
+        self.version, self.split = version_split(cfg, mode)
         self.dataroot = resolve_dataroot(args, cfg)
-        split = cfg["splits"][version]["test" if mode == "test" else "train"]
-        self.coco_path, labels = label_arrays(self.dataroot, version, split, cfg["labels"],
+        self.coco_path, labels = label_arrays(self.dataroot, self.version, self.split, cfg["labels"],
                                               project_path(cfg["label_cache_dir"]))
-        self.version, self.split = version, split
-        scene_names = labels["scene_names"].tolist()
-        if mode != "test":
-            train_scenes, val_scenes = train_val_scenes(scene_names, args["val_ratio"])
-            scene_names = train_scenes if mode == "train" else val_scenes
+        scene_names = mode_scenes(labels["scene_names"].tolist(), mode, args["val_ratio"])
         # Flat arrays only (DataLoader workers would copy Python objects on read): for S samples of N_cam cameras,
         # image_index (S, N_cam) int64 cache index of each camera's image; for those images, files, sizes and the
         # boxes of image k at boxes[box_start[k]:box_start[k + 1]]
@@ -334,7 +230,7 @@ class DatasetLoader(Dataset):
         self.image_ids = used + 1  # (S * N_cam,) COCO image ids, in sample order
         self.image_files = labels["image_file"][used].reshape(image_index.shape)
         self.image_sizes = labels["image_size"][used].reshape(*image_index.shape, 2)
-        self.check_files_exist()
+        check_images_exist(self.dataroot, self.image_files)
         # the cache lists boxes by image: image k's are box_image's run of k, found by binary search
         first = np.searchsorted(labels["box_image"], used, side="left")
         counts = np.searchsorted(labels["box_image"], used, side="right") - first
@@ -372,14 +268,6 @@ class DatasetLoader(Dataset):
                             f"'cameras' in config/data.json to channels of the dataset ({', '.join(present)})")
         return index
 
-    def check_files_exist(self) -> None:
-        """Fail before training starts, not hours into it, when images are missing."""
-        paths = [os.path.join(self.dataroot, name.decode()) for name in self.image_files.reshape(-1)]
-        missing = [path for path in paths if not os.path.isfile(path)]
-        if missing:
-            raise UserError(f"image {missing[0]} is missing ({len(missing)} of {len(paths)} images are): "
-                            f"restore the dataset folder or regenerate it")
-
     def coco_ground_truth(self) -> dict:
         """The COCO ground-truth dict of the split's label cache (for the evaluation; built on demand)."""
         return coco_from_labels(read_arrays(self.coco_path), self.version, self.split)
@@ -408,7 +296,9 @@ class DatasetLoader(Dataset):
                 augmentation.append(params)
                 paths.append(path)
             else:
-                images.append(read_image(path, self.input_size, (full_width, full_height), params))
+                pixels = decode_image(path, self.input_size, (full_width, full_height))
+                pixels = pixels if params is None else augment_array(pixels, params)
+                images.append(torch.from_numpy(pixels).permute(2, 0, 1))
             boxes.append(image_boxes)
             labels.append(image_labels)
             counts.append(len(image_labels))

@@ -36,22 +36,40 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from dataset.NuscenesDataset.cache import cache_key, cached_arrays, tables_key
-from dataset.NuscenesDataset.labels import check_dataroot, load_nuscenes, split_scene_names
-from dataset.NuscenesDataset.loader_2d_obj_det import (
+from dataset.NuscenesDataset.common import (
     COMMON_RULES,
-    MODES,
+    check_images_exist,
+    mode_scenes,
     one_opencv_thread,
     project_path,
     read_image,
     resolve_dataroot,
-    train_val_scenes,
+    scene_samples,
+    version_split,
 )
+from dataset.NuscenesDataset.labels import check_dataroot, load_nuscenes, split_scene_names
 from utils.config import NUMBER_RANGE, TEXT, Rule, list_of, number
 from utils.errors import UserError
-from utils.segmentation import grid_shape
 
 BEV_FORMAT = 1  # bump when the cached geometry changes, so that old caches are rebuilt
 logger = logging.getLogger(__name__)
+
+
+def grid_shape(bev: dict) -> tuple:
+    """(X rows, Y columns) of the grid over bev["x_range_m"] x bev["y_range_m"] with square cells of bev["cell_m"]
+    (config/data.json "bev"); one line if the ranges are not whole numbers of cells."""
+    cell = bev["cell_m"]
+    if not cell > 0:
+        raise UserError(f"'bev' in config/data.json: cell_m {cell} must be > 0 (the cell side in m)")
+    shape = []
+    for key in ("x_range_m", "y_range_m"):
+        low, high = bev[key]
+        cells = (high - low) / cell
+        if not (high > low and abs(cells - round(cells)) < 1e-6):
+            raise UserError(f"'bev' in config/data.json: {key} {bev[key]} must be [low, high] with high > low, a "
+                            f"whole number of cells of cell_m {cell} m")
+        shape.append(round(cells))
+    return tuple(shape)
 
 
 def rigid_transform(record: dict) -> np.ndarray:
@@ -85,12 +103,9 @@ def bev_samples(dataroot: str, version: str, split: str, cfg: dict, cache_dir: s
         scenes = {scene["name"]: scene for scene in nusc.scene}
         samples, boxes = [], []
         for scene_index, name in enumerate(scene_names):
-            sample_token = scenes[name]["first_sample_token"]
-            while sample_token:
-                sample = nusc.get("sample", sample_token)
+            for sample in scene_samples(nusc, scenes[name]):
                 samples.append((scene_index, *sample_geometry(nusc, sample, cfg)))
                 boxes.append(samples[-1][-1])
-                sample_token = sample["next"]
         all_boxes = [box for sample_boxes in boxes for box in sample_boxes]
         return {"sample_token": np.array([sample[1] for sample in samples], dtype=np.str_),
                 "sample_scene": np.array([sample[0] for sample in samples], dtype=np.int32),
@@ -168,21 +183,12 @@ class DatasetLoader(Dataset):
     }
 
     def __init__(self, args: dict, world_size: int = 1, rank: int = 0, mode: str = "train"):
-        if mode not in MODES:
-            raise UserError(f"mode '{mode}': choose one of {', '.join(MODES)}")
         cfg = args["data"][args["app_mode"]]
         self.cameras = cfg["cameras"]
+        version, split = version_split(cfg, mode)
         self.dataroot = resolve_dataroot(args, cfg)
-        version = cfg["version"]
-        if version not in cfg["splits"]:
-            raise UserError(f"version '{version}' has no entry in 'splits' of config/data.json "
-                            f"(entries: {', '.join(cfg['splits'])})")
-        split = cfg["splits"][version]["test" if mode == "test" else "train"]
         samples = bev_samples(self.dataroot, version, split, cfg, project_path(cfg["label_cache_dir"]))
-        scene_names = samples["scene_names"].tolist()
-        if mode != "test":
-            train_scenes, val_scenes = train_val_scenes(scene_names, args["val_ratio"])
-            scene_names = train_scenes if mode == "train" else val_scenes
+        scene_names = mode_scenes(samples["scene_names"].tolist(), mode, args["val_ratio"])
 
         self.class_names = list(cfg["classes"])
         self.grid = grid_shape(cfg["bev"])
@@ -205,11 +211,7 @@ class DatasetLoader(Dataset):
         selected = np.repeat(first - self.box_start[:-1], last - first) + np.arange(self.box_start[-1])
         self.box_class, self.box_center, self.box_size, self.box_rotation = (
             samples[key][selected] for key in ("box_class", "box_center", "box_size", "box_rotation"))
-        missing = [path for path in (os.path.join(self.dataroot, name.decode()) for name in self.image_files.ravel())
-                   if not os.path.isfile(path)]
-        if missing:
-            raise UserError(f"image {missing[0]} is missing ({len(missing)} images are): restore the dataset folder "
-                            f"or regenerate it")
+        check_images_exist(self.dataroot, self.image_files)
 
         jitter = cfg["augmentation"]
         # photometric only: a geometric change of an image would have to move its projection matrix with it

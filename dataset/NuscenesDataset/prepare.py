@@ -12,8 +12,8 @@ import argparse
 import json
 import time
 
+from dataset.NuscenesDataset.common import PROJECT_ROOT, project_path
 from dataset.NuscenesDataset.labels import label_arrays
-from dataset.NuscenesDataset.loader_2d_obj_det import PROJECT_ROOT, project_path
 from utils.errors import UserError, exit_on_user_error
 from utils.experiment import setup_logging
 

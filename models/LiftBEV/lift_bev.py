@@ -25,22 +25,17 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import FeaturePyramidNetwork
 
 from models.Yolo.yolo import build_backbone
 from utils.errors import UserError
+from utils.modules import conv_norm_act, log_model_summary
 from utils.normalize import NormalizeImages
 
 MIN_DEPTH_M = 0.1  # points closer to a camera's image plane than this are treated as behind it
 PRIOR_PROBABILITY = 0.02  # initial occupancy probability: vehicles cover a few percent of the grid
 
 logger = logging.getLogger(__name__)
-
-
-def conv_norm_act(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
-                         nn.GroupNorm(min(32, out_channels), out_channels), nn.SiLU(inplace=True))
 
 
 class ResidualBlock(nn.Module):
@@ -126,20 +121,9 @@ class LiftBEV(nn.Module):
 
     def print_model_summary(self) -> None:
         """Log the parameters of each part and the GFLOPs of one forward pass on one sample."""
-        num_cameras = self.num_cameras
-        width, height = self.image_size
-        parameters = {name: sum(p.numel() for p in module.parameters()) for name, module in self.named_children()
-                      if name != "normalize"}
-        device = next(self.parameters()).device
-        was_training = self.training
-        self.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            self(torch.zeros(1, num_cameras, 3, height, width, dtype=torch.uint8, device=device),
-                 torch.zeros(1, num_cameras, 3, 4, device=device))
-        self.train(was_training)
-        logger.info("LiftBEV (%s backbone) at %dx%d input, %dx%d BEV cells, %d heights:", self.cfg["backbone"], width,
-                    height, *self.grid, len(self.cfg["heights_m"]))
-        for name, count in parameters.items():
-            logger.info("  %-12s %8.2f M parameters", name, count / 1e6)
-        logger.info("  %-12s %8.2f M parameters, %.2f GFLOPs per sample of %d cameras (FLOPs = 2 x multiply-adds)",
-                    "total", sum(parameters.values()) / 1e6, counter.get_total_flops() / 1e9, num_cameras)
+        num_cameras, (width, height), device = self.num_cameras, self.image_size, next(self.parameters()).device
+        example = (torch.zeros(1, num_cameras, 3, height, width, dtype=torch.uint8, device=device),
+                   torch.zeros(1, num_cameras, 3, 4, device=device))  # images, projections
+        log_model_summary(self, example, f"LiftBEV ({self.cfg['backbone']} backbone) at {width}x{height} input, "
+                          f"{self.grid[0]}x{self.grid[1]} BEV cells, {len(self.cfg['heights_m'])} heights",
+                          f"sample of {num_cameras} cameras", logger)

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou
 
+from models.Yolo.boxes import complete_iou_loss
 from models.Yolo.csp_pan import REG_MAX
-from utils.boxes import complete_iou_loss
+from models.Yolo.loss import NO_BOX
 from utils.distributed import loss_normalizer
-from utils.loss import NO_BOX
 
 
 class AlignedDetectionLoss(nn.Module):
@@ -91,8 +91,8 @@ class AlignedDetectionLoss(nn.Module):
     def forward(self, outputs: dict, targets: dict) -> dict:
         """outputs: the model's dict (class_logits (I, P, C), distance_logits (I, P, 4, REG_MAX), boxes (I, P, 4),
         points (P, 2), strides (P,)); targets: target_boxes (I, M, 4) in input px, target_labels (I, M), target_valid
-        (I, M), as collated (utils.collate.padded_targets). Returns box_loss, dfl_loss, cls_loss, total_loss
-        (scalars) and num_positives."""
+        (I, M), as collated (dataset.NuscenesDataset.collate_2d.padded_targets). Returns box_loss, dfl_loss,
+        cls_loss, total_loss (scalars) and num_positives."""
         class_logits, boxes = outputs["class_logits"].float(), outputs["boxes"].float()
         points, strides = outputs["points"].float(), outputs["strides"].float()
         num_classes = class_logits.shape[2]

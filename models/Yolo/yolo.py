@@ -6,7 +6,7 @@ Why anchor-free (YOLOX/FCOS style) and not YOLOv3 anchors: nuScenes objects rang
 bendy buses (17 m), seen from 1 m to 80 m away by cameras of two focal lengths, so anchor shapes would have to be
 re-clustered for every dataset, camera set and input size, and IoU matching against them leaves tiny and elongated
 boxes without a positive. Here each feature-map point predicts the distances to the four sides of its box, and
-utils/loss.py assigns every ground-truth box to points of the level that suits its size, at least one per box.
+models/Yolo/loss.py assigns every ground-truth box to points of the level that suits its size, at least one per box.
 
 Input images (B, N_cam, 3, H, W), normalized, H and W multiples of 32; the cameras are folded into the batch, so
 the model sees I = B * N_cam images. P = sum over the levels of (H / s) * (W / s) points.
@@ -19,12 +19,12 @@ import os
 import torch
 import torchvision
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 
-from utils.boxes import decode_ltrb, postprocess_detections
+from models.Yolo.boxes import decode_ltrb, postprocess_detections
 from utils.errors import UserError
+from utils.modules import conv_norm_act, log_model_summary
 from utils.normalize import NormalizeImages
 
 # name: (constructor, ImageNet weights, channels of layer2, layer3, layer4)
@@ -56,19 +56,14 @@ def build_backbone(name: str, pretrained: bool, freeze_batchnorm: bool) -> tuple
     return extractor, channels
 
 
-def conv_norm_act(channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-                         nn.GroupNorm(min(32, channels), channels), nn.SiLU(inplace=True))
-
-
 class DetectionHead(nn.Module):
     """Shared by all levels (weights are shared, a learnable scale per level adapts the box regression):
     a class tower -> class logits (C per point), and a box tower -> 4 side distances and 1 objectness logit."""
 
     def __init__(self, channels: int, num_classes: int, num_convs: int, num_levels: int):
         super().__init__()
-        self.class_tower = nn.Sequential(*[conv_norm_act(channels) for _ in range(num_convs)])
-        self.box_tower = nn.Sequential(*[conv_norm_act(channels) for _ in range(num_convs)])
+        self.class_tower = nn.Sequential(*[conv_norm_act(channels, channels) for _ in range(num_convs)])
+        self.box_tower = nn.Sequential(*[conv_norm_act(channels, channels) for _ in range(num_convs)])
         self.class_logits = nn.Conv2d(channels, num_classes, 3, padding=1)
         self.box_deltas = nn.Conv2d(channels, 4, 3, padding=1)
         self.objectness = nn.Conv2d(channels, 1, 3, padding=1)
@@ -118,7 +113,7 @@ class DenseDetector(nn.Module):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict:
         """Detections of the I = B * N_cam images (camera-major within a sample), flat over the batch (see
-        utils.boxes.postprocess_detections): boxes (D, 4) in input px, scores (D,), labels (D,), image_index (D,)
+        models.Yolo.boxes.postprocess_detections): boxes (D, 4) in input px, scores (D,), labels (D,), image_index (D,)
         in [0, I); see config/model.json "postprocess" for the thresholds."""
         outputs = self(images)
         return postprocess_detections(outputs["boxes"], self.scores(outputs), image_size=self.image_size,
@@ -127,19 +122,9 @@ class DenseDetector(nn.Module):
     def print_model_summary(self) -> None:
         """Log the parameters of each part and the GFLOPs of one forward pass on one image at the input size."""
         width, height = self.image_size
-        parameters = {name: sum(p.numel() for p in module.parameters()) for name, module in self.named_children()
-                      if name != "normalize"}
-        was_training = self.training
-        self.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            self(torch.zeros(1, 1, 3, height, width, dtype=torch.uint8, device=next(self.parameters()).device))
-        self.train(was_training)
-        logger.info("Yolo (%s architecture, %s backbone) at %dx%d input:", self.cfg["architecture"],
-                    self.cfg["backbone"], width, height)
-        for name, count in parameters.items():
-            logger.info("  %-10s %8.2f M parameters", name, count / 1e6)
-        logger.info("  %-10s %8.2f M parameters, %.2f GFLOPs per image (FLOPs = 2 x multiply-adds)", "total",
-                    sum(parameters.values()) / 1e6, counter.get_total_flops() / 1e9)
+        image = torch.zeros(1, 1, 3, height, width, dtype=torch.uint8, device=next(self.parameters()).device)
+        log_model_summary(self, (image,), f"Yolo ({self.cfg['architecture']} architecture, {self.cfg['backbone']} "
+                          f"backbone) at {width}x{height} input", "image", logger)
 
 
 class Yolo(DenseDetector):

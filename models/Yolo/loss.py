@@ -14,7 +14,7 @@ Target assignment (`assign`), per image:
 
 Terms (weights in config/loss.json), each normalized by the number of positive points N_pos (at least 1; under
 DDP that of the global batch, see utils.distributed.loss_normalizer):
-    box_loss: GIoU loss (utils.boxes) of the decoded box of each positive point, averaged over the positives;
+    box_loss: GIoU loss (boxes.py) of the decoded box of each positive point, averaged over the positives;
     obj_loss: sigmoid focal loss (torchvision) of the objectness of all points (positives are 1), summed and
               divided by N_pos, as RetinaNet and FCOS normalize it;
     cls_loss: binary cross-entropy of the C class logits of each positive point against its one-hot class,
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
-from utils.boxes import generalized_iou_loss
+from models.Yolo.boxes import generalized_iou_loss
 from utils.distributed import loss_normalizer
 
 NO_BOX = -1  # in `assign`'s output: a background point
@@ -90,8 +90,8 @@ class DetectionLoss(nn.Module):
     def forward(self, outputs: dict, targets: dict) -> dict:
         """outputs: the model's dict (class_logits (I, P, C), objectness (I, P), boxes (I, P, 4), points (P, 2),
         strides (P,)); targets: target_boxes (I, M, 4) in input px, target_labels (I, M), target_valid (I, M), as
-        collated (utils.collate.padded_targets). Returns box_loss, obj_loss, cls_loss, total_loss (scalars) and
-        num_positives."""
+        collated (dataset.NuscenesDataset.collate_2d.padded_targets). Returns box_loss, obj_loss, cls_loss,
+        total_loss (scalars) and num_positives."""
         class_logits, objectness = outputs["class_logits"].float(), outputs["objectness"].float()
         num_classes = class_logits.shape[2]
         # one padding slot more (never valid), so that the gathers below have a box to read when M is 0

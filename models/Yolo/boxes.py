@@ -1,6 +1,7 @@
 """Box coding, box-overlap losses and detection post-processing for dense (per-point) detectors. Boxes are (x1, y1,
 x2, y2) in pixels."""
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
@@ -123,3 +124,20 @@ def to_original_pixels(boxes: torch.Tensor, input_size: tuple, original_size: tu
     that was resized (not cropped) to the input size."""
     scale = boxes.new_tensor([original_size[0] / input_size[0], original_size[1] / input_size[1]] * 2)
     return boxes * scale
+
+
+def coco_detection_array(predictions: dict, batch: dict, input_size: tuple) -> np.ndarray:
+    """The detections of a collated batch as COCO results, (D, 7) float64 rows [image_id, x, y, w, h, score,
+    category_id = label + 1] with boxes in original px, built on the predictions' device and copied to the host once.
+
+    predictions: flat tensors over the batch's I = B x N_cam images (postprocess_detections): boxes (D, 4) x1 y1 x2
+    y2 in input px (input_size = (W, H)), scores (D,), labels (D,) 0-based, image_index (D,) into the
+    images in the batch's order; batch: image_ids (B, N_cam), orig_sizes (B, N_cam, 2) original (W, H)."""
+    device, index = predictions["boxes"].device, predictions["image_index"]
+    # the scale in float32 and the box in float32 times it: the detections' precision (a box is float32)
+    scale = (batch["orig_sizes"].flatten(0, 1).double() / torch.tensor(input_size, dtype=torch.float64)).float()
+    boxes = (predictions["boxes"].float() * scale.to(device)[index].repeat(1, 2)).double()  # (D, 4) original px
+    columns = (batch["image_ids"].flatten().to(device)[index].double()[:, None], boxes[:, :2],
+               boxes[:, 2:] - boxes[:, :2], predictions["scores"].double()[:, None],
+               predictions["labels"].double()[:, None] + 1)
+    return torch.cat(columns, dim=1).cpu().numpy()

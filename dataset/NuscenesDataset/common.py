@@ -1,0 +1,158 @@
+"""What every nuScenes loader here shares: the dataset folder (and the embedded dataset's generation), the split of
+a mode, the train/val scene split, the walk through a scene's samples, JPEG reading at reduced scale and the
+DataLoader workers' OpenCV setting, and the config/data.json keys that all of them read."""
+
+import logging
+import os
+import random
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from dataset.NuscenesDataset import synthetic
+from dataset.NuscenesDataset.cache import file_lock
+from utils.config import TEXT, Rule, list_of, number
+from utils.errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+MODES = ("train", "val", "test")
+VAL_SPLIT_SEED = 0  # fixed, so that the train/val scene split never depends on the run's --seed
+REDUCED_DECODING = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                    (2, cv2.IMREAD_REDUCED_COLOR_2), (1, cv2.IMREAD_COLOR))  # (scale divisor, cv2 flag)
+
+# config/data.json values that every nuScenes loader reads (keys within data.<app_mode>), checked before work starts
+COMMON_RULES = {
+    "data.dataset_dir": TEXT,
+    "data.version": TEXT,
+    "data.cameras": Rule(lambda value: list_of(TEXT).check(value) and len(set(value)) == len(value),
+                         "a list of one or more different camera channels"),
+    "data.embedded.samples_per_scene": number(1, integer=True),
+    "data.embedded.width": number(32, integer=True),
+    "data.embedded.height": number(32, integer=True),
+    "data.embedded.seed": number(0, integer=True),
+    "data.image.w": number(1, integer=True),
+    "data.image.h": number(1, integer=True),
+    "data.normalize.mean": list_of(number(), length=3),
+    "data.normalize.std": list_of(number(0, low_open=True), length=3),
+    "data.augmentation.brightness": number(0),
+    "data.augmentation.contrast": number(0),
+    "data.augmentation.saturation": number(0),
+    "data.augmentation.hue": number(0, 0.5),
+}
+
+logger = logging.getLogger(__name__)
+
+
+def project_path(path: str) -> str:
+    """Paths in config/*.json are relative to the project folder."""
+    return str((PROJECT_ROOT / path).resolve())
+
+
+def resolve_dataroot(args: dict, cfg: dict) -> str:
+    """The dataset folder: --dataset_dir if given, else data.json's. The embedded dataset's folder is created
+    when missing; any other missing folder is an error (raised when the labels are loaded)."""
+    dataroot = os.path.abspath(args["dataset_dir"]) if args.get("dataset_dir") else project_path(cfg["dataset_dir"])
+    embedded = cfg["embedded"]
+    if dataroot == project_path(embedded["dataset_dir"]) and not os.path.exists(dataroot):
+        os.makedirs(os.path.dirname(dataroot), exist_ok=True)
+        with file_lock(f"{dataroot}.lock", "the embedded dataset"):  # one process generates, the others wait
+            if not os.path.exists(dataroot):
+                logger.info("dataset_dir %s is missing: generating the embedded nuScenes dataset there", dataroot)
+                synthetic.generate(dataroot, embedded["samples_per_scene"], embedded["width"], embedded["height"],
+                                   embedded["seed"])
+    return dataroot
+
+
+def version_split(cfg: dict, mode: str) -> tuple:
+    """(version, devkit split name) that `mode` reads: train and val the version's training split, test its
+    test split (data.json "splits")."""
+    if mode not in MODES:
+        raise UserError(f"mode '{mode}': choose one of {', '.join(MODES)}")
+    version = cfg["version"]
+    if version not in cfg["splits"]:
+        raise UserError(f"version '{version}' has no entry in 'splits' of config/data.json "
+                        f"(entries: {', '.join(cfg['splits'])})")
+    return version, cfg["splits"][version]["test" if mode == "test" else "train"]
+
+
+def train_val_scenes(scene_names: list, val_ratio: float) -> tuple:
+    """Split the training scenes into (train, val) scene lists, deterministically: a fixed-seed shuffle of the
+    sorted names, the first round(val_ratio * n) (at least one) going to val."""
+    if not 0.0 < val_ratio < 1.0:
+        raise UserError(f"--val_ratio {val_ratio}: must be between 0 and 1 (the share of training scenes for val)")
+    if len(scene_names) < 2:
+        raise UserError(f"--val_ratio needs at least 2 training scenes to split; found {len(scene_names)}")
+    shuffled = sorted(scene_names)
+    random.Random(VAL_SPLIT_SEED).shuffle(shuffled)
+    n_val = min(max(1, round(val_ratio * len(shuffled))), len(shuffled) - 1)
+    return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
+
+
+def mode_scenes(scene_names: list, mode: str, val_ratio: float) -> list:
+    """The scenes of `mode` among those of its split: test takes them all, train and val split them."""
+    if mode == "test":
+        return scene_names
+    train_scenes, val_scenes = train_val_scenes(scene_names, val_ratio)
+    return train_scenes if mode == "train" else val_scenes
+
+
+def scene_samples(nusc, scene: dict):
+    """The sample records of a devkit scene record, in time order."""
+    sample_token = scene["first_sample_token"]
+    while sample_token:
+        sample = nusc.get("sample", sample_token)
+        yield sample
+        sample_token = sample["next"]
+
+
+def check_images_exist(dataroot: str, image_files: np.ndarray) -> None:
+    """Fail before training starts, not hours into it, when images (file names relative to the dataroot, bytes)
+    are missing."""
+    paths = [os.path.join(dataroot, name.decode()) for name in image_files.reshape(-1)]
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise UserError(f"image {missing[0]} is missing ({len(missing)} of {len(paths)} images are): "
+                        f"restore the dataset folder or regenerate it")
+
+
+def read_jpeg(path: str) -> bytes:
+    """The bytes of the JPEG file at `path`; a missing, unreadable or truncated file is a one-line error."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise UserError(f"cannot read image {path} ({error}): restore the file or regenerate the dataset") from None
+    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):  # libjpeg would return a silently grey-padded image
+        raise UserError(f"cannot read image {path} (not a complete JPEG file): restore the file or regenerate "
+                        f"the dataset")
+    return data
+
+
+def decode_image(path: str, size: tuple, full_size: tuple) -> np.ndarray:
+    """Decode the JPEG at `path`, of full_size = (W, H) px, resized to size = (W, H): (H, W, 3) uint8 RGB.
+
+    libjpeg's DCT scaling decodes at 1/8, 1/4 or 1/2 of full size, whichever is the smallest still at least
+    `size`, so that little is decoded only to be thrown away by the resize."""
+    data = read_jpeg(path)
+    factor, flag = next((f, flag) for f, flag in REDUCED_DECODING
+                        if full_size[0] // f >= size[0] and full_size[1] // f >= size[1])
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+    if image is None:
+        raise UserError(f"cannot read image {path} (not a JPEG file): restore the file or regenerate the dataset")
+    if (image.shape[1], image.shape[0]) != tuple(size):
+        # the reduced decode leaves less than a 2x downscale, where bilinear interpolation does not alias much
+        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_image(path: str, size: tuple, full_size: tuple) -> torch.Tensor:
+    """decode_image as a (3, H, W) uint8 tensor."""
+    return torch.from_numpy(decode_image(path, size, full_size)).permute(2, 0, 1)
+
+
+def one_opencv_thread(worker_id: int) -> None:
+    """DataLoader workers' worker_init_fn: OpenCV decodes and resizes on one thread per worker (the workers are the
+    parallelism; OpenCV's own pool, as many threads as cores in every worker, would oversubscribe the cores)."""
+    cv2.setNumThreads(1)
