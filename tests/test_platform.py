@@ -286,12 +286,6 @@ def test_mixed_precision_step_on_the_cpu(trained):
     assert all(torch.isfinite(value) for value in losses.values())
 
 
-def run_train_cli(*flags):
-    result = subprocess.run([sys.executable, "train.py", *flags], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                            timeout=300)
-    return result.returncode, result.stderr.strip()
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--optimizer_type", "lion"], "argument --optimizer_type: invalid choice: 'lion'"),
     (["--lr_schd_type", "Cyclic"], "argument --lr_schd_type: invalid choice: 'Cyclic'"),
@@ -313,11 +307,22 @@ def test_bad_flags_are_one_line(flags, message, capsys):
     (["--cfg", "model.Yolo.backbone_name=resnet34"], "unknown key 'model.Yolo.backbone_name'"),
     (["--cfg", "data.2DObjDet.image.h=tall"], "--cfg data.2DObjDet.image.h=tall: expected a value of type int"),
 ])
-def test_bad_names_fail_before_heavy_work(flags, message, tmp_path):
-    code, stderr = run_train_cli("--save_dir", str(tmp_path / "exp"), *flags)
-    assert code == 2 and "\n" not in stderr and "Traceback" not in stderr
+def test_bad_names_fail_before_heavy_work(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as failed:
+        train.main(["--save_dir", str(tmp_path / "exp"), *flags])
+    stderr = capsys.readouterr().err.strip()
+    assert failed.value.code == 2 and "\n" not in stderr and "Traceback" not in stderr
     assert message in stderr
     assert not (tmp_path / "exp").exists()
+
+
+def test_train_py_as_a_program_ends_a_bad_name_with_one_line_and_status_2(tmp_path):
+    """The entry point itself (the other tests call train.main in-process): `python train.py`."""
+    result = subprocess.run([sys.executable, "train.py", "--save_dir", str(tmp_path / "exp"), "--model_name", "Detr"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    stderr = result.stderr.strip()
+    assert result.returncode == 2 and "\n" not in stderr and "Traceback" not in stderr
+    assert "--model_name Detr: no optimization/Detr_solver.py" in stderr and not (tmp_path / "exp").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
