@@ -301,7 +301,8 @@ def end_epoch(solver, val_loader, args: dict, progress: Progress, learning_rate:
             improved = progress.best_score == solver.worst_score()
         else:
             improved = solver.improves(score, progress.best_score)
-            progress.best_score = score if improved else progress.best_score
+            if improved:
+                progress.best_score = score
         if improved:
             names.append("best.pt")
     if epoch % args["save_every"] == 0:

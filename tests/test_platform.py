@@ -532,3 +532,8 @@ def test_a_config_section_inherits_another_and_writes_only_what_differs(tmp_path
         (config_dir / "data.json").write_text(json.dumps(data))
         with pytest.raises(UserError, match=message):
             merge_config(flags, str(config_dir))
+    data["Other"] = {"inherit": "Counting"}  # a longer cycle is named link by link
+    data["Counting"]["inherit"] = "Other"
+    (config_dir / "data.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match=r"makes a cycle \(Counting -> Other -> Counting\)"):
+        merge_config(flags, str(config_dir))

@@ -81,7 +81,7 @@ def resolve_inherits(entries: dict, path: str) -> dict:
     what differs (e.g. a data.json section that reads the same dataset as "2DObjDet")."""
     resolved = {}
 
-    def resolve(name: str, chain: tuple) -> dict:
+    def resolve(name: str, chain: tuple) -> dict:  # chain: the sections whose inheritance led here, ending in name
         if name in resolved:
             return resolved[name]
         entry = entries[name]
@@ -94,7 +94,7 @@ def resolve_inherits(entries: dict, path: str) -> dict:
                 others = [key for key in entries if key != name and isinstance(entries[key], dict)]
                 raise UserError(f"config file {path}: {name}.inherit = {json.dumps(parent)} is not a section of the "
                                 f"file: name one of {', '.join(others) or '(none: add that section)'}")
-            entry = deep_merge(resolve(parent, (*chain, name)), {k: v for k, v in entry.items() if k != "inherit"})
+            entry = deep_merge(resolve(parent, (*chain, parent)), {k: v for k, v in entry.items() if k != "inherit"})
         resolved[name] = entry
         return entry
 

@@ -53,6 +53,7 @@ COLOUR_KERNELS = ((F.adjust_brightness, "brightness_factor"), (F.adjust_contrast
 LEVELS = np.arange(256, dtype=np.float32)  # the uint8 grey levels, for look-up tables
 GREY_WEIGHTS = np.array([[0.2989, 0.587, 0.114, -0.5]], dtype=np.float32)  # R, G, B of F.rgb_to_grayscale; offset
 
+
 class Augmentation:
     """Training augmentation of one camera image and its boxes: horizontal flip, colour jitter (brightness,
     contrast, saturation, hue in a random order), scale and translate jitter, as torchvision's transforms.v2
