@@ -74,6 +74,13 @@ def open_fraction(text: str) -> float:
     return value
 
 
+def unit_interval(text: str) -> float:
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def flag(text: str) -> int:
     if text not in ("0", "1"):
         raise argparse.ArgumentTypeError(f"must be 0 or 1, got {text}")

@@ -1,6 +1,7 @@
 """Task glue: the dataset loaders and the solver named by the configuration, found by convention, so that a new
 model, dataset or task needs new files and config entries but no edit here or in train.py."""
 
+import copy
 import importlib
 import os
 from pathlib import Path
@@ -8,9 +9,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from utils.config import FLAG, check_values, number
+from utils.checkpoint import load_checkpoint
+from utils.config import CONFIG_SECTIONS, FLAG, apply_override, check_values, merge_config, number
 from utils.distributed import ResumableDistributedSampler, SeededItems
 from utils.errors import UserError
+from utils.experiment import experiment_path
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 # config/config.json: the platform's settings (train.py, test.py, utils/training.py, utils/optim.py)
@@ -126,3 +129,49 @@ def load_datasetloader(args: dict, world_size: int, rank: int, mode: str) -> tup
 def load_solver(args: dict, **kwargs):
     """The Solver of optimization/<model_name>_solver.py, built with `args` and `kwargs`."""
     return solver_class(args["model_name"])(args, **kwargs)
+
+
+def given_flags(parser, argv: list) -> dict:
+    """The flags that `argv` gives explicitly to `parser`, without the parser's defaults ("cfg": the --cfg
+    overrides)."""
+    not_given = object()
+    parser.set_defaults(**{name: not_given for name in vars(parser.parse_args([])) if name != "cfg"})
+    return {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not not_given}
+
+
+def checkpoint_configuration(path: str, state: dict, given: dict) -> dict:
+    """The configuration to use a checkpoint with (test.py, predict.py, export.py): its own, then the given flags
+    and --cfg overrides, checked."""
+    run = copy.deepcopy(state["config"])
+    run.update({name: value for name, value in given.items() if name != "cfg"})
+    missing = [key for key in (*CONFIG_SECTIONS, "app_mode", "dataset_type") if key not in run]
+    if missing:
+        raise UserError(f"checkpoint {path}: its configuration lacks {', '.join(missing)}: use a checkpoint that "
+                        f"train.py wrote")
+    for override in given["cfg"]:
+        apply_override(run, override, CONFIG_SECTIONS)
+    check_config(run)
+    return run
+
+
+def checkpoint_class_names(path: str, state: dict, run: dict) -> list:
+    """The class names a checkpoint was trained with: its own (train.py saves them), else its loader's."""
+    names = state.get("class_names", getattr(loader_module(run).DatasetLoader, "class_names", None))
+    if not isinstance(names, list):
+        raise UserError(f"checkpoint {path} names no classes and its loader has no class_names: use a checkpoint "
+                        f"that train.py wrote")
+    return names
+
+
+def chosen_checkpoint(parser, argv: list) -> tuple:
+    """predict.py and export.py: (flags over config/*.json, experiment folder, checkpoint file name, its state, the
+    configuration to use it with) of the checkpoint that --exp_id (or --save_dir) and --model_num name (default
+    best.pt)."""
+    args = merge_config({**vars(parser.parse_args(argv)), "cfg": []}, str(PROJECT_ROOT / "config"))
+    exp_dir = experiment_path(args, PROJECT_ROOT)
+    name = f"epoch_{args['model_num']}.pt" if args["model_num"] is not None else "best.pt"
+    path = os.path.join(exp_dir, name)
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint {path}: check --exp_id (or --save_dir) and --model_num, or train first")
+    state = load_checkpoint(path)
+    return args, exp_dir, name, state, checkpoint_configuration(path, state, given_flags(parser, argv))

@@ -12,7 +12,6 @@ Configuration, one rule: each checkpoint's own configuration, then the flags giv
 config/*.json files of the checkout are not read for the evaluation; they only give the defaults that locate the
 experiment (--exp_id, --save_dir) and distributed.timeout_s under --ddp 1."""
 
-import copy
 import logging
 import os
 import sys
@@ -21,11 +20,12 @@ from pathlib import Path
 import helper
 from argumentparser import build_parser, flag, non_negative_int
 from utils.checkpoint import load_checkpoint
-from utils.config import CONFIG_SECTIONS, apply_override, merge_config
+from utils.config import merge_config
 from utils.distributed import close_distributed, init_distributed
 from utils.errors import UserError, exit_on_user_error
 from utils.experiment import experiment_path, numbered_checkpoints, select_device, setup_logging, write_evaluation
 from utils.plots import plot_precision_recall
+from utils.run_record import write_csv
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("test")
@@ -38,27 +38,6 @@ def build_test_parser():
     parser.add_argument("--is_test_all", type=flag, default=0, help="1: evaluate every checkpoint of the experiment")
     parser.add_argument("--visualization", type=flag, default=0, help="1: also draw a few camera mosaics")
     return parser
-
-
-def given_flags(argv: list) -> dict:
-    """The flags that `argv` gives explicitly, without the parser's defaults ("cfg": the --cfg overrides)."""
-    parser, not_given = build_test_parser(), object()
-    parser.set_defaults(**{name: not_given for name in vars(parser.parse_args([])) if name != "cfg"})
-    return {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not not_given}
-
-
-def checkpoint_configuration(path: str, state: dict, given: dict) -> dict:
-    """The configuration to evaluate a checkpoint with: its own, then the given flags and --cfg overrides."""
-    run = copy.deepcopy(state["config"])
-    run.update({name: value for name, value in given.items() if name != "cfg"})
-    missing = [key for key in (*CONFIG_SECTIONS, "app_mode", "dataset_type") if key not in run]
-    if missing:
-        raise UserError(f"checkpoint {path}: its configuration lacks {', '.join(missing)}: evaluate a checkpoint "
-                        f"that train.py wrote")
-    for override in given["cfg"]:
-        apply_override(run, override, CONFIG_SECTIONS)
-    helper.check_config(run)
-    return run
 
 
 def format_metric(value) -> str:
@@ -87,11 +66,12 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     flags = vars(build_test_parser().parse_args(argv))
     args = merge_config({**flags, "cfg": []}, str(PROJECT_ROOT / "config"))  # --cfg applies to the checkpoints
-    given = given_flags(argv)
+    given = helper.given_flags(build_test_parser(), argv)
     exp_dir = experiment_path(args, PROJECT_ROOT)
     names = chosen_checkpoints(exp_dir, args["model_num"], bool(args["is_test_all"]))
-    runs = {name: checkpoint_configuration(os.path.join(exp_dir, name), load_checkpoint(os.path.join(exp_dir, name)),
-                                           given) for name in names}  # every checkpoint checked before any work
+    runs = {name: helper.checkpoint_configuration(os.path.join(exp_dir, name),
+                                                  load_checkpoint(os.path.join(exp_dir, name)), given)
+            for name in names}  # every checkpoint checked before any work
     world_size, rank, local_rank = init_distributed(args["ddp"], args["config"]["distributed"]["timeout_s"])
     try:
         evaluate(args, exp_dir, runs, world_size, rank, local_rank)
@@ -101,9 +81,11 @@ def main(argv=None) -> None:
 
 def evaluate(args: dict, exp_dir: str, runs: dict, world_size: int, rank: int, local_rank: int) -> None:
     """Evaluate each checkpoint of the experiment folder {name: its configuration}; under --ddp 1 every process
-    takes a shard, rank 0 scores and writes."""
+    takes a shard, rank 0 scores and writes. With several checkpoints, test/summary.csv gets a row per checkpoint
+    (its name, epoch and scalar metrics), rewritten after each."""
     setup_logging(os.path.join(exp_dir, "test.log") if rank == 0 else None, rank == 0)
     device = select_device(local_rank if args["ddp"] else args["gpu_num"])
+    summary = []
     for name, run in runs.items():
         state = load_checkpoint(os.path.join(exp_dir, name))
         test_set, test_loader = helper.load_datasetloader(run, world_size, rank, "test")
@@ -129,6 +111,10 @@ def evaluate(args: dict, exp_dir: str, runs: dict, world_size: int, rank: int, l
                 for item, value in values.items():
                     logger.info("%-22s %s", item, format_metric(value))
         logger.info("results in %s", out_dir)
+        if len(runs) > 1:
+            summary.append({"checkpoint": name, "epoch": state["epoch"],
+                            **{metric: metrics[metric] for metric in solver.metric_names}})
+            write_csv(os.path.join(exp_dir, "test", "summary.csv"), summary)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Reads top to bottom: parse and merge the configuration, check it, set up the exp
 loaders and the solver, resume, then the epoch loop (train_epoch, end_epoch: evaluate, checkpoint). The step lives
 in the Solver."""
 
+import json
 import logging
 import os
 import random
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -37,7 +37,7 @@ from utils.experiment import (
     write_evaluation,
 )
 from utils.io import atomic_write_json
-from utils.plots import plot_curves
+from utils.run_record import TrainingRecord
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("train")
@@ -54,8 +54,15 @@ class Progress:
     global_step: int = 0  # optimizer steps since the start
     best_score: float = float("-inf")  # best validation value of the solver's first metric (its worst_score()
     # until one is evaluated: -inf where higher is better, +inf where lower is)
-    history: list = field(default_factory=list)  # per epoch: epoch, lr, samples, mean loss terms, metrics
+    history: list = field(default_factory=list)  # per epoch: epoch, lr, samples, mean loss terms, metrics, time_s,
+    # img_per_s (results.csv)
     epoch_sums: dict = field(default_factory=dict)  # sums of the loss terms over the epoch's steps so far
+    epoch_train_s: float = 0.0  # seconds spent training in the epoch in progress, over all its (resumed) runs
+    epoch_images: int = 0  # images that all processes together trained on in the epoch in progress
+
+
+# Progress fields that checkpoints of older DSTorch versions lack: a resume starts them at their defaults
+ADDED_PROGRESS_FIELDS = ("epoch_train_s", "epoch_images")
 
 
 def launch_id():
@@ -92,7 +99,8 @@ def checked_state(path: str, args: dict) -> dict:
     """The checkpoint at `path`, with what a resume reads checked first."""
     state = load_checkpoint(path)
     types = {field.name: field.type for field in fields(Progress)} | {"rng": list, "steps_per_epoch": int}
-    wrong = [key for key, kind in types.items() if not isinstance(state.get(key), kind)]
+    wrong = [key for key, kind in types.items() if not isinstance(state.get(key), kind)
+             and not (key in ADDED_PROGRESS_FIELDS and key not in state)]
     if wrong or not state["rng"]:
         raise UserError(f"checkpoint {path} lacks {', '.join(wrong) or 'rng'} or has them of another type (written "
                         f"by an older DSTorch, or not by train.py): evaluate it with test.py, or train anew")
@@ -153,7 +161,7 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
     if restarted and resumed is None:
         logger.info("torchrun restarted the workers before this run saved a checkpoint: training starts afresh")
     device = select_device(local_rank if args["ddp"] else args["gpu_num"])
-    logger.info("configuration: %s", args)
+    logger.info("configuration:\n%s", json.dumps(args, indent=2))
     seed_everything(args["seed"] + rank)
 
     train_set, train_loader = helper.load_datasetloader(args, world_size, rank, "train")
@@ -168,7 +176,7 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
 
     progress = Progress(best_score=solver.worst_score())
     if resumed is not None:
-        progress = Progress(**{f.name: resumed[f.name] for f in fields(Progress)})
+        progress = Progress(**{f.name: resumed[f.name] for f in fields(Progress) if f.name in resumed})
         # the schedule stands where this run's remaining steps of the epoch end it on time
         train_loader.sampler.start_epoch(progress.epoch, progress.samples_in_epoch)
         rescheduled = solver.load_state_dict(resumed, (progress.epoch + 1) * steps_per_epoch - len(train_loader))
@@ -182,34 +190,36 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
     if main_process:
         atomic_write_json(os.path.join(exp_dir, "config.json"), args)
 
-    writer = SummaryWriter(os.path.join(exp_dir, "tensorboard")) if main_process else None
-    save = CheckpointWriter(exp_dir, solver, args, progress, main_process)
+    record = TrainingRecord(exp_dir, solver.metric_names, args) if main_process else None
+    save = CheckpointWriter(exp_dir, solver, args, progress, train_set.class_names, main_process)
     with logging_redirect_tqdm([logging.getLogger(name) for name in PROJECT_LOGGERS]), StopRequest() as stop:
         while progress.epoch < args["num_epochs"]:
-            epoch_start = time.time()
-            learning_rate = train_epoch(solver, train_loader, args, world_size, progress, stop, save,
-                                        resume_command_line(argv), main_process)
-            end_epoch(solver, val_loader, args, progress, learning_rate, epoch_start, save, writer, main_process)
+            learning_rate = train_epoch(solver, train_loader, args, world_size, progress, stop, save, record,
+                                        resume_command_line(argv))
+            end_epoch(solver, val_loader, args, progress, learning_rate, save, record)
     if main_process:
-        writer.close()
+        record.close({key: value for key, value in args.items() if key not in ("data", "model", "loss", "config")},
+                     progress.best_score)
     logger.info("done: best validation %s %.4f; checkpoints in %s", solver.metric_names[0], progress.best_score,
                 exp_dir)
 
 
 class CheckpointWriter:
     """save(names): gather every process's random generator state (a collective: all processes call it), then
-    rank 0 writes the checkpoint of the current progress under each of `names` in the experiment folder."""
+    rank 0 writes the checkpoint of the current progress under each of `names` in the experiment folder (with the
+    class names, which predict.py and export.py read)."""
 
-    def __init__(self, exp_dir: str, solver, args: dict, progress: Progress, main_process: bool):
-        self.exp_dir, self.solver, self.args, self.progress, self.main_process = (exp_dir, solver, args, progress,
-                                                                                  main_process)
+    def __init__(self, exp_dir: str, solver, args: dict, progress: Progress, class_names: list,
+                 main_process: bool):
+        self.exp_dir, self.solver, self.args, self.progress = exp_dir, solver, args, progress
+        self.class_names, self.main_process = list(class_names), main_process
 
     def __call__(self, names: list) -> None:
         rng_states = gather_to_main([rng_state()])  # rank order
         if not self.main_process:
             return
         state = {**self.solver.state_dict(), **asdict(self.progress), "rng": rng_states, "config": self.args,
-                 "launch_id": launch_id()}
+                 "class_names": self.class_names, "launch_id": launch_id()}
         for name in names:
             save_checkpoint(os.path.join(self.exp_dir, name), state)
 
@@ -221,18 +231,19 @@ def images_in(batch: dict) -> int:
 
 
 def train_epoch(solver, loader, args: dict, world_size: int, progress: Progress, stop: StopRequest, save,
-                resume_command: str, main_process: bool) -> float:
+                record: TrainingRecord | None, resume_command: str) -> float:
     """Train the rest of epoch progress.epoch, one solver step per batch; returns the last learning rate used.
-    The loss values stay on the device until a read point: every config.json "train.log_every_steps" steps,
-    before a checkpoint and at the end of the epoch. Saves last.pt every "train.checkpoint_every_steps" steps, and
-    on a stop signal (then exits)."""
+    The loss values stay on the device until a read point: every config.json "train.log_every_steps" steps (logged
+    to the progress bar and TensorBoard), before a checkpoint and at the end of the epoch. Saves last.pt every
+    "train.checkpoint_every_steps" steps, and on a stop signal (then exits). record: None but in the main process."""
     epoch = progress.epoch
     loader.sampler.start_epoch(epoch, progress.samples_in_epoch)  # the order depends on the seed and epoch only
     solver.mode_selection(True)
     every, log_every = (args["config"]["train"][key] for key in ("checkpoint_every_steps", "log_every_steps"))
-    start, images_seen, learning_rate, unread = time.time(), 0, solver.learning_rate(), []
+    start, trained_before, learning_rate, unread = time.time(), progress.epoch_train_s, solver.learning_rate(), []
+    images_before = progress.epoch_images
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args['num_epochs']}", initial=progress.step_in_epoch,
-               total=progress.step_in_epoch + len(loader), unit="batch", dynamic_ncols=True, disable=not main_process)
+               total=progress.step_in_epoch + len(loader), unit="batch", dynamic_ncols=True, disable=record is None)
     for batch in bar:
         unread.append(solver.train(batch))  # loss terms as device tensors
         learning_rate = solver.learning_rate()  # the one this step used
@@ -240,14 +251,17 @@ def train_epoch(solver, loader, args: dict, world_size: int, progress: Progress,
         progress.step_in_epoch += 1
         progress.global_step += 1
         progress.samples_in_epoch += args["batch_size"] * world_size
-        images_seen += images_in(batch)
+        progress.epoch_images += images_in(batch) * world_size  # the sampler gives every process full batches
+        progress.epoch_train_s = trained_before + time.time() - start
         stop_now = any_process(stop.requested)  # all processes stop after the same step, and save together
         save_now = stop_now or (every and progress.global_step % every == 0)
         if save_now or progress.global_step % log_every == 0:
-            read_losses(solver, unread, progress)
+            loss_means = read_losses(solver, unread, progress)
+            images_per_s = (progress.epoch_images - images_before) / (time.time() - start)
             bar.set_postfix({key: f"{value / progress.step_in_epoch:.3f}" for key, value in progress.epoch_sums.items()
-                             if "loss" in key} | {"lr": f"{learning_rate:.2e}",
-                                                  "img/s": f"{images_seen / (time.time() - start):.1f}"})
+                             if "loss" in key} | {"lr": f"{learning_rate:.2e}", "img/s": f"{images_per_s:.1f}"})
+            if record is not None:
+                record.steps(progress.global_step, loss_means, learning_rate)
         if save_now:
             save(["last.pt"])
         if stop_now:
@@ -259,10 +273,11 @@ def train_epoch(solver, loader, args: dict, world_size: int, progress: Progress,
     return learning_rate
 
 
-def read_losses(solver, unread: list, progress: Progress) -> None:
+def read_losses(solver, unread: list, progress: Progress) -> dict:
     """Bring the loss terms of the unread steps (dicts of 0-d device tensors) to the host, in one read, into
-    progress.epoch_sums (added step by step, so that the sums do not depend on where the reads fell); stop the run
-    (exit status 1, checkpoints untouched) when a loss was not finite."""
+    progress.epoch_sums (added step by step, so that the sums do not depend on where the reads fell); returns
+    their means over those steps. Stops the run (exit status 1, checkpoints untouched) when a loss was not
+    finite."""
     try:
         solver.read_nonfinite()
     except NonFiniteLossError as error:
@@ -272,28 +287,34 @@ def read_losses(solver, unread: list, progress: Progress) -> None:
                      "are left as they were", progress.epoch + 1, where, error)
         sys.exit(1)
     if not unread:
-        return
+        return {}
     values = torch.stack([torch.stack(list(losses.values())).double() for losses in unread]).tolist()
     for step_values in values:
         for key, value in zip(unread[0], step_values, strict=True):
             progress.epoch_sums[key] = progress.epoch_sums.get(key, 0.0) + value
+    means = {key: sum(column) / len(values) for key, column in zip(unread[0], zip(*values, strict=True), strict=True)}
     unread.clear()
+    return means
 
 
-def end_epoch(solver, val_loader, args: dict, progress: Progress, learning_rate: float, epoch_start: float, save,
-              writer, main_process: bool) -> None:
-    """Evaluate (every --valid_step epochs and after the last), record the epoch's row, then save last.pt, best.pt
-    when the solver's first metric improved, and epoch_<k>.pt every --save_every epochs."""
-    epoch = progress.epoch + 1
+def end_epoch(solver, val_loader, args: dict, progress: Progress, learning_rate: float, save,
+              record: TrainingRecord | None) -> None:
+    """Evaluate (every --valid_step epochs and after the last), record the epoch's row (TensorBoard, results.csv,
+    curves.png), then save last.pt, best.pt when the solver's first metric improved, and epoch_<k>.pt every
+    --save_every epochs. record: None but in the main process."""
+    epoch, eval_start = progress.epoch + 1, time.time()
     row = {"epoch": epoch, "lr": learning_rate, "samples": progress.samples_in_epoch,
            **{key: value / max(1, progress.step_in_epoch) for key, value in progress.epoch_sums.items()}}
     if epoch % args["valid_step"] == 0 or epoch == args["num_epochs"]:
-        metrics, _, _ = solver.eval(val_loader, show_progress=main_process)
-        if main_process:  # the other processes sent their predictions to it; per-item files are test.py's
+        metrics, _, _ = solver.eval(val_loader, show_progress=record is not None)
+        if record is not None:  # the other processes sent their predictions to it; per-item files are test.py's
             write_evaluation(save.exp_dir, metrics, {})
             row.update({name: metrics[name] for name in solver.metric_names})
+    row.update(time_s=progress.epoch_train_s + time.time() - eval_start,
+               img_per_s=progress.epoch_images / max(progress.epoch_train_s, 1e-9))
     progress.history.append(row)
     progress.epoch, progress.step_in_epoch, progress.samples_in_epoch, progress.epoch_sums = epoch, 0, 0, {}
+    progress.epoch_train_s, progress.epoch_images = 0.0, 0
     names = []  # last.pt last: a process killed between the writes finds the older last.pt and redoes the epoch
     if solver.metric_names[0] in row:  # evaluated this epoch
         score = row[solver.metric_names[0]]
@@ -308,16 +329,13 @@ def end_epoch(solver, val_loader, args: dict, progress: Progress, learning_rate:
     if epoch % args["save_every"] == 0:
         names.append(f"epoch_{epoch}.pt")
     save([*names, "last.pt"])
-    if not main_process:
+    if record is None:
         return
     prune_checkpoints(save.exp_dir, args["max_num_chkpts"])
-    logger.info("epoch %d/%d: %s (%.0f s)", epoch, args["num_epochs"],
+    logger.info("epoch %d/%d: %s", epoch, args["num_epochs"],
                 ", ".join(f"{key}={'n/a' if value is None else f'{value:.4g}'}" for key, value in row.items()
-                          if key != "epoch"), time.time() - epoch_start)
-    for key, value in row.items():
-        if key not in ("epoch", "samples") and value is not None:  # train/* losses and lr, val/* metrics
-            writer.add_scalar(f"{'val' if key in solver.metric_names else 'train'}/{key}", value, epoch)
-    plot_curves(progress.history, solver.metric_names, os.path.join(save.exp_dir, "curves.png"))
+                          if key != "epoch"))
+    record.epoch(progress.history)
 
 
 if __name__ == "__main__":

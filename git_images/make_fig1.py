@@ -60,7 +60,8 @@ def draw(path: Path) -> None:
         [f"{len(found['flags'])} flags, e.g.", " ".join(found["flags"][:3]), "--cfg KEY=VALUE overrides"], "#fdf1d6")
     box(5.5, 10.4, 4.2, 1.7, "config/", [" ".join(found["config_files"][:2]), " ".join(found["config_files"][2:])],
         "#fdf1d6")
-    box(2.4, 8.1, 5.2, 1.6, "train.py / test.py", ["merge flags over JSON: one dict", "epoch loop, resume, evaluation"],
+    box(2.4, 8.1, 5.2, 1.6, "train.py / test.py / predict.py / export.py",
+        ["merge flags over JSON: one dict", "epoch loop, resume, evaluation, predict, export"],
         "#e3f2e1")
     arrow(2.4, 10.4, 4.0, 9.7)
     arrow(7.6, 10.4, 6.0, 9.7)
@@ -73,7 +74,9 @@ def draw(path: Path) -> None:
               if (PROJECT_ROOT / Path(*module.split("."))).with_suffix(".py").is_file()]
     box(0.3, 1.0, 4.2, 3.7, "(1) dataset/", loader_lines + common + ["DatasetLoader", "collate_fn"])
     base = found["base_methods"]
-    solver_lines = found["solvers"] + ["class Solver(BaseSolver):"] + [f"  {m}" for m in found["solver_methods"]] + [
+    methods = found["solver_methods"]
+    solver_lines = found["solvers"] + ["class Solver(BaseSolver):"] + [
+        "  " + ", ".join(methods[i:i + 3]) for i in range(0, len(methods), 3)] + [
         "base.py, BaseSolver: TrainingParts,"] + [", ".join(base[i:i + 3]) for i in range(0, len(base), 3)]
     box(5.5, 1.9, 4.2, 5.4, "(2) optimization/", solver_lines)
     box(5.5, 0.2, 4.2, 1.3, "(3) models/ + utils/", ["model; loss, metric, TrainingParts"])

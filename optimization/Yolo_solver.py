@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import torch
+from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
 from dataset.NuscenesDataset.loader_2d_obj_det import images_on_device
@@ -15,7 +16,7 @@ from models.Yolo.aligned_loss import AlignedDetectionLoss
 from models.Yolo.boxes import coco_detection_array
 from models.Yolo.csp_pan import CspPanYolo
 from models.Yolo.loss import DetectionLoss
-from models.Yolo.yolo import BACKBONES, STRIDES, Yolo
+from models.Yolo.yolo import BACKBONES, STRIDES, DenseOutputs, Yolo
 from optimization.base import BaseSolver
 from utils.coco_eval import SUMMARY_NAMES, coco_metrics, coco_results_list, load_coco
 from utils.config import FLAG, GROUP_NORM_CHANNELS, NUMBER_RANGE, Rule, list_of, multiple_of, number, one_of
@@ -77,6 +78,7 @@ class Solver(BaseSolver):
         architecture = Yolo if model_cfg["architecture"] == "resnet_fpn" else CspPanYolo
         model = architecture(model_cfg, self.image_size, len(class_names), args["data"][args["app_mode"]]["normalize"])
         super().__init__(model, args, device, steps_per_epoch, world_size, rank)
+        self.class_names = class_names
         self.loss_fn = (DetectionLoss(loss_cfg, STRIDES) if model_cfg["architecture"] == "resnet_fpn"
                         else AlignedDetectionLoss(loss_cfg["aligned"]))
         self.ground_truth = {}  # label cache path -> its indexed COCO ground truth, made at the first evaluation
@@ -124,6 +126,52 @@ class Solver(BaseSolver):
             self.ground_truth[label_path] = load_coco(loader.dataset.coco_ground_truth())
         metrics, pr_curves = coco_metrics(self.ground_truth[label_path], detections, loader.dataset.image_ids.tolist())
         return metrics, {"detections.json": lambda: coco_results_list(detections)}, pr_curves
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, original_sizes: list, score_threshold: float) -> list:
+        """predict.py: detect on one item's images (N, 3, H, W) uint8 at the input size, resized from their
+        original_sizes [(W, H)] (N), with the EMA weights and detections scoring above score_threshold. Per image
+        {"boxes": [[x1, y1, x2, y2]] in original px, "classes": [class name], "scores": [score]}, best first; the
+        boxes map back as in eval (coco_detection_array), so that predict.py and test.py give the same numbers."""
+        model = self.parts.evaluated_model()
+        model.eval()
+        with self.parts.autocast():
+            detections = model.predict(images[None].to(self.device), score_threshold=score_threshold)
+        batch = {"image_ids": torch.arange(len(images))[None], "orig_sizes": torch.tensor(original_sizes)[None]}
+        rows = coco_detection_array(detections, batch, self.image_size)  # (D, 7): image, x, y, w, h, score, class + 1
+        predictions = []
+        for image in range(len(images)):
+            own = rows[rows[:, 0] == image]
+            predictions.append({"boxes": np.concatenate([own[:, 1:3], own[:, 1:3] + own[:, 3:5]], axis=1).tolist(),
+                                "classes": [self.class_names[category - 1] for category in own[:, 6].astype(int)],
+                                "scores": own[:, 5].tolist()})
+        return predictions
+
+    def export_module(self) -> tuple:
+        """export.py: (module, example images, output names, metadata, tolerances of the ONNX Runtime parity check).
+        The module (yolo.DenseOutputs, EMA weights) takes images (I, 3, H, W) uint8 RGB at the input size (W, H)
+        and returns boxes (I, P, 4) x1 y1 x2 y2 in input px and scores (I, P, C). The detections, exactly as eval
+        makes them: models.Yolo.boxes.postprocess_detections(boxes, scores, image_size=(W, H), **postprocess) with
+        the metadata's "postprocess" settings, then the boxes times (original width / W, original height / H).
+        Example: the cameras of one sample, random pixels (seeded)."""
+        model = self.parts.evaluated_model()
+        model.eval()
+        width, height = self.image_size
+        cameras = len(self.args["data"][self.args["app_mode"]]["cameras"])
+        example = torch.randint(0, 256, (cameras, 3, height, width), dtype=torch.uint8,
+                                generator=torch.Generator().manual_seed(0))
+        metadata = {"class_names": self.class_names, "input_size": [width, height],
+                    "postprocess": model.cfg["postprocess"],
+                    "outputs": "boxes (I, P, 4) x1 y1 x2 y2 in input px, scores (I, P, C); detections: "
+                               "models.Yolo.boxes.postprocess_detections with postprocess"}
+        return DenseOutputs(model).eval(), example, ["boxes", "scores"], metadata, {"boxes": 1e-2, "scores": 1e-4}
+
+    def draw_prediction(self, image: torch.Tensor, prediction: dict) -> torch.Tensor:
+        """predict.py --save_images 1: the image (3, H, W) uint8 at its original size with predict's boxes drawn."""
+        if not prediction["scores"]:
+            return image
+        names = [f"{name} {score:.2f}" for name, score in zip(prediction["classes"], prediction["scores"], strict=True)]
+        return draw_bounding_boxes(image, torch.tensor(prediction["boxes"]), names, colors="red", width=2)
 
     @torch.no_grad()
     def visualize(self, dataset, out_dir: str, count: int) -> None:

@@ -1,19 +1,25 @@
 """Shared fixtures and helpers: one small embedded dataset per test session, configuration dicts and flags
 pointing at it, launchers, config sections and checkpoint tensors."""
 
+import contextlib
 import copy
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+import train
 from dataset.NuscenesDataset import synthetic
 from models.Yolo.yolo import STRIDES
 from utils.checkpoint import load_checkpoint
+from utils.config import merge_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"samples_per_scene": 2, "width": 320, "height": 180, "seed": 0}  # 120 images, generated in a few seconds
@@ -45,32 +51,63 @@ def embedded_dir(tmp_path_factory) -> str:
 
 @pytest.fixture
 def make_args(tmp_path):
-    """Build the merged configuration dict the loader takes, with the label cache in the test's tmp folder."""
+    """Build the merged configuration dict the detection loader takes, with the shared label cache."""
 
     def make(dataset_dir, **overrides) -> dict:
-        with open(PROJECT_ROOT / "config" / "data.json") as f:
-            data = json.load(f)
-        cfg = data["2DObjDet"]
-        cfg["label_cache_dir"] = str(tmp_path / "label_cache")
-        cfg["image"] = {"w": 160, "h": 96}
-        for key, value in overrides.pop("data", {}).items():
-            cfg[key] = copy.deepcopy(value)
-        args = {"app_mode": "2DObjDet", "dataset_dir": dataset_dir, "val_ratio": 0.25, "bool_apply_img_aug": 0,
-                "data": data}
-        args.update(overrides)
-        return args
+        data = {"image": {"w": 160, "h": 96}, **overrides.pop("data", {})}
+        cache = shared_cache(dataset_dir) if dataset_dir else tmp_path / "label_cache"
+        return task_args("2DObjDet", dataset_dir, cache, data, **overrides)
 
     return make
 
 
+def task_args(app_mode, dataset_dir, cache_dir, data=None, **flags) -> dict:
+    """The configuration dict a loader of `app_mode` takes: config/*.json merged ("inherit" resolved), its data
+    section updated with `data` and its label cache in `cache_dir`, no augmentation unless flags say so."""
+    args = merge_config({"app_mode": app_mode, "dataset_dir": dataset_dir, "val_ratio": 0.25,
+                         "bool_apply_img_aug": 0, "cfg": []}, str(PROJECT_ROOT / "config"))
+    args["data"][app_mode].update(copy.deepcopy({"label_cache_dir": str(cache_dir), **(data or {})}))
+    return {**args, **flags}
+
+
+def shared_cache(dataset_dir) -> str:
+    """The label cache folder that the tests reading `dataset_dir` share: a cache is keyed by the dataset folder,
+    split and label settings, so each is built once per session instead of once per test."""
+    return os.path.join(os.path.dirname(dataset_dir), "label_cache")
+
+
+def task_flags(app_mode, model_name, dataset_dir, folder, *extra) -> list:
+    """train.py flags of a tiny CPU run of a task on the small embedded dataset: 1 epoch, 2 cameras at 96x64, the
+    experiment in `folder`, the shared label cache."""
+    return ["--app_mode", app_mode, "--model_name", model_name, "--dataset_dir", dataset_dir,
+            "--save_dir", str(folder / "exp"), "--num_epochs", "1", "--batch_size", "4", "--num_cores", "0",
+            "--seed", "3", "--cfg", f"data.{app_mode}.image.w=96", "--cfg", f"data.{app_mode}.image.h=64",
+            "--cfg", f'data.{app_mode}.cameras=["CAM_FRONT", "CAM_BACK"]',
+            "--cfg", f"data.{app_mode}.label_cache_dir={shared_cache(dataset_dir)}", *extra]
+
+
 def tiny_flags(embedded_dir, folder, exp_dir="exp", *extra):
-    """Command-line flags of a tiny CPU run on the small embedded dataset: 2 cameras at 96x64, a slim head."""
-    return ["--dataset_dir", embedded_dir, "--save_dir", str(folder / exp_dir), "--num_epochs", "2",
-            "--batch_size", "4", "--num_cores", "0", "--seed", "3",
-            "--cfg", "data.2DObjDet.image.w=96", "--cfg", "data.2DObjDet.image.h=64",
-            "--cfg", 'data.2DObjDet.cameras=["CAM_FRONT", "CAM_BACK"]',
-            "--cfg", f"data.2DObjDet.label_cache_dir={folder / 'cache'}",
-            "--cfg", "model.Yolo.fpn_channels=32", "--cfg", "model.Yolo.head_convs=1", *extra]
+    """Command-line flags of a tiny 2-epoch detection run (task_flags) with a slim head, in folder/exp_dir."""
+    return [*task_flags("2DObjDet", "Yolo", embedded_dir, folder, "--save_dir", str(folder / exp_dir),
+                        "--num_epochs", "2"), "--cfg", "model.Yolo.fpn_channels=32", "--cfg", "model.Yolo.head_convs=1",
+            *extra]
+
+
+@pytest.fixture(scope="session")
+def trained(embedded_dir, tmp_path_factory):
+    """One tiny 2-epoch experiment, trained once for the tests that only read it; returns its folder. Scored at
+    COCO's score threshold, 0.001, so that its evaluations have detections; losses logged every 2 steps."""
+    folder = tmp_path_factory.mktemp("trained")
+    train.main(tiny_flags(embedded_dir, folder, "exp", "--cfg", "model.Yolo.postprocess.score_threshold=0.001",
+                          "--cfg", "config.train.log_every_steps=2"))
+    return folder / "exp"
+
+
+@pytest.fixture
+def trained_copy(trained, tmp_path, embedded_dir):
+    """A copy of the trained experiment that a test may change, and the flags that name it."""
+    shutil.copytree(trained, tmp_path / "exp")
+    return tmp_path / "exp", lambda *extra: tiny_flags(embedded_dir, tmp_path, "exp", *extra)
 
 
 def state_tensors(path):
@@ -108,3 +145,49 @@ def grid_points(width, height):
         points.append(torch.stack([x.flatten(), y.flatten()], 1).float().add(0.5).mul(stride))
         strides.append(torch.full((len(points[-1]),), float(stride)))
     return torch.cat(points), torch.cat(strides)
+
+
+def synthetic_coco(num_images: int, boxes_per_image: int = 8, detections_per_image: int = 30, seed: int = 0) -> tuple:
+    """(ground truth dict, detections list) in COCO format at 1600x900, 10 categories: each ground-truth box has a
+    detection jittered by ~10% of its size (wrong class 1 time in 5), and the rest are random boxes with lower
+    scores. Box sides of 4-200 px, so that the small, medium and large ranges all have boxes."""
+    rng = np.random.default_rng(seed)
+    images = [{"id": index + 1, "width": 1600, "height": 900} for index in range(num_images)]
+    annotations, detections = [], []
+    for image in images:
+        corners = rng.uniform(0, [1400, 750], size=(detections_per_image, 2))
+        sizes = rng.uniform(4, 200, size=(detections_per_image, 2))
+        categories = rng.integers(1, 11, size=detections_per_image)
+        for k in range(detections_per_image):
+            (x, y), (w, h), category = corners[k], sizes[k], int(categories[k])
+            if k < boxes_per_image:
+                annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": category,
+                                    "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+                dx, dy, dw, dh = rng.normal(0, 0.1, 4) * [w, h, w, h]
+                x, y, w, h = x + dx, y + dy, max(1.0, w + dw), max(1.0, h + dh)
+                category = category if rng.random() < 0.8 else int(rng.integers(1, 11))
+                score = rng.random()
+            else:
+                score = rng.random() * 0.5
+            detections.append({"image_id": image["id"], "category_id": category,
+                               "bbox": [float(x), float(y), float(w), float(h)], "score": float(score)})
+    ground_truth = {"images": images, "annotations": [{**a, "bbox": [float(v) for v in a["bbox"]],
+                                                       "area": float(a["area"])} for a in annotations],
+                    "categories": [{"id": index, "name": f"class{index}"} for index in range(1, 11)]}
+    return ground_truth, detections
+
+
+def reference_evaluation(coco_class, eval_class, ground_truth: dict, detections: list, image_ids=None) -> tuple:
+    """(stats (12,), precision array) of one COCO bbox evaluation with the given API, on `image_ids` (all images
+    by default)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground = coco_class()
+        ground.dataset = ground_truth
+        ground.createIndex()
+        evaluator = eval_class(ground, ground.loadRes(detections), "bbox")
+        if image_ids is not None:
+            evaluator.params.imgIds = list(image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return np.array(evaluator.stats[:12]), evaluator.eval["precision"]

@@ -1,7 +1,6 @@
 """The second task, BEV vehicle segmentation (--app_mode BEVSeg --model_name LiftBEV): its geometry against the
 devkit, the lifting, the IoU metric, a short train.py + test.py run on the embedded dataset, and its bad inputs."""
 
-import copy
 import json
 import os
 
@@ -21,7 +20,7 @@ from dataset.NuscenesDataset.labels import load_nuscenes
 from dataset.NuscenesDataset.loader_bev_seg import DatasetLoader, grid_shape
 from models.LiftBEV.lift_bev import LiftBEV
 from models.LiftBEV.loss import SegmentationLoss
-from tests.conftest import NORMALIZE, PROJECT_ROOT, torchrun
+from tests.conftest import NORMALIZE, PROJECT_ROOT, task_args, task_flags, torchrun
 from utils.checkpoint import load_checkpoint
 from utils.config import merge_config
 from utils.errors import UserError
@@ -34,24 +33,17 @@ SMALL_MODEL = {"backbone": "resnet18", "pretrained_backbone": False, "freeze_bat
 
 def bev_args(dataset_dir, mode_overrides=None) -> dict:
     """The merged configuration dict the BEV loader reads, at 160x96 input."""
-    data = json.loads((PROJECT_ROOT / "config" / "data.json").read_text())
-    data["BEVSeg"]["image"] = {"w": 160, "h": 96}
-    data["BEVSeg"]["label_cache_dir"] = os.path.join(os.path.dirname(dataset_dir), "bev_cache")  # test's tmp
-    data["BEVSeg"].update(copy.deepcopy(mode_overrides or {}))
-    return {"app_mode": "BEVSeg", "dataset_dir": dataset_dir, "val_ratio": 0.25, "bool_apply_img_aug": 0,
-            "data": data}
+    return task_args("BEVSeg", dataset_dir, os.path.join(os.path.dirname(dataset_dir), "bev_cache"),
+                     {"image": {"w": 160, "h": 96}, **(mode_overrides or {})})
 
 
 def bev_flags(embedded_dir, folder, *extra) -> list:
     """train.py flags of a tiny BEV run: 2 cameras at 96x64, a 40 m x 40 m grid of 1 m cells, a slim model."""
-    return ["--app_mode", "BEVSeg", "--model_name", "LiftBEV", "--dataset_dir", embedded_dir,
-            "--save_dir", str(folder / "exp"), "--num_epochs", "1", "--batch_size", "4", "--num_cores", "0",
-            "--seed", "3", "--cfg", "data.BEVSeg.image.w=96", "--cfg", "data.BEVSeg.image.h=64",
-            "--cfg", 'data.BEVSeg.cameras=["CAM_FRONT", "CAM_BACK"]',
-            "--cfg", "data.BEVSeg.bev.x_range_m=[-20.0, 20.0]", "--cfg", "data.BEVSeg.bev.y_range_m=[-20.0, 20.0]",
-            "--cfg", "data.BEVSeg.bev.cell_m=1.0", "--cfg", "model.LiftBEV.image_channels=16",
-            "--cfg", "model.LiftBEV.bev_channels=32", "--cfg", "model.LiftBEV.bev_blocks=1",
-            "--cfg", f"data.BEVSeg.label_cache_dir={folder / 'cache'}", *extra]
+    return task_flags("BEVSeg", "LiftBEV", embedded_dir, folder,
+                      "--cfg", "data.BEVSeg.bev.x_range_m=[-20.0, 20.0]",
+                      "--cfg", "data.BEVSeg.bev.y_range_m=[-20.0, 20.0]",
+                      "--cfg", "data.BEVSeg.bev.cell_m=1.0", "--cfg", "model.LiftBEV.image_channels=16",
+                      "--cfg", "model.LiftBEV.bev_channels=32", "--cfg", "model.LiftBEV.bev_blocks=1", *extra)
 
 
 @pytest.fixture(scope="module")

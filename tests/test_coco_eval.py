@@ -9,7 +9,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from bench.eval import reference_evaluation, synthetic_coco
+from tests.conftest import reference_evaluation, synthetic_coco
 from utils.coco_eval import COCO as BackendCOCO
 from utils.coco_eval import SUMMARY_NAMES, coco_metrics, coco_precision, coco_results_array
 

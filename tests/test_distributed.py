@@ -121,13 +121,18 @@ def test_a_killed_worker_is_restarted_and_resumes_exactly(ddp_trained, embedded_
 
 
 def test_a_worker_killed_before_the_first_checkpoint_is_restarted_afresh(ddp_trained, embedded_dir, tmp_path):
-    """No checkpoint every few steps: rank 1 is SIGKILLed at its 2nd step of epoch 1, before anything was saved;
-    the restarted workers start afresh (one log line) and end with the weights of the uninterrupted run."""
-    flags = ddp_flags(embedded_dir, tmp_path, "exp", "--cfg", "config.train.checkpoint_every_steps=0")
+    """No label cache yet, and building it takes longer (3 s a scene, 8 scenes on 2 workers) than the process
+    group's 6 s timeout: the processes wait for it on a file lock, not in a collective. No checkpoint every few
+    steps: rank 1 is SIGKILLed at its 2nd step of epoch 1, before anything was saved; the restarted workers start
+    afresh (one log line) and end with the weights of the uninterrupted run."""
+    flags = ddp_flags(embedded_dir, tmp_path, "exp", "--cfg", "config.train.checkpoint_every_steps=0",
+                      "--cfg", "config.distributed.timeout_s=6",
+                      "--cfg", f"data.2DObjDet.label_cache_dir={tmp_path / 'cache'}")  # a cache of its own to build
     result = torchrun("--max_restarts", "1", "tests/train_with_signal.py", "--ddp", "1", *flags, SIGNAL_RANK="1",
-                      SIGNAL_NAME="KILL", SIGNAL_STEP="2", SIGNAL_BEFORE_STEP="1",
+                      SIGNAL_NAME="KILL", SIGNAL_STEP="2", SIGNAL_BEFORE_STEP="1", SLOW_LABELS_S="3",
                       TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     assert "exitcode: -9" in result.stderr
+    assert len(os.listdir(tmp_path / "cache")) > 0  # built by this launch
     log = (tmp_path / "exp" / "training.log").read_text()
     assert "restarted the workers before this run saved a checkpoint: training starts afresh" in log
     assert "epoch 2/2:" in log and "resumed from" not in log
@@ -166,14 +171,6 @@ def test_a_one_process_run_resumed_by_two_sees_each_sample_once(embedded_dir, tm
     assert [row["samples"] for row in last["history"]] == [12, 12]
     assert last["global_step"] == 2 + 2 + 3 and len(last["rng"]) == 2
     assert "resuming a run of 1 process(es) with 2" in (tmp_path / "exp" / "training.log").read_text()
-
-
-def test_a_label_cache_build_longer_than_the_collective_timeout(embedded_dir, tmp_path):
-    """No cache yet, and building it takes longer (3 s a scene, 8 scenes on 2 workers) than the process group's
-    6 s timeout: the processes wait for it on a file lock, not in a collective, and train to the end."""
-    flags = ddp_flags(embedded_dir, tmp_path, "exp", "--num_epochs", "1", "--cfg", "config.distributed.timeout_s=6")
-    result = torchrun("tests/train_with_signal.py", "--ddp", "1", *flags, SLOW_LABELS_S="3")
-    assert "epoch 1/1:" in (tmp_path / "exp" / "training.log").read_text(), result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("before, after", [((1, 2), (2, 2)), ((2, 2), (1, 3)), ((2, 1), (3, 1))])

@@ -8,8 +8,8 @@ import torch
 from faster_coco_eval import COCOeval_faster
 from torchvision.ops import batched_nms
 
-from bench.eval import synthetic_coco
 from models.Yolo.boxes import coco_detection_array, postprocess_detections, to_original_pixels
+from tests.conftest import synthetic_coco
 from utils.coco_eval import (
     COCO,
     SUMMARY_NAMES,

@@ -59,8 +59,9 @@ def test_item_contract_and_boxes_in_input_pixels(embedded_dir, make_args):
     assert torch.equal(NormalizeImages(normalize["mean"], normalize["std"])(item["images"]), expected)
 
 
-@pytest.mark.parametrize("size", [(400, 224), (200, 112), (1600, 900), (640, 480)])
+@pytest.mark.parametrize("size", [(400, 224), (200, 112), (1600, 900), (640, 480), (1920, 1088)])
 def test_reduced_scale_decoding_matches_full_decoding(tmp_path, size):
+    """At a reduced scale where the input is smaller than the image, at full scale (then upscaled) where larger."""
     rng = np.random.default_rng(0)
     big = np.kron(rng.integers(0, 255, size=(9, 16, 3)), np.ones((100, 100, 1))).astype(np.uint8)  # 900x1600 RGB
     path = tmp_path / "big.jpg"

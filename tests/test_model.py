@@ -41,8 +41,9 @@ def test_bad_model_config():
 
 def test_missing_pretrained_weights_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(UserError, match=r"ImageNet weights for resnet18 not found at .*resnet18-f37072fd.pth; "
-                                        r"download https://.* or set \"pretrained_backbone\": false"):
+    with pytest.raises(UserError, match=r"ImageNet weights for resnet18 not found at .*resnet18-f37072fd.pth; run "
+                                        r"python -m models.fetch_weights --backbone resnet18 \(or download https://.* "
+                                        r"there by hand\), or set \"pretrained_backbone\": false"):
         yolo.build_backbone("resnet18", pretrained=True, freeze_batchnorm=False)
 
 

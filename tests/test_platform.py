@@ -1,6 +1,7 @@
 """The platform end to end: train.py and test.py, exact resume, Ctrl-C, non-finite losses, checkpoints,
 configuration merging and every bad input promised to be rejected before heavy work."""
 
+import csv
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import helper
 import test as test_script
@@ -27,6 +29,7 @@ from utils.config import load_json, merge_config
 from utils.errors import UserError
 from utils.experiment import setup_logging
 from utils.optim import build_optimizer, build_scheduler
+from utils.run_record import TrainingRecord
 
 
 @pytest.fixture
@@ -34,28 +37,20 @@ def tiny_run(embedded_dir, tmp_path):
     return lambda exp_dir="exp", *extra: tiny_flags(embedded_dir, tmp_path, exp_dir, *extra)
 
 
-@pytest.fixture(scope="module")
-def trained(embedded_dir, tmp_path_factory):
-    """One tiny 2-epoch experiment, trained once for the tests that only read it; returns its folder. Scored at
-    COCO's score threshold, 0.001, so that its evaluations have detections."""
-    folder = tmp_path_factory.mktemp("trained")
-    train.main(tiny_flags(embedded_dir, folder, "exp", "--cfg", "model.Yolo.postprocess.score_threshold=0.001"))
-    return folder / "exp"
-
-
-@pytest.fixture
-def trained_copy(trained, tmp_path, embedded_dir):
-    """A copy of the trained experiment that a test may change, and the flags that name it."""
-    shutil.copytree(trained, tmp_path / "exp")
-    return tmp_path / "exp", lambda *extra: tiny_flags(embedded_dir, tmp_path, "exp", *extra)
-
-
 def test_train_then_test_end_to_end(trained_copy):
     exp, _ = trained_copy
-    for name in ("best.pt", "last.pt", "config.json", "training.log", "curves.png", "metrics.json"):
+    for name in ("best.pt", "last.pt", "config.json", "training.log", "curves.png", "metrics.json", "results.csv"):
         assert (exp / name).is_file(), name
     assert not (exp / "detections.json").exists()  # validation writes metrics; per-detection files are test.py's
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(exp / "tensorboard"))
+    events = EventAccumulator(str(exp / "tensorboard")).Reload()
+    assert [event.step for event in events.Scalars("train_step/total_loss")] == [2, 4, 6]  # every 2 of 6 steps
+    assert [event.step for event in events.Scalars("val/mAP")] == [1, 2] and "config" in events.Tags()["tensors"][0]
+    with open(exp / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert {"lr", "total_loss", "mAP", "AP50", "time_s", "img_per_s"} <= set(rows[0])
+    assert float(rows[1]["img_per_s"]) > 0
+    assert float(rows[1]["mAP"]) == json.loads((exp / "metrics.json").read_text())["mAP"]
     metrics = json.loads((exp / "metrics.json").read_text())
     assert {"mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "per_class_AP"} <= set(metrics)
     config = json.loads((exp / "config.json").read_text())
@@ -79,6 +74,10 @@ def test_train_then_test_end_to_end(trained_copy):
 
     test_script.main(["--save_dir", str(exp), "--num_cores", "0", "--is_test_all", "1"])
     assert (test_dir / "best" / "metrics.json").is_file() and (test_dir / "last" / "metrics.json").is_file()
+    with open(test_dir / "summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert [row["checkpoint"] for row in summary] == ["best.pt", "last.pt"] and summary[1]["epoch"] == "2"
+    assert float(summary[1]["mAP"]) == json.loads((test_dir / "last" / "metrics.json").read_text())["mAP"]
 
 
 def test_a_run_that_decodes_on_the_device_trains_tests_and_draws(tiny_run, tmp_path):
@@ -118,6 +117,10 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_run, tmp_p
     straight, straight_tensors = state_tensors(str(tmp_path / "straight" / "last.pt"))
     resumed, resumed_tensors = state_tensors(str(tmp_path / "stopped" / "last.pt"))
     assert [row["total_loss"] for row in resumed["history"]] == [row["total_loss"] for row in straight["history"]]
+    with open(tmp_path / "stopped" / "results.csv") as f:  # rewritten from the history: no row lost or doubled
+        rows = list(csv.DictReader(f))
+    assert [(int(row["epoch"]), float(row["total_loss"])) for row in rows] == [
+        (row["epoch"], row["total_loss"]) for row in straight["history"]]
     assert [row["mAP"] for row in resumed["history"]] == [row["mAP"] for row in straight["history"]]
     for name, tensor in straight_tensors.items():
         assert torch.equal(tensor, resumed_tensors[name]), name
@@ -480,11 +483,6 @@ class RecordingSave:
         self.calls.append(names)
 
 
-class NoWriter:
-    def add_scalar(self, *args) -> None:
-        pass
-
-
 @pytest.mark.parametrize("error_metric", [True, False], ids=["error_metric", "score_metric"])
 def test_best_pt_follows_the_first_metric_in_its_direction(tmp_path, error_metric):
     """A solver states which metrics are better when lower (an error such as MAE): best.pt is then written when the
@@ -503,12 +501,14 @@ def test_best_pt_follows_the_first_metric_in_its_direction(tmp_path, error_metri
     solver = CountingSolver([3.0, 2.0, 2.5, 1.0])
     progress, save = train.Progress(best_score=solver.worst_score()), RecordingSave(str(tmp_path))
     args = {"valid_step": 1, "num_epochs": 4, "save_every": 100, "max_num_chkpts": 3}
+    record = TrainingRecord(str(tmp_path), solver.metric_names, args)
     for _ in range(4):
-        train.end_epoch(solver, None, args, progress, 0.1, 0.0, save, NoWriter(), main_process=True)
+        train.end_epoch(solver, None, args, progress, 0.1, save, record)
     best = ["best.pt" in names for names in save.calls]
     assert best == ([True, True, False, True] if error_metric else [True, False, False, False])
     assert progress.best_score == (1.0 if error_metric else 3.0)
     assert (tmp_path / "curves.png").is_file()  # metrics far outside [0, 1] are drawn
+    assert (tmp_path / "results.csv").read_text().count("\n") == 1 + 4
 
 
 def test_a_config_section_inherits_another_and_writes_only_what_differs(tmp_path):

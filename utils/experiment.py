@@ -39,7 +39,8 @@ def experiment_folder(args: dict, project_root, fresh: bool) -> str:
 
 
 # The project's loggers: one per top-level module or package (each file logs to logging.getLogger(__name__)).
-PROJECT_LOGGERS = ("train", "test", "helper", "dataset", "models", "optimization", "utils", "bench")
+PROJECT_LOGGERS = ("train", "test", "predict", "export", "helper", "dataset", "models", "optimization", "utils",
+                   "bench")
 
 
 def setup_logging(log_path: str | None, main_process: bool = True) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.cache import file_lock
@@ -21,6 +22,7 @@ MODES = ("train", "val", "test")
 VAL_SPLIT_SEED = 0  # fixed, so that the train/val scene split never depends on the run's --seed
 REDUCED_DECODING = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
                     (2, cv2.IMREAD_REDUCED_COLOR_2), (1, cv2.IMREAD_COLOR))  # (scale divisor, cv2 flag)
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of an image's orientation (1: as stored; 5-8: turned by 90 degrees)
 
 # config/data.json values that every nuScenes loader reads (keys within data.<app_mode>), checked before work starts
 COMMON_RULES = {
@@ -43,6 +45,12 @@ COMMON_RULES = {
 }
 
 logger = logging.getLogger(__name__)
+
+# OpenCV on one thread in every process that reads images: the DataLoader workers are the parallelism (OpenCV's pool,
+# as many threads as cores in every worker, would oversubscribe the cores), and a process whose OpenCV pool has
+# started cannot fork workers safely: the worker hangs in the pool's teardown (pthread_cond_destroy on a condition
+# variable whose waiters were not forked; seen in the test suite once the main process had decoded images itself).
+cv2.setNumThreads(1)
 
 
 def project_path(path: str) -> str:
@@ -136,8 +144,10 @@ def decode_image(path: str, size: tuple, full_size: tuple) -> np.ndarray:
     libjpeg's DCT scaling decodes at 1/8, 1/4 or 1/2 of full size, whichever is the smallest still at least
     `size`, so that little is decoded only to be thrown away by the resize."""
     data = read_jpeg(path)
-    factor, flag = next((f, flag) for f, flag in REDUCED_DECODING
-                        if full_size[0] // f >= size[0] and full_size[1] // f >= size[1])
+    # full size when the input is larger than the image (upscaled): a bare next() would raise StopIteration, which
+    # a DataLoader takes for the end of the epoch
+    factor, flag = next(((f, flag) for f, flag in REDUCED_DECODING
+                         if full_size[0] // f >= size[0] and full_size[1] // f >= size[1]), REDUCED_DECODING[-1])
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
     if image is None:
         raise UserError(f"cannot read image {path} (not a JPEG file): restore the file or regenerate the dataset")
@@ -152,7 +162,23 @@ def read_image(path: str, size: tuple, full_size: tuple) -> torch.Tensor:
     return torch.from_numpy(decode_image(path, size, full_size)).permute(2, 0, 1)
 
 
-def one_opencv_thread(worker_id: int) -> None:
-    """DataLoader workers' worker_init_fn: OpenCV decodes and resizes on one thread per worker (the workers are the
-    parallelism; OpenCV's own pool, as many threads as cores in every worker, would oversubscribe the cores)."""
-    cv2.setNumThreads(1)
+def read_image_file(path: str, size: tuple) -> tuple:
+    """Any image file OpenCV reads (JPEG, PNG, ...; grey or with alpha: as RGB), resized to size = (W, H) as the
+    loaders resize their images (a JPEG exactly as decode_image does): ((3, H, W) uint8 RGB tensor, the image's
+    original (W, H) as drawn, after its EXIF orientation). A file that is not a readable image is a one-line
+    UserError naming it."""
+    try:
+        with Image.open(path) as header:  # reads the header only
+            full_size, is_jpeg = header.size, header.format == "JPEG"
+            if header.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # OpenCV turns these by 90 degrees
+                full_size = full_size[::-1]
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise UserError(f"cannot read image {path} ({type(error).__name__}: {error})") from None
+    if is_jpeg:
+        return read_image(path, size, full_size), full_size
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise UserError(f"cannot read image {path} (OpenCV cannot decode it)")
+    if (image.shape[1], image.shape[0]) != tuple(size):
+        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    return torch.from_numpy(cv2.cvtColor(image, cv2.COLOR_BGR2RGB)).permute(2, 0, 1), full_size

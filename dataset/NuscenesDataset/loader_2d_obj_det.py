@@ -37,13 +37,13 @@ from dataset.NuscenesDataset.common import (
     check_images_exist,
     decode_image,
     mode_scenes,
-    one_opencv_thread,
     project_path,
+    read_image_file,
     read_jpeg,
     resolve_dataroot,
     version_split,
 )
-from dataset.NuscenesDataset.labels import CATEGORY_IDS, coco_from_labels, label_arrays
+from dataset.NuscenesDataset.labels import CATEGORY_IDS, coco_from_labels, label_arrays, load_nuscenes
 from utils.config import NUMBER_RANGE, TEXT, Rule, number, one_of
 from utils.errors import UserError
 
@@ -198,7 +198,6 @@ class DatasetLoader(Dataset):
 
     class_names = list(CATEGORY_IDS)  # label index -> detection class name
     collate_fn = staticmethod(collate_detection)
-    worker_init_fn = staticmethod(one_opencv_thread)
     config_rules = {  # see helper.check_config
         **COMMON_RULES,
         "data.label_cache_dir": TEXT,
@@ -268,6 +267,30 @@ class DatasetLoader(Dataset):
             raise UserError(f"sample {tokens[order[samples[sample]]].decode()} has no {cameras[position]} image: set "
                             f"'cameras' in config/data.json to channels of the dataset ({', '.join(present)})")
         return index
+
+    @staticmethod
+    def image_file(args: dict, path: str) -> tuple:
+        """predict.py: the image file at `path` as a one-camera item's images, resized as __getitem__ resizes
+        (without augmentation): ((1, 3, H, W) uint8, its original (W, H)); UserError if it is not a readable image."""
+        image = args["data"][args["app_mode"]]["image"]
+        pixels, original_size = read_image_file(path, (image["w"], image["h"]))
+        return pixels[None], original_size
+
+    @staticmethod
+    def sample_files(args: dict, tokens: list) -> dict:
+        """predict.py: {sample token: [(camera, image path)] in data.json "cameras" order} for those of `tokens`
+        that are samples of the configured dataset version (any split); the others are left out."""
+        cfg = args["data"][args["app_mode"]]
+        nusc = load_nuscenes(resolve_dataroot(args, cfg), cfg["version"])
+        files = {}
+        for token in dict.fromkeys(tokens):
+            try:
+                cameras = nusc.get("sample", token)["data"]
+            except KeyError:
+                continue
+            files[token] = [(camera, os.path.join(nusc.dataroot, nusc.get("sample_data", cameras[camera])["filename"]))
+                            for camera in cfg["cameras"] if camera in cameras]
+        return files
 
     def coco_ground_truth(self) -> dict:
         """The COCO ground-truth dict of the split's label cache (for the evaluation; built on demand)."""

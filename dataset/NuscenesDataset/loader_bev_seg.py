@@ -40,7 +40,6 @@ from dataset.NuscenesDataset.common import (
     COMMON_RULES,
     check_images_exist,
     mode_scenes,
-    one_opencv_thread,
     project_path,
     read_image,
     resolve_dataroot,
@@ -166,7 +165,6 @@ class DatasetLoader(Dataset):
     args["val_ratio"], args["bool_apply_img_aug"] and args["data"][app_mode] (config/data.json).
     world_size and rank: the platform's signature; under DDP the sampler shards."""
 
-    worker_init_fn = staticmethod(one_opencv_thread)
     config_rules = {  # see helper.check_config
         **COMMON_RULES,
         "data.ego_pose_channel": TEXT,

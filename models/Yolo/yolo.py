@@ -39,6 +39,11 @@ PRIOR_PROBABILITY = 0.01  # initial objectness and class probability, so that th
 logger = logging.getLogger(__name__)
 
 
+def weights_path(name: str) -> str:
+    """Where torchvision keeps the ImageNet weights of backbone `name`: torch's hub cache."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(BACKBONES[name][1].url))
+
+
 def build_backbone(name: str, pretrained: bool, freeze_batchnorm: bool) -> tuple:
     """ResNet feature extractor returning {"0": stride 8, "1": stride 16, "2": stride 32} and its channels.
     ImageNet weights are read from torch's hub cache only: nothing is downloaded."""
@@ -47,10 +52,11 @@ def build_backbone(name: str, pretrained: bool, freeze_batchnorm: bool) -> tuple
     constructor, weights, channels = BACKBONES[name]
     resnet = constructor(weights=None, norm_layer=FrozenBatchNorm2d if freeze_batchnorm else nn.BatchNorm2d)
     if pretrained:
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        path = weights_path(name)
         if not os.path.isfile(path):
-            raise UserError(f"pretrained_backbone: ImageNet weights for {name} not found at {path}; download "
-                            f"{weights.url} there, or set \"pretrained_backbone\": false in config/model.json")
+            raise UserError(f"pretrained_backbone: ImageNet weights for {name} not found at {path}; run python -m "
+                            f"models.fetch_weights --backbone {name} (or download {weights.url} there by hand), or "
+                            f"set \"pretrained_backbone\": false in config/model.json")
         resnet.load_state_dict(weights.get_state_dict(progress=False))
     extractor = create_feature_extractor(resnet, {"layer2": "0", "layer3": "1", "layer4": "2"})
     return extractor, channels
@@ -111,13 +117,13 @@ class DenseDetector(nn.Module):
         self.normalize = NormalizeImages(normalize["mean"], normalize["std"])
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> dict:
+    def predict(self, images: torch.Tensor, **postprocess) -> dict:
         """Detections of the I = B * N_cam images (camera-major within a sample), flat over the batch (see
         models.Yolo.boxes.postprocess_detections): boxes (D, 4) in input px, scores (D,), labels (D,), image_index (D,)
-        in [0, I); see config/model.json "postprocess" for the thresholds."""
+        in [0, I); config/model.json "postprocess" has the thresholds, `postprocess` overrides some of them."""
         outputs = self(images)
         return postprocess_detections(outputs["boxes"], self.scores(outputs), image_size=self.image_size,
-                                      **self.cfg["postprocess"])
+                                      **{**self.cfg["postprocess"], **postprocess})
 
     def print_model_summary(self) -> None:
         """Log the parameters of each part and the GFLOPs of one forward pass on one image at the input size."""
@@ -125,6 +131,19 @@ class DenseDetector(nn.Module):
         image = torch.zeros(1, 1, 3, height, width, dtype=torch.uint8, device=next(self.parameters()).device)
         log_model_summary(self, (image,), f"Yolo ({self.cfg['architecture']} architecture, {self.cfg['backbone']} "
                           f"backbone) at {width}x{height} input", "image", logger)
+
+
+class DenseOutputs(nn.Module):
+    """A DenseDetector as export.py writes it: images (I, 3, H, W) uint8 RGB -> (boxes (I, P, 4) x1 y1 x2 y2 in
+    input px, scores (I, P, C) in [0, 1]), the detector's dense outputs before the threshold and NMS."""
+
+    def __init__(self, detector: DenseDetector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: torch.Tensor) -> tuple:
+        outputs = self.detector(images[:, None])  # one camera per sample: the cameras are folded anyway
+        return outputs["boxes"], self.detector.scores(outputs)
 
 
 class Yolo(DenseDetector):

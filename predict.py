@@ -1,0 +1,151 @@
+"""Run a trained model on your own images:
+
+    python predict.py --exp_id N --source PATH [--model_num K] [--save_images 1] [--score_threshold S]
+
+PATH: an image file; a folder of image files (searched recursively; JPEG, PNG or any format OpenCV reads, any size
+and count); or a .txt file of nuScenes sample tokens, one per line, read through the configured dataset (all its
+cameras, drawn as one mosaic). Each image is resized as the loader resizes it and the detections are mapped back to
+its original pixels, exactly as test.py maps them.
+
+Writes <experiment>/predict/predictions.json: a list with an entry per image: "file", the solver's prediction (Yolo:
+"boxes" [[x1, y1, x2, y2]] in original px, "classes", "scores", best first) and, for a sample, "sample_token" and
+"camera". With --save_images 1, also the drawn images, under predict/images/. A file that is not a readable image is
+skipped with a warning line naming it; the others still run.
+
+Configuration as in test.py: the checkpoint's own (model, input size, dataset), then the flags and --cfg given here.
+Default checkpoint: best.pt."""
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import cv2
+import torch
+from torchvision.io import encode_jpeg
+from torchvision.transforms.v2.functional import resize
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+import helper
+from argumentparser import build_parser, flag, non_negative_int, unit_interval
+from utils.errors import UserError, exit_on_user_error
+from utils.experiment import select_device, setup_logging
+from utils.io import atomic_write, atomic_write_json
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+logger = logging.getLogger("predict")
+
+
+def build_predict_parser():
+    parser = build_parser("Run a trained model on image files or dataset samples (DSTorch).")
+    parser.add_argument("--source", default=None,
+                        help="an image file, a folder of images, or a .txt file of sample tokens (required)")
+    parser.add_argument("--model_num", type=non_negative_int, default=None,
+                        help="use epoch_<model_num>.pt (default: best.pt)")
+    parser.add_argument("--save_images", type=flag, default=0, help="1: also write the images with the detections")
+    parser.add_argument("--score_threshold", type=unit_interval, default=None,
+                        help="keep detections scoring above this (default: config.json test.visualization_score_"
+                             "threshold)")
+    return parser
+
+
+def source_inputs(source: str, loader, run: dict) -> list:
+    """The inputs of --source: a list of (sample token or None, [(camera or None, image path)])."""
+    if not os.path.exists(source):
+        raise UserError(f"--source {source}: no such file or folder")
+    if os.path.isdir(source):
+        files = sorted(str(path) for path in Path(source).rglob("*")
+                       if path.is_file() and not any(part.startswith(".") for part in path.relative_to(source).parts))
+        if not files:
+            raise UserError(f"--source {source}: the folder holds no files; give an image, a folder of images or a "
+                            f".txt file of sample tokens")
+        return [(None, [(None, path)]) for path in files]
+    if not source.endswith(".txt"):
+        return [(None, [(None, source)])]
+    with open(source) as token_file:
+        tokens = [line.strip() for line in token_file if line.strip() and not line.lstrip().startswith("#")]
+    if not tokens:
+        raise UserError(f"--source {source}: the token file lists no sample token (one per line)")
+    if not hasattr(loader, "sample_files"):
+        raise UserError(f"--source {source}: the {run['app_mode']} loader reads no sample tokens; give image files")
+    found = loader.sample_files(run, tokens)
+    for token in tokens:
+        if token not in found:
+            logger.warning("skipped sample token %s (listed in %s): not a sample of %s", token, source,
+                           run["data"][run["app_mode"]]["version"])
+    return [(token, cameras) for token, cameras in found.items()]
+
+
+def original_image(path: str) -> torch.Tensor:
+    """The image file at `path` at its original size, (3, H, W) uint8 RGB, as the loaders read it (OpenCV: EXIF
+    orientation applied, grey and alpha made RGB)."""
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    return torch.from_numpy(cv2.cvtColor(image, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
+
+
+def save_drawing(solver, paths: list, predictions: list, out_path: str) -> None:
+    """The images at `paths` with their predictions drawn, as one JPEG (a mosaic of 3 columns for several cameras,
+    each at the first one's size)."""
+    drawn = [solver.draw_prediction(original_image(path), prediction)
+             for path, prediction in zip(paths, predictions, strict=True)]
+    size = list(drawn[0].shape[1:])
+    grid = drawn[0] if len(drawn) == 1 else make_grid(
+        [image if list(image.shape[1:]) == size else resize(image, size) for image in drawn], nrow=3, padding=0)
+    data = encode_jpeg(grid, quality=90).numpy().tobytes()
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    atomic_write(out_path, lambda tmp_path: Path(tmp_path).write_bytes(data))
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    flags = vars(build_predict_parser().parse_args(argv))
+    if flags["source"] is None:
+        raise UserError("--source is required: an image file, a folder of images, or a .txt file of sample tokens")
+    args, exp_dir, name, state, run = helper.chosen_checkpoint(build_predict_parser(), argv)
+    checkpoint = os.path.join(exp_dir, name)
+    loader = helper.loader_module(run).DatasetLoader
+    solver_class = helper.solver_class(run["model_name"])
+    if not hasattr(loader, "image_file") or not hasattr(solver_class, "predict"):
+        raise UserError(f"--model_name {run['model_name']} with --app_mode {run['app_mode']} does not predict on "
+                        f"image files (its loader needs image_file, its solver predict; see docs/NEW_TASK.md)")
+    out_dir = os.path.join(exp_dir, "predict")
+    os.makedirs(out_dir, exist_ok=True)
+    setup_logging(os.path.join(out_dir, "predict.log"))
+    inputs = source_inputs(args["source"], loader, run)
+    solver = helper.load_solver(run, device=select_device(args["gpu_num"]), steps_per_epoch=0,
+                                class_names=helper.checkpoint_class_names(checkpoint, state, run))
+    solver.load_weights(state)
+    threshold = args["score_threshold"]
+    threshold = run["config"]["test"]["visualization_score_threshold"] if threshold is None else threshold
+    entries = []
+    for token, cameras in tqdm(inputs, desc="predict", unit="sample" if inputs[0][0] else "image"):
+        read = []  # (camera, path, (1, 3, H, W) uint8, original (W, H)) of the readable images
+        for camera, path in cameras:
+            try:
+                read.append((camera, path, *loader.image_file(run, path)))
+            except UserError as error:
+                logger.warning("skipped: %s", error)
+        if not read:
+            continue
+        predictions = solver.predict(torch.cat([images for _, _, images, _ in read]),
+                                     [size for *_, size in read], threshold)
+        for (camera, path, _, _), prediction in zip(read, predictions, strict=True):
+            entries.append({"file": path, **({"sample_token": token, "camera": camera} if token else {}),
+                            **prediction})
+        if args["save_images"]:
+            name = token or (os.path.relpath(path, args["source"]) if os.path.isdir(args["source"])
+                             else os.path.basename(path))
+            save_drawing(solver, [path for _, path, _, _ in read], predictions,
+                         os.path.join(out_dir, "images", f"{name}.jpg"))
+    if not entries:
+        raise UserError(f"--source {args['source']}: no readable image in it (see the warnings above)")
+    atomic_write_json(os.path.join(out_dir, "predictions.json"), entries)
+    logger.info("%d images with %s detections above %.2f: %s", len(entries),
+                sum(len(entry.get("scores", ())) for entry in entries), threshold,
+                os.path.join(out_dir, "predictions.json"))
+
+
+if __name__ == "__main__":
+    main()
