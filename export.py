@@ -29,7 +29,6 @@ from utils.errors import UserError, exit_on_user_error
 from utils.experiment import setup_logging
 from utils.io import atomic_write
 
-PROJECT_ROOT = Path(__file__).resolve().parent
 LATENCY_REPEATS = 20  # timed runs of each model after 3 warm-up runs; the median is logged
 logger = logging.getLogger("export")
 
@@ -46,8 +45,8 @@ def build_export_parser():
 
 def export_onnx(module: torch.nn.Module, images: torch.Tensor, output_names: list, metadata: dict,
                 dynamic_batch: bool, path: str) -> None:
-    """Export `module` (images -> a tuple of output tensors) to ONNX at `path` (written atomically), with
-    `metadata` as the file's metadata_props (JSON values)."""
+    """Export `module` (images -> a tuple of output tensors) to ONNX at `path`, with `metadata` as the file's
+    metadata_props (JSON values)."""
     try:
         import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it; imported here for a clear error)
     except ImportError:
@@ -60,8 +59,7 @@ def export_onnx(module: torch.nn.Module, images: torch.Tensor, output_names: lis
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
-    data = proto.SerializeToString()
-    atomic_write(path, lambda tmp_path: Path(tmp_path).write_bytes(data))
+    Path(path).write_bytes(proto.SerializeToString())
 
 
 def median_latency_ms(run, images) -> float:
@@ -120,13 +118,19 @@ def main(argv=None) -> None:
                                 class_names=helper.checkpoint_class_names(checkpoint, state, run))
     solver.load_weights(state)
     module, example, output_names, metadata, tolerances = solver.export_module()
+    if args["dynamic_batch"] and len(example) == 1:  # torch.export takes a dimension of size 1 for a constant
+        example = torch.cat([example, example])
     path = os.path.join(out_dir, f"{Path(name).stem}.{args['format']}")
-    export_onnx(module, example, output_names, {**metadata, "checkpoint": name, "epoch": state["epoch"]},
-                bool(args["dynamic_batch"]), path)
+
+    def export_and_check(tmp_path: str) -> None:  # a file that fails the check never replaces the last good one
+        export_onnx(module, example, output_names, {**metadata, "checkpoint": name, "epoch": state["epoch"]},
+                    bool(args["dynamic_batch"]), tmp_path)
+        # with --dynamic_batch 1, checked on one image more than it was traced with
+        check_with_onnxruntime(tmp_path, module, torch.cat([example, example[:1]]) if args["dynamic_batch"]
+                               else example, output_names, tolerances)
+
+    atomic_write(path, export_and_check)
     logger.info("exported %s (epoch %d) to %s", name, state["epoch"], path)
-    # with --dynamic_batch 1, checked on one image more than it was traced with
-    check_with_onnxruntime(path, module, torch.cat([example, example[:1]]) if args["dynamic_batch"] else example,
-                           output_names, tolerances)
 
 
 if __name__ == "__main__":

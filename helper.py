@@ -134,7 +134,7 @@ def load_solver(args: dict, **kwargs):
 def given_flags(parser, argv: list) -> dict:
     """The flags that `argv` gives explicitly to `parser`, without the parser's defaults ("cfg": the --cfg
     overrides)."""
-    not_given = object()
+    not_given, parser = object(), copy.deepcopy(parser)  # the caller's parser keeps its defaults
     parser.set_defaults(**{name: not_given for name in vars(parser.parse_args([])) if name != "cfg"})
     return {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not not_given}
 

@@ -33,7 +33,6 @@ from utils.errors import UserError, exit_on_user_error
 from utils.experiment import select_device, setup_logging
 from utils.io import atomic_write, atomic_write_json
 
-PROJECT_ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("predict")
 
 
@@ -63,17 +62,24 @@ def source_inputs(source: str, loader, run: dict) -> list:
         return [(None, [(None, path)]) for path in files]
     if not source.endswith(".txt"):
         return [(None, [(None, source)])]
-    with open(source) as token_file:
-        tokens = [line.strip() for line in token_file if line.strip() and not line.lstrip().startswith("#")]
+    try:
+        with open(source) as token_file:
+            lines = token_file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"--source {source}: cannot read it as a text file of sample tokens ({error})") from None
+    tokens = list(dict.fromkeys(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")))
     if not tokens:
         raise UserError(f"--source {source}: the token file lists no sample token (one per line)")
     if not hasattr(loader, "sample_files"):
         raise UserError(f"--source {source}: the {run['app_mode']} loader reads no sample tokens; give image files")
     found = loader.sample_files(run, tokens)
+    version = run["data"][run["app_mode"]]["version"]
     for token in tokens:
         if token not in found:
-            logger.warning("skipped sample token %s (listed in %s): not a sample of %s", token, source,
-                           run["data"][run["app_mode"]]["version"])
+            logger.warning("skipped sample token %s (listed in %s): not a sample of %s", token, source, version)
+    if not found:
+        raise UserError(f"--source {source}: none of its {len(tokens)} tokens is a sample of {version} in the "
+                        f"checkpoint's dataset; give tokens of sample.json, or --dataset_dir")
     return [(token, cameras) for token, cameras in found.items()]
 
 
@@ -100,10 +106,9 @@ def save_drawing(solver, paths: list, predictions: list, out_path: str) -> None:
 @exit_on_user_error
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    flags = vars(build_predict_parser().parse_args(argv))
-    if flags["source"] is None:
-        raise UserError("--source is required: an image file, a folder of images, or a .txt file of sample tokens")
     args, exp_dir, name, state, run = helper.chosen_checkpoint(build_predict_parser(), argv)
+    if args["source"] is None:  # not argparse's required=True: helper.given_flags parses an empty command line
+        raise UserError("--source is required: an image file, a folder of images, or a .txt file of sample tokens")
     checkpoint = os.path.join(exp_dir, name)
     loader = helper.loader_module(run).DatasetLoader
     solver_class = helper.solver_class(run["model_name"])
@@ -120,7 +125,7 @@ def main(argv=None) -> None:
     threshold = args["score_threshold"]
     threshold = run["config"]["test"]["visualization_score_threshold"] if threshold is None else threshold
     entries = []
-    for token, cameras in tqdm(inputs, desc="predict", unit="sample" if inputs[0][0] else "image"):
+    for token, cameras in tqdm(inputs, desc="predict", unit="sample" if args["source"].endswith(".txt") else "image"):
         read = []  # (camera, path, (1, 3, H, W) uint8, original (W, H)) of the readable images
         for camera, path in cameras:
             try:
@@ -135,10 +140,11 @@ def main(argv=None) -> None:
             entries.append({"file": path, **({"sample_token": token, "camera": camera} if token else {}),
                             **prediction})
         if args["save_images"]:
-            name = token or (os.path.relpath(path, args["source"]) if os.path.isdir(args["source"])
-                             else os.path.basename(path))
+            first_file = read[0][1]
+            drawing = token or (os.path.relpath(first_file, args["source"]) if os.path.isdir(args["source"])
+                                else os.path.basename(first_file))
             save_drawing(solver, [path for _, path, _, _ in read], predictions,
-                         os.path.join(out_dir, "images", f"{name}.jpg"))
+                         os.path.join(out_dir, "images", f"{drawing}.jpg"))
     if not entries:
         raise UserError(f"--source {args['source']}: no readable image in it (see the warnings above)")
     atomic_write_json(os.path.join(out_dir, "predictions.json"), entries)

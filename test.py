@@ -3,9 +3,10 @@
     python test.py --exp_id N [--model_num K | --is_test_all 1] [--visualization 1]
 
 Default: best.pt of the experiment. Writes, under <experiment>/test/ (one subfolder per checkpoint with
---is_test_all 1): metrics.json, the solver's other evaluation files (Yolo: detections.json, COCO results in original
-pixels), pr_curves/<name>.png (precision-recall curves) and, with --visualization 1, the solver's drawings of a few
-samples under visualization/ (Yolo: camera mosaics with the ground truth in green and the detections in red).
+--is_test_all 1, and test/summary.csv: a row per checkpoint with its epoch and metrics): metrics.json, the solver's
+other evaluation files (Yolo: detections.json, COCO results in original pixels), pr_curves/<name>.png (precision-
+recall curves) and, with --visualization 1, the solver's drawings of a few samples under visualization/ (Yolo:
+camera mosaics with the ground truth in green and the detections in red).
 
 Configuration, one rule: each checkpoint's own configuration, then the flags given on this command line and its
 `--cfg` overrides on top (e.g. `--batch_size 8`, `--dataset_dir DIR`, `--cfg config.test.visualizations=8`). The
@@ -24,8 +25,8 @@ from utils.config import merge_config
 from utils.distributed import close_distributed, init_distributed
 from utils.errors import UserError, exit_on_user_error
 from utils.experiment import experiment_path, numbered_checkpoints, select_device, setup_logging, write_evaluation
+from utils.io import write_csv
 from utils.plots import plot_precision_recall
-from utils.run_record import write_csv
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("test")
@@ -81,7 +82,7 @@ def main(argv=None) -> None:
 
 def evaluate(args: dict, exp_dir: str, runs: dict, world_size: int, rank: int, local_rank: int) -> None:
     """Evaluate each checkpoint of the experiment folder {name: its configuration}; under --ddp 1 every process
-    takes a shard, rank 0 scores and writes. With several checkpoints, test/summary.csv gets a row per checkpoint
+    takes a shard, rank 0 scores and writes. With --is_test_all 1, test/summary.csv gets a row per checkpoint
     (its name, epoch and scalar metrics), rewritten after each."""
     setup_logging(os.path.join(exp_dir, "test.log") if rank == 0 else None, rank == 0)
     device = select_device(local_rank if args["ddp"] else args["gpu_num"])
@@ -89,14 +90,15 @@ def evaluate(args: dict, exp_dir: str, runs: dict, world_size: int, rank: int, l
     for name, run in runs.items():
         state = load_checkpoint(os.path.join(exp_dir, name))
         test_set, test_loader = helper.load_datasetloader(run, world_size, rank, "test")
-        solver = helper.load_solver(run, device=device, class_names=test_set.class_names, steps_per_epoch=0,
+        class_names = state.get("class_names", test_set.class_names)  # the trained ones (older checkpoints: none)
+        solver = helper.load_solver(run, device=device, class_names=class_names, steps_per_epoch=0,
                                     world_size=world_size, rank=rank)
         solver.load_weights(state)
         metrics, outputs, curves = solver.eval(test_loader, show_progress=rank == 0)
         if rank != 0:
             continue
         metrics.update({"checkpoint": name, "epoch": state["epoch"]})
-        out_dir = os.path.join(exp_dir, "test", Path(name).stem) if len(runs) > 1 else os.path.join(exp_dir, "test")
+        out_dir = os.path.join(exp_dir, "test", *([Path(name).stem] if args["is_test_all"] else []))
         write_evaluation(out_dir, metrics, outputs)
         for curve_name, (recall, precision) in curves.items():
             path = os.path.join(out_dir, "pr_curves", f"{curve_name}.png")
@@ -111,7 +113,7 @@ def evaluate(args: dict, exp_dir: str, runs: dict, world_size: int, rank: int, l
                 for item, value in values.items():
                     logger.info("%-22s %s", item, format_metric(value))
         logger.info("results in %s", out_dir)
-        if len(runs) > 1:
+        if args["is_test_all"]:
             summary.append({"checkpoint": name, "epoch": state["epoch"],
                             **{metric: metrics[metric] for metric in solver.metric_names}})
             write_csv(os.path.join(exp_dir, "test", "summary.csv"), summary)

@@ -190,7 +190,8 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
     if main_process:
         atomic_write_json(os.path.join(exp_dir, "config.json"), args)
 
-    record = TrainingRecord(exp_dir, solver.metric_names, args) if main_process else None
+    record = (TrainingRecord(exp_dir, solver.metric_names, args, None if resumed is None else progress.global_step)
+              if main_process else None)
     save = CheckpointWriter(exp_dir, solver, args, progress, train_set.class_names, main_process)
     with logging_redirect_tqdm([logging.getLogger(name) for name in PROJECT_LOGGERS]), StopRequest() as stop:
         while progress.epoch < args["num_epochs"]:
@@ -264,6 +265,8 @@ def train_epoch(solver, loader, args: dict, world_size: int, progress: Progress,
                 record.steps(progress.global_step, loss_means, learning_rate)
         if save_now:
             save(["last.pt"])
+            if record is not None:
+                record.flush()
         if stop_now:
             logger.info("stopped by %s at epoch %d step %d; last.pt saved; resume with: %s",
                         stop.signal_name or "a signal to another process", epoch + 1, progress.step_in_epoch,

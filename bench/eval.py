@@ -26,8 +26,8 @@ from pycocotools.cocoeval import COCOeval
 
 from bench.model import platform_args
 from helper import load_datasetloader, load_solver
-from tests.conftest import reference_evaluation, synthetic_coco
 from utils.coco_eval import SUMMARY_NAMES, coco_metrics, coco_results_array
+from utils.coco_reference import reference_evaluation, synthetic_coco
 
 
 class Preloaded:

@@ -9,9 +9,9 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from tests.conftest import reference_evaluation, synthetic_coco
 from utils.coco_eval import COCO as BackendCOCO
 from utils.coco_eval import SUMMARY_NAMES, coco_metrics, coco_precision, coco_results_array
+from utils.coco_reference import reference_evaluation, synthetic_coco
 
 
 @pytest.mark.parametrize("image_subset", [False, True], ids=["all_images", "some_images"])

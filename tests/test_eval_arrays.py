@@ -9,7 +9,6 @@ from faster_coco_eval import COCOeval_faster
 from torchvision.ops import batched_nms
 
 from models.Yolo.boxes import coco_detection_array, postprocess_detections, to_original_pixels
-from tests.conftest import synthetic_coco
 from utils.coco_eval import (
     COCO,
     SUMMARY_NAMES,
@@ -17,6 +16,7 @@ from utils.coco_eval import (
     coco_results_array,
     coco_results_list,
 )
+from utils.coco_reference import synthetic_coco
 from utils.distributed import gather_array_to_main
 
 IMAGE_SIZE = (96, 64)

@@ -74,11 +74,14 @@ def test_sample_tokens_read_every_camera_of_the_sample(trained_copy, embedded_di
 
 @pytest.mark.parametrize("source, message", [
     ("missing", "no such file or folder"), ("empty", "the folder holds no files"),
-    ("broken.jpg", "no readable image in it"), (None, "--source is required")])
+    ("broken.jpg", "no readable image in it"), (None, "--source is required"),
+    ("unknown.txt", "none of its 2 tokens is a sample of v1.0-mini"), ("binary.txt", "cannot read it as a text file")])
 def test_bad_sources_are_one_line(trained_copy, capsys, source, message):
     exp, _ = trained_copy
     os.makedirs(exp.parent / "empty")
     (exp.parent / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    (exp.parent / "unknown.txt").write_text("no_such_token\nanother\nno_such_token\n")
+    (exp.parent / "binary.txt").write_bytes(b"\xff\xfe\x00\x81 not text")
     with pytest.raises(SystemExit) as failed:
         predict.main(["--save_dir", str(exp), *(["--source", str(exp.parent / source)] if source else [])])
     assert failed.value.code == 2

@@ -1,5 +1,6 @@
 """Atomic file writes: a reader never sees a half-written file, and an interrupted write leaves none behind."""
 
+import csv
 import json
 import os
 import tempfile
@@ -35,3 +36,17 @@ def atomic_write_json(path: str, obj) -> None:
     except OSError as error:
         raise UserError(f"cannot write {path} ({error.strerror or error}): check the free space and permissions "
                         f"there") from None
+
+
+def write_csv(path: str, rows: list) -> None:
+    """Write dict rows as CSV atomically; the columns are every key of the rows, in the order they first appear
+    (a row without a key leaves its cell empty, as does None)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+
+    def write(tmp_path: str) -> None:
+        with open(tmp_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)

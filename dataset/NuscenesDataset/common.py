@@ -165,20 +165,21 @@ def read_image(path: str, size: tuple, full_size: tuple) -> torch.Tensor:
 def read_image_file(path: str, size: tuple) -> tuple:
     """Any image file OpenCV reads (JPEG, PNG, ...; grey or with alpha: as RGB), resized to size = (W, H) as the
     loaders resize their images (a JPEG exactly as decode_image does): ((3, H, W) uint8 RGB tensor, the image's
-    original (W, H) as drawn, after its EXIF orientation). A file that is not a readable image is a one-line
+    original (W, H) as decoded, after its EXIF orientation). A file that is not a readable image is a one-line
     UserError naming it."""
     try:
-        with Image.open(path) as header:  # reads the header only
-            full_size, is_jpeg = header.size, header.format == "JPEG"
-            if header.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # OpenCV turns these by 90 degrees
-                full_size = full_size[::-1]
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise UserError(f"cannot read image {path} ({type(error).__name__}: {error})") from None
-    if is_jpeg:
-        return read_image(path, size, full_size), full_size
+        with Image.open(path) as header:  # a JPEG's header only: its size, for the reduced-scale decode
+            if header.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG with a second picture appended
+                full_size = header.size
+                if header.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # OpenCV turns these by 90 degrees
+                    full_size = full_size[::-1]
+                return read_image(path, size, full_size), full_size
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        pass  # not a JPEG that Pillow reads the header of: OpenCV decodes it, or names it unreadable
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
-        raise UserError(f"cannot read image {path} (OpenCV cannot decode it)")
-    if (image.shape[1], image.shape[0]) != tuple(size):
+        raise UserError(f"cannot read image {path} (not an image file that OpenCV decodes)")
+    full_size = (image.shape[1], image.shape[0])
+    if full_size != tuple(size):
         image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
     return torch.from_numpy(cv2.cvtColor(image, cv2.COLOR_BGR2RGB)).permute(2, 0, 1), full_size
