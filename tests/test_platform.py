@@ -100,6 +100,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_run, tmp_p
     run that was never stopped (CPU, fixed seed, augmentation on), with or without (persistent) worker processes:
     each item's augmentation is seeded from (seed, epoch, index). Each epoch has 3 steps of 4 samples."""
     train.main(tiny_run("straight", "--num_cores", num_cores))
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN where the shell started the tests in the background
 
     real_load_solver = train.helper.load_solver
     monkeypatch.setattr(train.helper, "load_solver",
@@ -110,7 +111,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_run, tmp_p
     interrupted = load_checkpoint(str(tmp_path / "stopped" / "last.pt"))
     assert (interrupted["epoch"], interrupted["step_in_epoch"]) == stopped_at
     assert "resume with: python train.py" in (tmp_path / "stopped" / "training.log").read_text()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
     monkeypatch.setattr(train.helper, "load_solver", real_load_solver)
 
     train.main(tiny_run("stopped", "--num_cores", num_cores, "--load_pretrained", "1"))
