@@ -163,15 +163,26 @@ def checkpoint_class_names(path: str, state: dict, run: dict) -> list:
     return names
 
 
+def checkpoint_name(exp_dir: str, model_num) -> str:
+    """The checkpoint file that --model_num names in the experiment folder (epoch_<model_num>.pt; None: best.pt),
+    checked to exist."""
+    if not os.path.isdir(exp_dir):
+        raise UserError(f"experiment folder {exp_dir} not found: check --exp_id (or --save_dir) and train first")
+    name = f"epoch_{model_num}.pt" if model_num is not None else "best.pt"
+    if not os.path.isfile(os.path.join(exp_dir, name)):
+        available = sorted(n for n in os.listdir(exp_dir) if n.endswith(".pt"))
+        raise UserError(f"no checkpoint {name} in {exp_dir} (there: {', '.join(available) or 'none'}): choose "
+                        f"one with --model_num")
+    return name
+
+
 def chosen_checkpoint(parser, argv: list) -> tuple:
     """predict.py and export.py: (flags over config/*.json, experiment folder, checkpoint file name, its state, the
     configuration to use it with) of the checkpoint that --exp_id (or --save_dir) and --model_num name (default
     best.pt)."""
     args = merge_config({**vars(parser.parse_args(argv)), "cfg": []}, str(PROJECT_ROOT / "config"))
     exp_dir = experiment_path(args, PROJECT_ROOT)
-    name = f"epoch_{args['model_num']}.pt" if args["model_num"] is not None else "best.pt"
+    name = checkpoint_name(exp_dir, args["model_num"])
     path = os.path.join(exp_dir, name)
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint {path}: check --exp_id (or --save_dir) and --model_num, or train first")
     state = load_checkpoint(path)
     return args, exp_dir, name, state, checkpoint_configuration(path, state, given_flags(parser, argv))

@@ -46,20 +46,15 @@ def format_metric(value) -> str:
 
 
 def chosen_checkpoints(exp_dir: str, model_num, test_all: bool) -> list:
+    if not test_all:
+        return [helper.checkpoint_name(exp_dir, model_num)]
     if not os.path.isdir(exp_dir):
         raise UserError(f"experiment folder {exp_dir} not found: check --exp_id (or --save_dir) and train first")
-    if test_all:
-        names = [name for _, name in numbered_checkpoints(exp_dir)]
-        names += [name for name in ("best.pt", "last.pt") if os.path.isfile(os.path.join(exp_dir, name))]
-        if not names:
-            raise UserError(f"no checkpoints in {exp_dir}: train first")
-        return names
-    name = f"epoch_{model_num}.pt" if model_num is not None else "best.pt"
-    if not os.path.isfile(os.path.join(exp_dir, name)):
-        available = sorted(n for n in os.listdir(exp_dir) if n.endswith(".pt"))
-        raise UserError(f"no checkpoint {name} in {exp_dir} (there: {', '.join(available) or 'none'}): choose "
-                        f"one with --model_num, or --is_test_all 1")
-    return [name]
+    names = [name for _, name in numbered_checkpoints(exp_dir)]
+    names += [name for name in ("best.pt", "last.pt") if os.path.isfile(os.path.join(exp_dir, name))]
+    if not names:
+        raise UserError(f"no checkpoints in {exp_dir}: train first")
+    return names
 
 
 @exit_on_user_error

@@ -23,7 +23,8 @@ def plot_curves(history: list, metric_names: tuple, path: str) -> None:
     for key in [key for key in history[-1] if key.endswith("_loss")]:
         loss_axis.plot(epochs, [row.get(key) for row in history], marker=".", label=key)
     loss_axis.set(xlabel="epoch", ylabel="training loss", yscale="log", title="losses")
-    loss_axis.legend()
+    if loss_axis.lines:  # a solver may log no "_loss" terms
+        loss_axis.legend()
     evaluated = [row for row in history if metric_names[0] in row]
     for key in metric_names:  # None: undefined (no ground truth of that kind), not drawn
         values = [float("nan") if row[key] is None else row[key] for row in evaluated]
