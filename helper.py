@@ -4,6 +4,7 @@ model, dataset or task needs new files and config entries but no edit here or in
 import copy
 import importlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -125,6 +126,21 @@ def load_datasetloader(args: dict, world_size: int, rank: int, mode: str) -> tup
                         prefetch_factor=settings["prefetch_factor"] if workers > 0 else None)
     return dataset, loader
 
+
+
+@contextmanager
+def workers_stopped(loader: DataLoader):
+    """Run the block, then stop the loader's persistent worker processes, however the block ends. PyTorch stops
+    them only when the loader's iterator is garbage-collected. Where a reference cycle holds it (a cached exception
+    whose frames reach the training loop does: matplotlib's font parser keeps some), the collector closes the
+    workers' queues before it calls the iterator's __del__, and each worker's join then times out: 5 s per worker,
+    at some later moment of the process."""
+    try:
+        yield loader
+    finally:
+        iterator, loader._iterator = loader._iterator, None  # torch keeps the persistent workers' iterator private
+        if iterator is not None:
+            iterator._shutdown_workers()
 
 def load_solver(args: dict, **kwargs):
     """The Solver of optimization/<model_name>_solver.py, built with `args` and `kwargs`."""

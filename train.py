@@ -193,7 +193,8 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
     record = (TrainingRecord(exp_dir, solver.metric_names, args, None if resumed is None else progress.global_step)
               if main_process else None)
     save = CheckpointWriter(exp_dir, solver, args, progress, train_set.class_names, main_process)
-    with logging_redirect_tqdm([logging.getLogger(name) for name in PROJECT_LOGGERS]), StopRequest() as stop:
+    with (helper.workers_stopped(train_loader), StopRequest() as stop,
+          logging_redirect_tqdm([logging.getLogger(name) for name in PROJECT_LOGGERS])):
         while progress.epoch < args["num_epochs"]:
             learning_rate = train_epoch(solver, train_loader, args, world_size, progress, stop, save, record,
                                         resume_command_line(argv))

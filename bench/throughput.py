@@ -48,6 +48,16 @@ from dataset.NuscenesDataset.loader_2d_obj_det import augment_array, augment_ima
 from helper import load_datasetloader, load_solver
 from utils.host_reads import HostReadCounter
 
+COLUMNS = ["input", "read", "decode", "augment", "item", "collate", "loader", "MB/batch", "copy", "step", "busy", "fed",
+           "reads/step", "loader/step", "dev:loader", "dev:decode"]
+COLUMN_WIDTHS = [9, 7, 7, 14, 12, 8, 7, 11, 6, 6, 5, 6, 10, 11, 10, 10]
+
+
+def table_row(cells: list) -> str:
+    """The cells right-aligned in their columns, two spaces apart even where a number outgrows its column, so that
+    the row splits on whitespace into exactly one field per column."""
+    return "  ".join(f"{cell:>{width}}" for cell, width in zip(cells, COLUMN_WIDTHS, strict=True))
+
 
 def rate(count: int, work) -> float:
     """count / seconds of work()."""
@@ -208,9 +218,7 @@ def main(argv=None) -> None:
                            height=jpeg_height)
         print(f"{jpeg_width}x{jpeg_height} JPEGs, batch {options.batch_size} x 6 cameras, {options.workers} workers, "
               f"training on {device} with {torch.get_num_threads()} threads; images/s per stage, before -> now")
-        print(f"{'input':>9}{'read':>8}{'decode':>8}{'augment':>15}{'item':>13}{'collate':>9}{'loader':>8}"
-              f"{'MB/batch':>12}{'copy':>7}{'step':>7}{'busy':>6}{'fed':>7}{'reads/step':>11}{'loader/step':>12}"
-              f"{'dev:loader':>11}{'dev:decode':>11}")
+        print(table_row(COLUMNS))
         for width, height in options.sizes:
             args = platform_args(["--dataset_dir", dataroot, "--num_cores", str(options.workers), "--batch_size",
                                   str(options.batch_size), "--val_ratio", "0.2",
@@ -228,11 +236,11 @@ def main(argv=None) -> None:
             augment = f"{stages['augment_before']:.1f}->{stages['augment']:.1f}"
             item = f"{stages['item_before']:.1f}->{stages['item']:.1f}"
             megabytes = f"{4 * trained['batch_mb']:.1f}->{trained['batch_mb']:.1f}"
-            print(f"{width}x{height:<5}{stages['read']:>7.0f}{stages['decode']:>8.1f}{augment:>15}{item:>13}"
-                  f"{stages['collate']:>9.0f}{trained['loader']:>8.1f}{megabytes:>12}{copy:>7}"
-                  f"{trained['step']:>7.1f}{busy:>6}{trained['fed']:>7.1f}{trained['host_reads']:>11}"
-                  f"{trained['loader'] / trained['step']:>11.2f}x{on_device['loader']:>11.1f}"
-                  f"{on_device['decode']:>11.1f}", flush=True)
+            print(table_row([f"{width}x{height}", f"{stages['read']:.0f}", f"{stages['decode']:.1f}", augment, item,
+                             f"{stages['collate']:.0f}", f"{trained['loader']:.1f}", megabytes, copy,
+                             f"{trained['step']:.1f}", busy, f"{trained['fed']:.1f}", str(trained["host_reads"]),
+                             f"{trained['loader'] / trained['step']:.2f}x", f"{on_device['loader']:.1f}",
+                             f"{on_device['decode']:.1f}"]), flush=True)
 
 
 if __name__ == "__main__":

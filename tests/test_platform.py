@@ -4,6 +4,7 @@ configuration merging and every bad input promised to be rejected before heavy w
 import csv
 import json
 import logging
+import multiprocessing
 import os
 import shlex
 import shutil
@@ -112,6 +113,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_run, tmp_p
     assert (interrupted["epoch"], interrupted["step_in_epoch"]) == stopped_at
     assert "resume with: python train.py" in (tmp_path / "stopped" / "training.log").read_text()
     assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
+    assert not multiprocessing.active_children()  # the worker stopped with the run, though `stopped` holds its frames
     monkeypatch.setattr(train.helper, "load_solver", real_load_solver)
 
     train.main(tiny_run("stopped", "--num_cores", num_cores, "--load_pretrained", "1"))
