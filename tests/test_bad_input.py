@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import helper
 from dataset.NuscenesDataset import cache, labels
 from dataset.NuscenesDataset.collate_2d import collate_detection
 from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader, images_on_device
@@ -102,8 +103,8 @@ def test_unreadable_image_file(dataset_copy, make_args):
         with pytest.raises(UserError, match=f"cannot read image {re.escape(path)} .*Permission denied"):
             dataset[0]
     os.chmod(path, 0o644)
-    loader = DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=collate_detection)
-    with pytest.raises(UserError) as raised:  # re-raised by the DataLoader with the worker's traceback
+    loader = DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=collate_detection, persistent_workers=True)
+    with helper.workers_stopped(loader), pytest.raises(UserError) as raised:  # re-raised with the worker's traceback
         next(iter(loader))
     assert one_line(raised.value).startswith(f"cannot read image {path}")
     # data.json "decode": "device": a complete file that the device's decoder cannot read is named the same way

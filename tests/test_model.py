@@ -158,16 +158,16 @@ def test_nms_is_class_aware():
 
 
 def test_overfits_one_batch(embedded_dir, make_args):
-    """A few hundred CPU steps on one fixed batch: the loss falls by >= 90 % and the post-processed detections
+    """120 CPU steps on one fixed batch: the loss falls by >= 90 % and the post-processed detections
     recover every ground-truth box with IoU >= 0.7 and the right class, with no confident false positive."""
     torch.manual_seed(0)
-    data = {"image": {"w": 192, "h": 128}, "cameras": ["CAM_FRONT_LEFT", "CAM_FRONT"],
+    data = {"image": {"w": 192, "h": 128}, "cameras": ["CAM_BACK_LEFT", "CAM_BACK"],  # 9 boxes: 2 + 7
             "labels": {"visibilities": ["", "1", "2", "3", "4"], "min_box_size": 12.0}}
     batch = collate_detection([DatasetLoader(make_args(embedded_dir, data=data), mode="test")[0]])
     assert len(batch["boxes"]) >= 8
     model = Yolo({**config("model"), "fpn_channels": 64}, (192, 128), num_classes=10, normalize=NORMALIZE)
     loss_fn = DetectionLoss(config("loss"), STRIDES)
-    steps = 250
+    steps = 120  # worst box IoU 0.98 over seeds 0-5 (0.67 with 90 steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     for step in range(steps):
