@@ -12,6 +12,7 @@ import shlex
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -193,15 +194,15 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
     record = (TrainingRecord(exp_dir, solver.metric_names, args, None if resumed is None else progress.global_step)
               if main_process else None)
     save = CheckpointWriter(exp_dir, solver, args, progress, train_set.class_names, main_process)
-    with (helper.workers_stopped(train_loader), StopRequest() as stop,
+    with (helper.workers_stopped(train_loader), record or nullcontext(), StopRequest() as stop,
           logging_redirect_tqdm([logging.getLogger(name) for name in PROJECT_LOGGERS])):
         while progress.epoch < args["num_epochs"]:
             learning_rate = train_epoch(solver, train_loader, args, world_size, progress, stop, save, record,
                                         resume_command_line(argv))
             end_epoch(solver, val_loader, args, progress, learning_rate, save, record)
-    if main_process:
-        record.close({key: value for key, value in args.items() if key not in ("data", "model", "loss", "config")},
-                     progress.best_score)
+        if main_process:
+            record.close({key: value for key, value in args.items() if key not in ("data", "model", "loss", "config")},
+                         progress.best_score)
     logger.info("done: best validation %s %.4f; checkpoints in %s", solver.metric_names[0], progress.best_score,
                 exp_dir)
 
@@ -273,7 +274,9 @@ def train_epoch(solver, loader, args: dict, world_size: int, progress: Progress,
                         stop.signal_name or "a signal to another process", epoch + 1, progress.step_in_epoch,
                         resume_command)
             sys.exit(128 + (stop.signal_number or signal.SIGTERM))
-    read_losses(solver, unread, progress)
+    loss_means = read_losses(solver, unread, progress)
+    if record is not None and loss_means:  # the epoch's last logging window, shorter than log_every
+        record.steps(progress.global_step, loss_means, learning_rate)
     return learning_rate
 
 

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -44,7 +45,8 @@ def test_train_then_test_end_to_end(trained_copy):
         assert (exp / name).is_file(), name
     assert not (exp / "detections.json").exists()  # validation writes metrics; per-detection files are test.py's
     events = EventAccumulator(str(exp / "tensorboard")).Reload()
-    assert [event.step for event in events.Scalars("train_step/total_loss")] == [2, 4, 6]  # every 2 of 6 steps
+    logged_steps = [event.step for event in events.Scalars("train_step/total_loss")]
+    assert logged_steps == [2, 3, 4, 6]  # every 2 steps, and at the end of each epoch of 3 steps
     assert [event.step for event in events.Scalars("val/mAP")] == [1, 2] and "config" in events.Tags()["tensors"][0]
     with open(exp / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -106,6 +108,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_run, tmp_p
     real_load_solver = train.helper.load_solver
     monkeypatch.setattr(train.helper, "load_solver",
                         load_solver_that_signals(real_load_solver, stop_after_step, signal.SIGINT))
+    threads_before = set(threading.enumerate())
     with pytest.raises(SystemExit) as stopped:
         train.main(tiny_run("stopped", "--num_cores", num_cores))
     assert stopped.value.code == 128 + signal.SIGINT
@@ -114,6 +117,8 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_run, tmp_p
     assert "resume with: python train.py" in (tmp_path / "stopped" / "training.log").read_text()
     assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
     assert not multiprocessing.active_children()  # the worker stopped with the run, though `stopped` holds its frames
+    assert not [thread for thread in set(threading.enumerate()) - threads_before
+                if "tensorboard" in type(thread).__module__]  # the TensorBoard writer closed
     monkeypatch.setattr(train.helper, "load_solver", real_load_solver)
 
     train.main(tiny_run("stopped", "--num_cores", num_cores, "--load_pretrained", "1"))

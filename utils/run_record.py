@@ -44,6 +44,13 @@ class TrainingRecord:
         plot_curves(history, self.metric_names, os.path.join(self.exp_dir, "curves.png"))
         self.writer.flush()
 
+    def __enter__(self) -> "TrainingRecord":
+        return self
+
+    def __exit__(self, *exception) -> None:
+        """However the run ends (a stop by signal, an error), the event file and its writer thread are closed."""
+        self.writer.close()
+
     def flush(self) -> None:
         """Write the events so far (train.py calls it with every checkpoint, which a resume then purges after)."""
         self.writer.flush()
