@@ -1,6 +1,7 @@
 """Run a trained model on your own images:
 
     python predict.py --exp_id N --source PATH [--model_num K] [--save_images 1] [--score_threshold S]
+                      [--batch_size B] [--num_cores W]
 
 PATH: an image file; a folder of image files (searched recursively; JPEG, PNG or any format OpenCV reads, any size
 and count); or a .txt file of nuScenes sample tokens, one per line, read through the configured dataset (all its
@@ -10,7 +11,8 @@ its original pixels, exactly as test.py maps them.
 Writes <experiment>/predict/predictions.json: a list with an entry per image: "file", the solver's prediction (Yolo:
 "boxes" [[x1, y1, x2, y2]] in original px, "classes", "scores", best first) and, for a sample, "sample_token" and
 "camera". With --save_images 1, also the drawn images, under predict/images/. A file that is not a readable image is
-skipped with a warning line naming it; the others still run.
+skipped with a warning line naming it; the others still run. B inputs (image files, or samples) go through the
+model in one forward pass, read by W worker processes (default: the checkpoint's --batch_size and --num_cores).
 
 Configuration as in test.py: the checkpoint's own (model, input size, dataset), then the flags and --cfg given here.
 Default checkpoint: best.pt."""
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import cv2
 import torch
+from torch.utils.data import DataLoader, Dataset
 from torchvision.io import encode_jpeg
 from torchvision.transforms.v2.functional import resize
 from torchvision.utils import make_grid
@@ -83,6 +86,28 @@ def source_inputs(source: str, loader, run: dict) -> list:
     return [(token, cameras) for token, cameras in found.items()]
 
 
+class SourceImages(Dataset):
+    """The inputs of --source read as the dataset's loader reads its images: item i is (sample token or None,
+    [(camera or None, path, (1, 3, H, W) uint8 at the model's input size, original (W, H))] of the readable images,
+    [one message per unreadable file]); the messages are logged by the main process, in input order."""
+
+    def __init__(self, inputs: list, loader, run: dict):
+        self.inputs, self.loader, self.run = inputs, loader, run
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> tuple:
+        token, cameras = self.inputs[index]
+        read, skipped = [], []
+        for camera, path in cameras:
+            try:
+                read.append((camera, path, *self.loader.image_file(self.run, path)))
+            except UserError as error:
+                skipped.append(str(error))
+        return token, read, skipped
+
+
 def original_image(path: str) -> torch.Tensor:
     """The image file at `path` at its original size, (3, H, W) uint8 RGB, as the loaders read it (OpenCV: EXIF
     orientation applied, grey and alpha made RGB)."""
@@ -119,32 +144,39 @@ def main(argv=None) -> None:
     os.makedirs(out_dir, exist_ok=True)
     setup_logging(os.path.join(out_dir, "predict.log"))
     inputs = source_inputs(args["source"], loader, run)
+    token_source = args["source"].endswith(".txt") and not os.path.isdir(args["source"])
     solver = helper.load_solver(run, device=select_device(args["gpu_num"]), steps_per_epoch=0,
                                 class_names=helper.checkpoint_class_names(checkpoint, state, run))
     solver.load_weights(state)
     threshold = args["score_threshold"]
     threshold = run["config"]["test"]["visualization_score_threshold"] if threshold is None else threshold
-    entries = []
-    for token, cameras in tqdm(inputs, desc="predict", unit="sample" if args["source"].endswith(".txt") else "image"):
-        read = []  # (camera, path, (1, 3, H, W) uint8, original (W, H)) of the readable images
-        for camera, path in cameras:
-            try:
-                read.append((camera, path, *loader.image_file(run, path)))
-            except UserError as error:
-                logger.warning("skipped: %s", error)
-        if not read:
+    # --batch_size inputs per forward pass (an image file, or a sample with all its cameras), read by --num_cores
+    # worker processes; both from the checkpoint's configuration unless given here
+    reader = DataLoader(SourceImages(inputs, loader, run), batch_size=run["batch_size"], num_workers=run["num_cores"],
+                        collate_fn=list)
+    entries, bar = [], tqdm(total=len(inputs), desc="predict", unit="sample" if token_source else "image")
+    for batch in reader:
+        bar.update(len(batch))
+        for _, _, skipped in batch:
+            for message in skipped:
+                logger.warning("skipped: %s", message)
+        batch = [(token, read) for token, read, _ in batch if read]
+        if not batch:
             continue
-        predictions = solver.predict(torch.cat([images for _, _, images, _ in read]),
-                                     [size for *_, size in read], threshold)
-        for (camera, path, _, _), prediction in zip(read, predictions, strict=True):
-            entries.append({"file": path, **({"sample_token": token, "camera": camera} if token else {}),
-                            **prediction})
-        if args["save_images"]:
-            first_file = read[0][1]
-            drawing = token or (os.path.relpath(first_file, args["source"]) if os.path.isdir(args["source"])
-                                else os.path.basename(first_file))
-            save_drawing(solver, [path for _, path, _, _ in read], predictions,
-                         os.path.join(out_dir, "images", f"{drawing}.jpg"))
+        predictions = iter(solver.predict(torch.cat([images for _, read in batch for _, _, images, _ in read]),
+                                          [size for _, read in batch for *_, size in read], threshold))
+        for token, read in batch:
+            mine = [next(predictions) for _ in read]
+            for (camera, path, _, _), prediction in zip(read, mine, strict=True):
+                entries.append({"file": path, **({"sample_token": token, "camera": camera} if token else {}),
+                                **prediction})
+            if args["save_images"]:
+                first_file = read[0][1]
+                drawing = token or (os.path.relpath(first_file, args["source"]) if os.path.isdir(args["source"])
+                                    else os.path.basename(first_file))
+                save_drawing(solver, [path for _, path, _, _ in read], mine,
+                             os.path.join(out_dir, "images", f"{drawing}.jpg"))
+    bar.close()
     if not entries:
         raise UserError(f"--source {args['source']}: no readable image in it (see the warnings above)")
     atomic_write_json(os.path.join(out_dir, "predictions.json"), entries)

@@ -38,6 +38,8 @@ def test_a_test_image_gets_the_detections_of_test_py(trained_copy):
 
 
 def test_a_folder_with_a_broken_file_and_a_png_of_another_size(trained_copy, embedded_dir, capsys):
+    """Read and predicted 4 to a forward pass (the checkpoint's --batch_size) or 1 by a worker process: the same
+    detections; the unreadable files named in a warning each, in the folder's order."""
     exp, _ = trained_copy
     source = exp.parent / "images"
     os.makedirs(source / "nested")
@@ -56,6 +58,15 @@ def test_a_folder_with_a_broken_file_and_a_png_of_another_size(trained_copy, emb
     assert len(boxes) > 0 and boxes[:, 2].max() <= 640 and boxes[:, 3].max() <= 400 and boxes[:, 2].max() > 320
     drawn = cv2.imread(str(exp / "predict" / "images" / "nested" / "large.png.jpg"))
     assert drawn.shape == (400, 640, 3) and (exp / "predict" / "images" / "a.jpg.jpg").is_file()
+    # one image per forward pass, read by a worker process (the checkpoint's: 4 per pass, read in this process)
+    predict.main(["--save_dir", str(exp), "--source", str(source), "--score_threshold", "0", "--batch_size", "1",
+                  "--num_cores", "1"])
+    assert len([line for line in capsys.readouterr().out.splitlines() if "skipped" in line]) == 2
+    for entry in predictions(exp):
+        batched = entries[os.path.relpath(entry["file"], source)]
+        assert entry["classes"] == batched["classes"]
+        np.testing.assert_allclose(entry["boxes"], batched["boxes"], atol=1e-3)
+        np.testing.assert_allclose(entry["scores"], batched["scores"], rtol=1e-5)
 
 
 def test_sample_tokens_read_every_camera_of_the_sample(trained_copy, embedded_dir):
