@@ -88,6 +88,8 @@ def flag(text: str) -> int:
 
 
 def build_parser(description: str = "Train a model (DSTorch).") -> argparse.ArgumentParser:
+    """train.py's flags: those that also matter to a trained checkpoint's use (test.py, predict.py and export.py
+    add theirs to these), then the training flags."""
     # allow_abbrev=False: "--batch 4" is an error, not --batch_size, so that test.py can tell which flags were given
     parser = OneLineErrorParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 allow_abbrev=False)
@@ -98,16 +100,34 @@ def build_parser(description: str = "Train a model (DSTorch).") -> argparse.Argu
     add("--dataset_type", default="nuscenes", help="dataset; see 'loaders' in config/config.json")
     add("--exp_id", type=non_negative_int, default=0, help="experiment number: names the experiment folder")
     add("--gpu_num", type=non_negative_int, default=0, help="CUDA device index; the CPU is used when CUDA is absent")
-    add("--seed", type=seed_value, default=0, help="seed of every random number generator")
     # data
     add("--dataset_dir", default=None, help="dataset folder (default: 'dataset_dir' in config/data.json)")
     add("--save_dir", default=None,
         help="experiment folder (default: saved_models/<dataset_type>_<model_name>_model<exp_id>)")
-    add("--val_ratio", type=open_fraction, default=0.25, help="share of the training scenes held out for validation")
     add("--batch_size", type=positive_int, default=2, help="samples (each with all its cameras) per step per process")
     add("--num_cores", type=non_negative_int, default=machine_workers(),
         help="DataLoader worker processes per process (0: load in the main one); default: this process's share of "
              "the CPU cores it may use, less one for itself (the cores / torchrun's processes per node - 1)")
+    add("--bool_mixed_precision", type=flag, default=0,
+        help="1: autocast (bf16 on the CPU, fp16 with a GradScaler on CUDA)")
+    add("--ddp", type=flag, default=0, help="1: DistributedDataParallel under torchrun")
+    add("--cfg", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config/*.json value, e.g. --cfg model.Yolo.backbone=resnet34 (repeatable)")
+    add_training_flags(add)
+    return parser
+
+
+def training_flags() -> set:
+    """The names of the flags that only train.py reads: given to test.py, predict.py or export.py, they are ignored
+    with a warning (the checkpoint's training settings stand)."""
+    parser = argparse.ArgumentParser()
+    add_training_flags(parser.add_argument)
+    return set(vars(parser.parse_args([])))
+
+
+def add_training_flags(add) -> None:
+    add("--seed", type=seed_value, default=0, help="seed of every random number generator")
+    add("--val_ratio", type=open_fraction, default=0.25, help="share of the training scenes held out for validation")
     add("--bool_apply_img_aug", type=flag, default=1, help="training augmentation: flip, colour, scale, translate")
     # schedule and checkpoints
     add("--num_epochs", type=positive_int, default=14, help="epochs to train (may be raised when resuming)")
@@ -128,11 +148,4 @@ def build_parser(description: str = "Train a model (DSTorch).") -> argparse.Argu
     add("--pct_start", type=open_fraction, default=0.15, help="OnecycleLR: share of the steps spent warming up")
     add("--final_div_factor", type=positive_float, default=100.0,
         help="OnecycleLR: final lr = initial lr / final_div_factor")
-    add("--bool_mixed_precision", type=flag, default=0,
-        help="1: autocast (bf16 on the CPU, fp16 with a GradScaler on CUDA)")
-    # distributed
-    add("--ddp", type=flag, default=0, help="1: DistributedDataParallel under torchrun")
     add("--bool_find_unused_params", type=flag, default=0, help="DDP's find_unused_parameters")
-    add("--cfg", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config/*.json value, e.g. --cfg model.Yolo.backbone=resnet34 (repeatable)")
-    return parser

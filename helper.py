@@ -4,12 +4,14 @@ model, dataset or task needs new files and config entries but no edit here or in
 import copy
 import importlib
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
+from argumentparser import training_flags
 from utils.checkpoint import load_checkpoint
 from utils.config import CONFIG_SECTIONS, FLAG, apply_override, check_values, merge_config, number
 from utils.distributed import ResumableDistributedSampler, SeededItems
@@ -142,17 +144,24 @@ def workers_stopped(loader: DataLoader):
         if iterator is not None:
             iterator._shutdown_workers()
 
+
 def load_solver(args: dict, **kwargs):
     """The Solver of optimization/<model_name>_solver.py, built with `args` and `kwargs`."""
     return solver_class(args["model_name"])(args, **kwargs)
 
 
 def given_flags(parser, argv: list) -> dict:
-    """The flags that `argv` gives explicitly to `parser`, without the parser's defaults ("cfg": the --cfg
-    overrides)."""
+    """The flags that `argv` gives explicitly to `parser` (test.py's, predict.py's or export.py's), without the
+    parser's defaults ("cfg": the --cfg overrides). Training flags among them are named in a warning line: they
+    change nothing here."""
     not_given, parser = object(), copy.deepcopy(parser)  # the caller's parser keeps its defaults
     parser.set_defaults(**{name: not_given for name in vars(parser.parse_args([])) if name != "cfg"})
-    return {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not not_given}
+    given = {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not not_given}
+    ignored = sorted(set(given) & training_flags())
+    if ignored:
+        print(f"warning: {', '.join('--' + name for name in ignored)}: training flag(s), ignored here (the "
+              f"checkpoint's own training settings stand)", file=sys.stderr)
+    return {name: value for name, value in given.items() if name not in ignored}
 
 
 def checkpoint_configuration(path: str, state: dict, given: dict) -> dict:

@@ -177,11 +177,15 @@ def test_resume_with_nothing_left_to_train_is_one_line(trained_copy, capsys, num
 
 
 def test_test_py_takes_the_checkpoint_configuration_then_this_commands_flags(trained_copy, capsys):
-    """--cfg and flags given to test.py override the checkpoint's configuration, config/test settings included."""
+    """--cfg and flags given to test.py override the checkpoint's configuration, config/test settings included;
+    training flags given to it are named in one warning line and change nothing."""
     exp, _ = trained_copy
-    test_script.main(["--save_dir", str(exp), "--num_cores", "0", "--visualization", "1",
-                      "--cfg", "config.test.visualizations=1", "--cfg", "model.Yolo.postprocess.max_detections=3"])
+    test_script.main(["--save_dir", str(exp), "--num_cores", "0", "--visualization", "1", "--learning_rate", "0.1",
+                      "--num_epochs", "9", "--cfg", "config.test.visualizations=1",
+                      "--cfg", "model.Yolo.postprocess.max_detections=3"])
     assert os.listdir(exp / "test" / "visualization") == ["sample_0.png"]
+    [warning] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warning.startswith("warning: --learning_rate, --num_epochs: training flag(s), ignored here")
     detections = json.loads((exp / "test" / "detections.json").read_text())
     per_image = {}
     for detection in detections:
