@@ -8,6 +8,7 @@ path, and from-scratch training ("pretrained_backbone": false) is the offline de
 where to put the file by hand."""
 
 import argparse
+import hashlib
 import os
 import sys
 
@@ -17,6 +18,19 @@ from models.Yolo.yolo import BACKBONES, weights_path
 from utils.errors import UserError, exit_on_user_error
 
 
+def check_file(path: str, url: str) -> None:
+    """A file already at `path` must be the published one: its SHA-256 starts with the digits in its name, as
+    torch.hub checks after a download (a partial copy or another file under that name is a one-line error)."""
+    expected = torch.hub.HASH_REGEX.search(os.path.basename(path)).group(1)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(expected):
+        raise UserError(f"{path} is not the file of {url} (its SHA-256 starts {digest.hexdigest()[:len(expected)]}, "
+                        f"not {expected}): delete it and run this command again")
+
+
 @exit_on_user_error
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -24,6 +38,7 @@ def main(argv=None) -> None:
     name = parser.parse_args(sys.argv[1:] if argv is None else argv).backbone
     weights, path = BACKBONES[name][1], weights_path(name)
     if os.path.isfile(path):
+        check_file(path, weights.url)
         print(f"{name}: ImageNet weights already at {path}")
         return
     try:

@@ -1,5 +1,7 @@
-"""export.py: the ONNX file against the PyTorch model with ONNX Runtime, and the weights fetcher's offline line."""
+"""export.py: the ONNX file against the PyTorch model with ONNX Runtime, and the weights fetcher (offline, a file
+already there)."""
 
+import hashlib
 import json
 import os
 import urllib.error
@@ -69,3 +71,23 @@ def test_fetch_weights_offline_says_where_to_put_the_file(tmp_path, monkeypatch,
     error = capsys.readouterr().err.strip()
     assert failed.value.code == 2 and "\n" not in error
     assert os.path.join(str(tmp_path), "checkpoints", "resnet18-f37072fd.pth") in error and "copy it to" in error
+
+
+def test_fetch_weights_checks_a_file_already_there(tmp_path, monkeypatch, capsys):
+    """A partial copy under the weights' name is named with what to do, not taken as the weights; a file with the
+    hash its name says is taken."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    path = tmp_path / "checkpoints" / "resnet18-f37072fd.pth"
+    path.parent.mkdir()
+    path.write_bytes(b"the first megabytes of a download")
+    with pytest.raises(SystemExit) as failed:
+        fetch_weights.main(["--backbone", "resnet18"])
+    error = capsys.readouterr().err.strip()
+    assert failed.value.code == 2 and "\n" not in error
+    assert f"{path} is not the file of https://" in error and "not f37072fd): delete it" in error
+    content = b"weights whose hash the file name carries"
+    named = tmp_path / f"resnet18-{hashlib.sha256(content).hexdigest()[:8]}.pth"
+    named.write_bytes(content)
+    monkeypatch.setattr(fetch_weights, "weights_path", lambda backbone: str(named))
+    fetch_weights.main(["--backbone", "resnet18"])
+    assert f"already at {named}" in capsys.readouterr().out
