@@ -108,6 +108,7 @@ def build_parser(description: str = "Train a model (DSTorch).") -> argparse.Argu
     add("--num_cores", type=non_negative_int, default=machine_workers(),
         help="DataLoader worker processes per process (0: load in the main one); default: this process's share of "
              "the CPU cores it may use, less one for itself (the cores / torchrun's processes per node - 1)")
+    # precision and processes
     add("--bool_mixed_precision", type=flag, default=0,
         help="1: autocast (bf16 on the CPU, fp16 with a GradScaler on CUDA)")
     add("--ddp", type=flag, default=0, help="1: DistributedDataParallel under torchrun")
@@ -126,6 +127,7 @@ def training_flags() -> set:
 
 
 def add_training_flags(add) -> None:
+    # randomness and data
     add("--seed", type=seed_value, default=0, help="seed of every random number generator")
     add("--val_ratio", type=open_fraction, default=0.25, help="share of the training scenes held out for validation")
     add("--bool_apply_img_aug", type=flag, default=1, help="training augmentation: flip, colour, scale, translate")

@@ -129,7 +129,6 @@ def load_datasetloader(args: dict, world_size: int, rank: int, mode: str) -> tup
     return dataset, loader
 
 
-
 @contextmanager
 def workers_stopped(loader: DataLoader):
     """Run the block, then stop the loader's persistent worker processes, however the block ends. PyTorch stops
@@ -138,7 +137,7 @@ def workers_stopped(loader: DataLoader):
     workers' queues before it calls the iterator's __del__, and each worker's join then times out: 5 s per worker,
     at some later moment of the process."""
     try:
-        yield loader
+        yield
     finally:
         iterator, loader._iterator = loader._iterator, None  # torch keeps the persistent workers' iterator private
         if iterator is not None:
@@ -158,7 +157,7 @@ def given_flags(parser, argv: list) -> dict:
     parser.set_defaults(**{name: not_given for name in vars(parser.parse_args([])) if name != "cfg"})
     given = {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not not_given}
     ignored = sorted(set(given) & training_flags())
-    if ignored:
+    if ignored and os.environ.get("RANK", "0") == "0":  # one line under torchrun too
         print(f"warning: {', '.join('--' + name for name in ignored)}: training flag(s), ignored here (the "
               f"checkpoint's own training settings stand)", file=sys.stderr)
     return {name: value for name, value in given.items() if name not in ignored}

@@ -18,6 +18,7 @@ Configuration as in test.py: the checkpoint's own (model, input size, dataset), 
 Default checkpoint: best.pt."""
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -128,6 +129,24 @@ def save_drawing(solver, paths: list, predictions: list, out_path: str) -> None:
     atomic_write(out_path, lambda tmp_path: Path(tmp_path).write_bytes(data))
 
 
+def predicted_entries(readable: list, predictions: list, solver, args: dict, out_dir: str) -> list:
+    """The predictions.json entries of a batch's readable inputs [(sample token or None, [(camera, path, ...)])],
+    `predictions` holding one per image in that order; with --save_images 1, each input drawn (one file)."""
+    images = [(token, camera, path) for token, read in readable for camera, path, *_ in read]
+    entries = [{"file": path, **({"sample_token": token, "camera": camera} if token else {}), **prediction}
+               for (token, camera, path), prediction in zip(images, predictions, strict=True)]
+    if args["save_images"]:
+        start = 0
+        for token, read in readable:
+            paths = [path for _, path, *_ in read]
+            drawing = token or (os.path.relpath(paths[0], args["source"]) if os.path.isdir(args["source"])
+                                else os.path.basename(paths[0]))
+            save_drawing(solver, paths, predictions[start:start + len(read)],
+                         os.path.join(out_dir, "images", f"{drawing}.jpg"))
+            start += len(read)
+    return entries
+
+
 @exit_on_user_error
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
@@ -150,32 +169,22 @@ def main(argv=None) -> None:
     solver.load_weights(state)
     threshold = args["score_threshold"]
     threshold = run["config"]["test"]["visualization_score_threshold"] if threshold is None else threshold
-    # --batch_size inputs per forward pass (an image file, or a sample with all its cameras), read by --num_cores
-    # worker processes; both from the checkpoint's configuration unless given here
-    reader = DataLoader(SourceImages(inputs, loader, run), batch_size=run["batch_size"], num_workers=run["num_cores"],
-                        collate_fn=list)
+    # --batch_size inputs per forward pass (an image file, or a sample with all its cameras), read by up to
+    # --num_cores worker processes, none past one per batch after the first (a single image is read here); both
+    # flags default to the checkpoint's
+    reader = DataLoader(SourceImages(inputs, loader, run), batch_size=run["batch_size"], collate_fn=list,
+                        num_workers=min(run["num_cores"], math.ceil(len(inputs) / run["batch_size"]) - 1))
     entries, bar = [], tqdm(total=len(inputs), desc="predict", unit="sample" if token_source else "image")
     for batch in reader:
-        bar.update(len(batch))
         for _, _, skipped in batch:
             for message in skipped:
                 logger.warning("skipped: %s", message)
-        batch = [(token, read) for token, read, _ in batch if read]
-        if not batch:
-            continue
-        predictions = iter(solver.predict(torch.cat([images for _, read in batch for _, _, images, _ in read]),
-                                          [size for _, read in batch for *_, size in read], threshold))
-        for token, read in batch:
-            mine = [next(predictions) for _ in read]
-            for (camera, path, _, _), prediction in zip(read, mine, strict=True):
-                entries.append({"file": path, **({"sample_token": token, "camera": camera} if token else {}),
-                                **prediction})
-            if args["save_images"]:
-                first_file = read[0][1]
-                drawing = token or (os.path.relpath(first_file, args["source"]) if os.path.isdir(args["source"])
-                                    else os.path.basename(first_file))
-                save_drawing(solver, [path for _, path, _, _ in read], mine,
-                             os.path.join(out_dir, "images", f"{drawing}.jpg"))
+        readable = [(token, read) for token, read, _ in batch if read]
+        if readable:
+            predictions = solver.predict(torch.cat([images for _, read in readable for _, _, images, _ in read]),
+                                         [size for _, read in readable for *_, size in read], threshold)
+            entries += predicted_entries(readable, predictions, solver, args, out_dir)
+        bar.update(len(batch))
     bar.close()
     if not entries:
         raise UserError(f"--source {args['source']}: no readable image in it (see the warnings above)")

@@ -23,9 +23,12 @@ def check_file(path: str, url: str) -> None:
     torch.hub checks after a download (a partial copy or another file under that name is a one-line error)."""
     expected = torch.hub.HASH_REGEX.search(os.path.basename(path)).group(1)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as error:
+        raise UserError(f"cannot read {path} ({error}): delete it and run this command again") from None
     if not digest.hexdigest().startswith(expected):
         raise UserError(f"{path} is not the file of {url} (its SHA-256 starts {digest.hexdigest()[:len(expected)]}, "
                         f"not {expected}): delete it and run this command again")

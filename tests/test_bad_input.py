@@ -103,6 +103,8 @@ def test_unreadable_image_file(dataset_copy, make_args):
         with pytest.raises(UserError, match=f"cannot read image {re.escape(path)} .*Permission denied"):
             dataset[0]
     os.chmod(path, 0o644)
+    # persistent, so that helper.workers_stopped can stop its worker: the raised error's traceback holds the
+    # iterator, and a garbage-collected one would stop it only after a 5 s timeout
     loader = DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=collate_detection, persistent_workers=True)
     with helper.workers_stopped(loader), pytest.raises(UserError) as raised:  # re-raised with the worker's traceback
         next(iter(loader))

@@ -186,6 +186,8 @@ def test_test_py_takes_the_checkpoint_configuration_then_this_commands_flags(tra
     assert os.listdir(exp / "test" / "visualization") == ["sample_0.png"]
     [warning] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
     assert warning.startswith("warning: --learning_rate, --num_epochs: training flag(s), ignored here")
+    assert helper.given_flags(test_script.build_test_parser(), ["--num_epochs", "9", "--batch_size", "3"]) == {
+        "batch_size": 3, "cfg": []}  # not in the configuration test.py evaluates with
     detections = json.loads((exp / "test" / "detections.json").read_text())
     per_image = {}
     for detection in detections:

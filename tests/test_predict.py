@@ -62,6 +62,7 @@ def test_a_folder_with_a_broken_file_and_a_png_of_another_size(trained_copy, emb
     predict.main(["--save_dir", str(exp), "--source", str(source), "--score_threshold", "0", "--batch_size", "1",
                   "--num_cores", "1"])
     assert len([line for line in capsys.readouterr().out.splitlines() if "skipped" in line]) == 2
+    assert sorted(os.path.relpath(entry["file"], source) for entry in predictions(exp)) == sorted(entries)
     for entry in predictions(exp):
         batched = entries[os.path.relpath(entry["file"], source)]
         assert entry["classes"] == batched["classes"]
