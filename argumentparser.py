@@ -118,6 +118,16 @@ def build_parser(description: str = "Train a model (DSTorch).") -> argparse.Argu
     return parser
 
 
+def build_checkpoint_parser(description: str) -> argparse.ArgumentParser:
+    """The parser of a command that uses a trained checkpoint (test.py, predict.py, export.py): train.py's flags,
+    whose values not given come from the checkpoint's configuration, not from the defaults --help shows."""
+    parser = build_parser(description)
+    parser.epilog = ("Besides the flags that find the experiment folder (--exp_id or --save_dir, --dataset_type, "
+                     "--model_name), train.py's flags not given take the checkpoint's values, not the defaults above; "
+                     "training flags are ignored with a warning.")
+    return parser
+
+
 def training_flags() -> set:
     """The names of the flags that only train.py reads: given to test.py, predict.py or export.py, they are ignored
     with a warning (the checkpoint's training settings stand)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import helper
-from argumentparser import build_parser, flag, non_negative_int
+from argumentparser import build_checkpoint_parser, flag, non_negative_int
 from utils.errors import UserError, exit_on_user_error
 from utils.experiment import setup_logging
 from utils.io import atomic_write
@@ -34,7 +34,7 @@ logger = logging.getLogger("export")
 
 
 def build_export_parser():
-    parser = build_parser("Export a trained model (DSTorch).")
+    parser = build_checkpoint_parser("Export a trained model (DSTorch).")
     parser.add_argument("--format", choices=("onnx",), default="onnx", help="file format")
     parser.add_argument("--model_num", type=non_negative_int, default=None,
                         help="export epoch_<model_num>.pt (default: best.pt)")

@@ -32,7 +32,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 import helper
-from argumentparser import build_parser, flag, non_negative_int, unit_interval
+from argumentparser import build_checkpoint_parser, flag, non_negative_int, unit_interval
 from utils.errors import UserError, exit_on_user_error
 from utils.experiment import select_device, setup_logging
 from utils.io import atomic_write, atomic_write_json
@@ -41,7 +41,7 @@ logger = logging.getLogger("predict")
 
 
 def build_predict_parser():
-    parser = build_parser("Run a trained model on image files or dataset samples (DSTorch).")
+    parser = build_checkpoint_parser("Run a trained model on image files or dataset samples (DSTorch).")
     parser.add_argument("--source", default=None,
                         help="an image file, a folder of images, or a .txt file of sample tokens (required)")
     parser.add_argument("--model_num", type=non_negative_int, default=None,

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import helper
-from argumentparser import build_parser, flag, non_negative_int
+from argumentparser import build_checkpoint_parser, flag, non_negative_int
 from utils.checkpoint import load_checkpoint
 from utils.config import merge_config
 from utils.distributed import close_distributed, init_distributed
@@ -33,7 +33,7 @@ logger = logging.getLogger("test")
 
 
 def build_test_parser():
-    parser = build_parser("Evaluate saved checkpoints on the test split (DSTorch).")
+    parser = build_checkpoint_parser("Evaluate saved checkpoints on the test split (DSTorch).")
     parser.add_argument("--model_num", type=non_negative_int, default=None,
                         help="evaluate epoch_<model_num>.pt (default: best.pt)")
     parser.add_argument("--is_test_all", type=flag, default=0, help="1: evaluate every checkpoint of the experiment")
