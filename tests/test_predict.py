@@ -39,7 +39,8 @@ def test_a_test_image_gets_the_detections_of_test_py(trained_copy):
 
 def test_a_folder_with_a_broken_file_and_a_png_of_another_size(trained_copy, embedded_dir, capsys):
     """Read and predicted 4 to a forward pass (the checkpoint's --batch_size) or 1 by a worker process: the same
-    detections; the unreadable files named in a warning each, in the folder's order."""
+    detections; the unreadable files named in a warning each, in the folder's order; a motion photo read as the
+    JPEG it starts with."""
     exp, _ = trained_copy
     source = exp.parent / "images"
     os.makedirs(source / "nested")
@@ -47,13 +48,16 @@ def test_a_folder_with_a_broken_file_and_a_png_of_another_size(trained_copy, emb
         os.path.join(embedded_dir, "samples", "CAM_FRONT")))[0]))
     cv2.imwrite(str(source / "nested" / "large.png"), cv2.resize(image, (640, 400)))
     cv2.imwrite(str(source / "a.jpg"), image)
+    # a phone's motion photo: the JPEG, then its video (an MP4 box header here)
+    (source / "motion.jpg").write_bytes((source / "a.jpg").read_bytes() + b"\x00\x00\x00\x18ftypmp42" + bytes(64))
     (source / "broken.jpg").write_bytes(b"not an image")
     (source / "notes.txt").write_text("a file that is not an image")
     predict.main(["--save_dir", str(exp), "--source", str(source), "--save_images", "1", "--score_threshold", "0"])
     warnings = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
     assert len(warnings) == 2 and "broken.jpg" in warnings[0] and "notes.txt" in warnings[1]
     entries = {os.path.relpath(entry["file"], source): entry for entry in predictions(exp)}
-    assert sorted(entries) == ["a.jpg", "nested/large.png"]
+    assert sorted(entries) == ["a.jpg", "motion.jpg", "nested/large.png"]
+    assert entries["motion.jpg"]["boxes"] == entries["a.jpg"]["boxes"]
     boxes = np.array(entries["nested/large.png"]["boxes"])
     assert len(boxes) > 0 and boxes[:, 2].max() <= 640 and boxes[:, 3].max() <= 400 and boxes[:, 2].max() > 320
     drawn = cv2.imread(str(exp / "predict" / "images" / "nested" / "large.png.jpg"))

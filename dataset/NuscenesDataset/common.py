@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.io import decode_jpeg
 
 from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.cache import file_lock
@@ -132,10 +133,21 @@ def read_jpeg(path: str) -> bytes:
             data = f.read()
     except OSError as error:
         raise UserError(f"cannot read image {path} ({error}): restore the file or regenerate the dataset") from None
-    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):  # libjpeg would return a silently grey-padded image
+    # A truncated file would decode silently grey-padded by OpenCV's libjpeg. A file that does not end with the end
+    # marker may still be whole: a phone's motion photo appends its video. torchvision's decoder tells the two
+    # apart (it raises on a truncated stream), at the cost of a decode for those files only.
+    if not data.rstrip(b"\0").endswith(b"\xff\xd9") and not is_complete_jpeg(data):
         raise UserError(f"cannot read image {path} (not a complete JPEG file): restore the file or regenerate "
                         f"the dataset")
     return data
+
+
+def is_complete_jpeg(data: bytes) -> bool:
+    try:
+        decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    except (RuntimeError, ValueError):  # ValueError: no bytes at all
+        return False
+    return True
 
 
 def decode_image(path: str, size: tuple, full_size: tuple) -> np.ndarray:
