@@ -48,15 +48,16 @@ from dataset.NuscenesDataset.loader_2d_obj_det import augment_array, augment_ima
 from helper import load_datasetloader, load_solver
 from utils.host_reads import HostReadCounter
 
-COLUMNS = ["input", "read", "decode", "augment", "item", "collate", "loader", "MB/batch", "copy", "step", "busy", "fed",
-           "reads/step", "loader/step", "dev:loader", "dev:decode"]
-COLUMN_WIDTHS = [9, 7, 7, 14, 12, 8, 7, 11, 6, 6, 5, 6, 10, 11, 10, 10]
+# (header, width in characters) of the table's columns
+COLUMNS = [("input", 9), ("read", 7), ("decode", 7), ("augment", 14), ("item", 12), ("collate", 8), ("loader", 7),
+           ("MB/batch", 11), ("copy", 6), ("step", 6), ("busy", 5), ("fed", 6), ("reads/step", 10),
+           ("loader/step", 11), ("dev:loader", 10), ("dev:decode", 10)]
 
 
 def table_row(cells: list) -> str:
     """The cells right-aligned in their columns, two spaces apart even where a number outgrows its column, so that
     the row splits on whitespace into exactly one field per column."""
-    return "  ".join(f"{cell:>{width}}" for cell, width in zip(cells, COLUMN_WIDTHS, strict=True))
+    return "  ".join(f"{cell:>{width}}" for cell, (_, width) in zip(cells, COLUMNS, strict=True))
 
 
 def rate(count: int, work) -> float:
@@ -218,7 +219,7 @@ def main(argv=None) -> None:
                            height=jpeg_height)
         print(f"{jpeg_width}x{jpeg_height} JPEGs, batch {options.batch_size} x 6 cameras, {options.workers} workers, "
               f"training on {device} with {torch.get_num_threads()} threads; images/s per stage, before -> now")
-        print(table_row(COLUMNS))
+        print(table_row([header for header, _ in COLUMNS]))
         for width, height in options.sizes:
             args = platform_args(["--dataset_dir", dataroot, "--num_cores", str(options.workers), "--batch_size",
                                   str(options.batch_size), "--val_ratio", "0.2",

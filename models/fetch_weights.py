@@ -22,16 +22,14 @@ def check_file(path: str, url: str) -> None:
     """A file already at `path` must be the published one: its SHA-256 starts with the digits in its name, as
     torch.hub checks after a download (a partial copy or another file under that name is a one-line error)."""
     expected = torch.hub.HASH_REGEX.search(os.path.basename(path)).group(1)
-    digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as error:
         raise UserError(f"cannot read {path} ({error}): delete it and run this command again") from None
-    if not digest.hexdigest().startswith(expected):
-        raise UserError(f"{path} is not the file of {url} (its SHA-256 starts {digest.hexdigest()[:len(expected)]}, "
-                        f"not {expected}): delete it and run this command again")
+    if not digest.startswith(expected):
+        raise UserError(f"{path} is not the file of {url} (its SHA-256 starts {digest[:len(expected)]}, not "
+                        f"{expected}): delete it and run this command again")
 
 
 @exit_on_user_error
