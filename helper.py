@@ -19,7 +19,7 @@ from utils.errors import UserError
 from utils.experiment import experiment_path
 
 PROJECT_ROOT = Path(__file__).resolve().parent
-# config/config.json: the platform's settings (train.py, test.py, utils/training.py, utils/optim.py)
+# config/config.json: the platform's settings (train.py, test.py, optimization/base.py, utils/optim.py)
 PLATFORM_RULES = {
     "config.solver.ema": FLAG,
     "config.solver.ema_decay": number(0, 1, high_open=True),
@@ -53,7 +53,7 @@ def solver_class(model_name: str):
 
 def check_names(args: dict) -> None:
     """Reject an unknown model, dataset or task, or a model whose solver does not take the task's batches (its
-    Solver.app_modes), before any heavy work, listing the valid names."""
+    Solver.app_modes, where it names them), before any heavy work, listing the valid names."""
     if args["model_name"] not in available_solvers():
         raise UserError(f"--model_name {args['model_name']}: no optimization/{args['model_name']}_solver.py; "
                         f"available: {', '.join(available_solvers())}")
@@ -65,11 +65,12 @@ def check_names(args: dict) -> None:
         raise UserError(f"--app_mode {args['app_mode']}: no loader for it with --dataset_type "
                         f"{args['dataset_type']} in config/config.json; available: "
                         f"{', '.join(loaders[args['dataset_type']])}")
-    if args["app_mode"] not in solver_class(args["model_name"]).app_modes:
+    app_modes = solver_class(args["model_name"]).app_modes  # empty: any
+    if app_modes and args["app_mode"] not in app_modes:
         fitting = [name for name in available_solvers() if args["app_mode"] in solver_class(name).app_modes]
-        raise UserError(f"--model_name {args['model_name']} is for --app_mode "
-                        f"{', '.join(solver_class(args['model_name']).app_modes)}, not {args['app_mode']}: use "
-                        f"--model_name {' or '.join(fitting) or '(none yet: add a solver whose app_modes has it)'}")
+        raise UserError(f"--model_name {args['model_name']} is for --app_mode {', '.join(app_modes)}, not "
+                        f"{args['app_mode']}: use --model_name "
+                        f"{' or '.join(fitting) or '(none yet: add a solver whose app_modes has it)'}")
 
 
 def loader_module(args: dict):
@@ -87,19 +88,14 @@ def loader_module(args: dict):
 
 def check_config(args: dict) -> None:
     """Reject, before any heavy work, unknown names (check_names) and any configuration value out of its range:
-    the platform's (PLATFORM_RULES) and the task's, from DatasetLoader.config_rules and Solver.config_rules, whose
-    keys "data.<key>", "model.<key>" and "loss.<key>" are read within data.<app_mode>, model.<model_name> and
-    loss.<model_name>."""
+    the platform's (PLATFORM_RULES), then the loader's and the solver's, each in its check_config(args), which
+    raises UserError."""
     check_names(args)
-    task_rules = {**getattr(loader_module(args).DatasetLoader, "config_rules", {}),
-                  **getattr(solver_class(args["model_name"]), "config_rules", {})}
-    sections = {"data": args["app_mode"], "model": args["model_name"], "loss": args["model_name"]}
-    rules = dict(PLATFORM_RULES)
-    for key, rule in task_rules.items():
-        section, _, rest = key.partition(".")
-        full_key = ".".join(part for part in (section, sections.get(section), rest) if part)
-        rules[full_key] = rule
-    check_values(args, rules)
+    check_values(args, PLATFORM_RULES)
+    loader_check = getattr(loader_module(args).DatasetLoader, "check_config", None)
+    if loader_check is not None:
+        loader_check(args)
+    solver_class(args["model_name"]).check_config(args)
 
 
 def load_datasetloader(args: dict, world_size: int, rank: int, mode: str) -> tuple:

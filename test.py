@@ -68,6 +68,11 @@ def main(argv=None) -> None:
     runs = {name: helper.checkpoint_configuration(os.path.join(exp_dir, name),
                                                   load_checkpoint(os.path.join(exp_dir, name)), given)
             for name in names}  # every checkpoint checked before any work
+    undrawn = sorted({run["model_name"] for run in runs.values()
+                      if not hasattr(helper.solver_class(run["model_name"]), "visualize")})
+    if args["visualization"] and undrawn:
+        raise UserError(f"--visualization 1: the {', '.join(undrawn)} solver draws nothing (it has no visualize "
+                        f"method); leave --visualization out")
     world_size, rank, local_rank = init_distributed(args["ddp"], args["config"]["distributed"]["timeout_s"])
     try:
         evaluate(args, exp_dir, runs, world_size, rank, local_rank)

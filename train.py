@@ -173,7 +173,8 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
     steps_per_epoch = len(train_loader)
     solver = helper.load_solver(args, device=device, class_names=train_set.class_names,
                                 steps_per_epoch=steps_per_epoch, world_size=world_size, rank=rank)
-    solver.model.print_model_summary()
+    if hasattr(solver.model, "print_model_summary"):  # parameters per part and GFLOPs, where the model can count them
+        solver.model.print_model_summary()
 
     progress = Progress(best_score=solver.worst_score())
     if resumed is not None:

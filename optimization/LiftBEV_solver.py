@@ -17,7 +17,7 @@ from models.LiftBEV.lift_bev import LiftBEV
 from models.LiftBEV.loss import SegmentationLoss
 from models.Yolo.yolo import BACKBONES
 from optimization.base import BaseSolver
-from utils.config import FLAG, GROUP_NORM_CHANNELS, Rule, is_number, list_of, multiple_of, number, one_of
+from utils.config import FLAG, GROUP_NORM_CHANNELS, Rule, check_values, is_number, list_of, multiple_of, number, one_of
 from utils.distributed import gather_to_main
 from utils.plots import save_figure
 from utils.segmentation import OccupancyHistogram
@@ -29,26 +29,28 @@ class Solver(BaseSolver):
 
     app_modes = ("BEVSeg",)
     metric_names = ("mIoU",)  # higher is better
-    config_rules = {
-        "data.image.w": multiple_of(32, "the backbone's coarsest stride"),
-        "data.image.h": multiple_of(32, "the backbone's coarsest stride"),
-        "model.backbone": one_of(*BACKBONES),
-        "model.pretrained_backbone": FLAG,
-        "model.freeze_batchnorm": FLAG,
-        "model.image_channels": number(1, integer=True),
-        "model.heights_m": list_of(number()),
-        # the BEV encoder's GroupNorm takes bev_channels, the decoder's half of them
-        "model.bev_channels": Rule(lambda value: GROUP_NORM_CHANNELS.check(value) and value % 2 == 0
-                                   and GROUP_NORM_CHANNELS.check(value // 2), "an even integer from 2 to 64, or a "
-                                   "multiple of 64"),
-        "model.bev_blocks": number(0, integer=True),
-        "model.threshold": Rule(lambda value: is_number(value) and 0 < value < 1 and abs(
-            value * OccupancyHistogram.bins - round(value * OccupancyHistogram.bins)) < 1e-9,
-            f"a multiple of {1 / OccupancyHistogram.bins:g} between 0 and 1 (the IoU is counted in "
-            f"{OccupancyHistogram.bins} probability bins)"),
-        "loss.pos_weight": number(0, low_open=True),
-        "loss.dice_weight": number(0),
-    }
+    @staticmethod
+    def check_config(args: dict) -> None:
+        """The ranges of what this solver, its model and its loss read (BaseSolver.check_config)."""
+        check_values(args, {"image.w": multiple_of(32, "the backbone's coarsest stride"),
+                            "image.h": multiple_of(32, "the backbone's coarsest stride")}, f"data.{args['app_mode']}")
+        check_values(args, {
+            "backbone": one_of(*BACKBONES),
+            "pretrained_backbone": FLAG,
+            "freeze_batchnorm": FLAG,
+            "image_channels": number(1, integer=True),
+            "heights_m": list_of(number()),
+            # the BEV encoder's GroupNorm takes bev_channels, the decoder's half of them
+            "bev_channels": Rule(lambda value: GROUP_NORM_CHANNELS.check(value) and value % 2 == 0
+                                 and GROUP_NORM_CHANNELS.check(value // 2), "an even integer from 2 to 64, or a "
+                                 "multiple of 64"),
+            "bev_blocks": number(0, integer=True),
+            "threshold": Rule(lambda value: is_number(value) and 0 < value < 1 and abs(
+                value * OccupancyHistogram.bins - round(value * OccupancyHistogram.bins)) < 1e-9,
+                f"a multiple of {1 / OccupancyHistogram.bins:g} between 0 and 1 (the IoU is counted in "
+                f"{OccupancyHistogram.bins} probability bins)"),
+        }, "model.LiftBEV")
+        check_values(args, {"pos_weight": number(0, low_open=True), "dice_weight": number(0)}, "loss.LiftBEV")
 
     def __init__(self, args: dict, device: torch.device, class_names: list, steps_per_epoch: int,
                  world_size: int = 1, rank: int = 0):
@@ -67,9 +69,9 @@ class Solver(BaseSolver):
         the device (read_nonfinite and train.py read them at logging points, not every step)."""
         images, projections, target = (batch[key].to(self.device, non_blocking=True)
                                        for key in ("images", "projections", "target"))
-        with self.parts.autocast():
-            logits = self.parts.trained_model(images, projections)
-        return self.parts.step(self.loss_fn(logits, target))  # the loss in float32 whatever the autocast dtype
+        with self.autocast():
+            logits = self.trained_model(images, projections)
+        return self.step(self.loss_fn(logits, target))  # the loss in float32 whatever the autocast dtype
 
     @torch.no_grad()
     def eval(self, loader, show_progress: bool = True) -> tuple:
@@ -82,11 +84,10 @@ class Solver(BaseSolver):
         "iou": {class: IoU or None}}]}; pr_curves {class: (recall (100,), precision (100,))} over the thresholds
         k / 100. Under DDP every process takes its shard and the main process (rank 0) adds up the histograms; the
         others get empty results."""
-        model = self.parts.evaluated_model()
-        model.eval()
+        model = self.evaluated_model()
         histogram, per_sample = OccupancyHistogram(len(self.class_names)), []
         for batch in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not show_progress):
-            with self.parts.autocast():
+            with self.autocast():
                 logits = model(batch["images"].to(self.device, non_blocking=True),
                                batch["projections"].to(self.device, non_blocking=True))
             probabilities, target = torch.sigmoid(logits.float()).cpu(), batch["target"]
@@ -119,8 +120,7 @@ class Solver(BaseSolver):
         """out_dir/visualization/sample_<i>.png for the first `count` samples of `dataset`: the cameras (3 per
         row, config/data.json order) and, per class, the BEV grid with the ego car at the centre facing up: cells
         both predicted and true in green, missed in blue, false in red."""
-        model = self.parts.evaluated_model()
-        model.eval()
+        model = self.evaluated_model()
         x_range, y_range = self.bev["x_range_m"], self.bev["y_range_m"]
         for index in range(min(count, len(dataset))):
             item = dataset[index]

@@ -19,7 +19,17 @@ from models.Yolo.loss import DetectionLoss
 from models.Yolo.yolo import BACKBONES, STRIDES, DenseOutputs, Yolo
 from optimization.base import BaseSolver
 from utils.coco_eval import SUMMARY_NAMES, coco_metrics, coco_results_list, load_coco
-from utils.config import FLAG, GROUP_NORM_CHANNELS, NUMBER_RANGE, Rule, list_of, multiple_of, number, one_of
+from utils.config import (
+    FLAG,
+    GROUP_NORM_CHANNELS,
+    NUMBER_RANGE,
+    Rule,
+    check_values,
+    list_of,
+    multiple_of,
+    number,
+    one_of,
+)
 from utils.distributed import gather_array_to_main
 from utils.plots import save_detection_mosaic
 
@@ -30,45 +40,51 @@ class Solver(BaseSolver):
 
     app_modes = ("2DObjDet",)
     metric_names = SUMMARY_NAMES  # COCO's, higher is better
-    config_rules = {
-        "data.image.w": multiple_of(STRIDES[-1], "the coarsest stride"),
-        "data.image.h": multiple_of(STRIDES[-1], "the coarsest stride"),
-        "model.architecture": one_of("resnet_fpn", "csp_pan"),
-        "model": Rule(lambda section: section["backbone"] != "csp" or section["architecture"] == "csp_pan",
-                      'a section whose backbone "csp" has the architecture "csp_pan" (resnet_fpn takes a ResNet)'),
-        "model.backbone": one_of(*BACKBONES, "csp"),
-        "model.widths": Rule(lambda value: list_of(number(8, integer=True), length=5).check(value)
-                             and all(width % 2 == 0 for width in value), "5 even channel counts >= 8"),
-        "model.depths": list_of(number(1, integer=True), length=4),
-        "model.neck_depth": number(1, integer=True),
-        "model.pretrained_backbone": FLAG,
-        "model.freeze_batchnorm": FLAG,
-        "model.fpn_channels": GROUP_NORM_CHANNELS,
-        "model.head_convs": number(0, integer=True),
-        "model.postprocess.score_threshold": number(0, 1),
-        "model.postprocess.nms_iou": number(0, 1, low_open=True),
-        "model.postprocess.pre_nms_topk": number(1, integer=True),
-        "model.postprocess.max_detections": number(1, integer=True),
-        "loss.weights.box": number(0),
-        "loss.weights.obj": number(0),
-        "loss.weights.cls": number(0),
-        "loss.center_radius": number(0, low_open=True),
-        "loss.size_ranges": Rule(lambda value: list_of(NUMBER_RANGE, length=len(STRIDES)).check(value)
-                                 and all(low >= 0 for low, _ in value),
-                                 f"{len(STRIDES)} [low, high] box-size ranges in px (one per stride {STRIDES}), "
-                                 f"0 <= low < high"),
-        "loss.focal_alpha": number(0, 1),
-        "loss.focal_gamma": number(0),
-        "loss.aligned.weights.box": number(0),
-        "loss.aligned.weights.dfl": number(0),
-        "loss.aligned.weights.cls": number(0),
-        "loss.aligned.topk": number(1, integer=True),
-        "loss.aligned.alpha": number(0),
-        "loss.aligned.beta": number(0),
-        "loss.aligned.center_radius": number(0, low_open=True),
-        "loss.aligned.assignment": one_of("task_aligned", "nearest"),
-        "loss.aligned.iou_aware": FLAG,
-    }
+
+    @staticmethod
+    def check_config(args: dict) -> None:
+        """The ranges of what this solver, its models and its losses read (BaseSolver.check_config)."""
+        check_values(args, {"image.w": multiple_of(STRIDES[-1], "the coarsest stride"),
+                            "image.h": multiple_of(STRIDES[-1], "the coarsest stride")}, f"data.{args['app_mode']}")
+        check_values(args, {
+            "architecture": one_of("resnet_fpn", "csp_pan"),
+            "": Rule(lambda section: section["backbone"] != "csp" or section["architecture"] == "csp_pan",
+                     'a section whose backbone "csp" has the architecture "csp_pan" (resnet_fpn takes a ResNet)'),
+            "backbone": one_of(*BACKBONES, "csp"),
+            "widths": Rule(lambda value: list_of(number(8, integer=True), length=5).check(value)
+                           and all(width % 2 == 0 for width in value), "5 even channel counts >= 8"),
+            "depths": list_of(number(1, integer=True), length=4),
+            "neck_depth": number(1, integer=True),
+            "pretrained_backbone": FLAG,
+            "freeze_batchnorm": FLAG,
+            "fpn_channels": GROUP_NORM_CHANNELS,
+            "head_convs": number(0, integer=True),
+            "postprocess.score_threshold": number(0, 1),
+            "postprocess.nms_iou": number(0, 1, low_open=True),
+            "postprocess.pre_nms_topk": number(1, integer=True),
+            "postprocess.max_detections": number(1, integer=True),
+        }, "model.Yolo")
+        check_values(args, {
+            "weights.box": number(0),
+            "weights.obj": number(0),
+            "weights.cls": number(0),
+            "center_radius": number(0, low_open=True),
+            "size_ranges": Rule(lambda value: list_of(NUMBER_RANGE, length=len(STRIDES)).check(value)
+                                and all(low >= 0 for low, _ in value),
+                                f"{len(STRIDES)} [low, high] box-size ranges in px (one per stride {STRIDES}), "
+                                f"0 <= low < high"),
+            "focal_alpha": number(0, 1),
+            "focal_gamma": number(0),
+            "aligned.weights.box": number(0),
+            "aligned.weights.dfl": number(0),
+            "aligned.weights.cls": number(0),
+            "aligned.topk": number(1, integer=True),
+            "aligned.alpha": number(0),
+            "aligned.beta": number(0),
+            "aligned.center_radius": number(0, low_open=True),
+            "aligned.assignment": one_of("task_aligned", "nearest"),
+            "aligned.iou_aware": FLAG,
+        }, "loss.Yolo")
 
     def __init__(self, args: dict, device: torch.device, class_names: list, steps_per_epoch: int,
                  world_size: int = 1, rank: int = 0):
@@ -89,9 +105,9 @@ class Solver(BaseSolver):
         images = self.images(batch)
         targets = {key: batch[key].to(self.device, non_blocking=True)
                    for key in ("target_boxes", "target_labels", "target_valid")}
-        with self.parts.autocast():
-            outputs = self.parts.trained_model(images)
-        return self.parts.step(self.loss_fn(outputs, targets))  # the loss in float32 whatever the autocast dtype
+        with self.autocast():
+            outputs = self.trained_model(images)
+        return self.step(self.loss_fn(outputs, targets))  # the loss in float32 whatever the autocast dtype
 
     def images(self, batch: dict) -> torch.Tensor:
         """The batch's (B, N_cam, 3, H, W) uint8 images on the device: copied there, or with data.json "decode":
@@ -110,11 +126,10 @@ class Solver(BaseSolver):
         (image_id, category_id, bbox [x, y, w, h] in original px, score), called only when test.py writes them}.
         Under DDP every process detects on its shard and the main process (rank 0) scores them all; the others get
         empty results. Detections travel as (D, 7) arrays (one per batch, models.Yolo.boxes.coco_detection_array)."""
-        model = self.parts.evaluated_model()
-        model.eval()
+        model = self.evaluated_model()
         arrays = [np.zeros((0, 7))]
         for batch in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not show_progress):
-            with self.parts.autocast():
+            with self.autocast():
                 predictions = model.predict(self.images(batch))
             arrays.append(coco_detection_array(predictions, batch, self.image_size))
         detections = gather_array_to_main(np.concatenate(arrays))
@@ -133,9 +148,8 @@ class Solver(BaseSolver):
         original_sizes [(W, H)] (N), with the EMA weights and detections scoring above score_threshold. Per image
         {"boxes": [[x1, y1, x2, y2]] in original px, "classes": [class name], "scores": [score]}, best first; the
         boxes map back as in eval (coco_detection_array), so that predict.py and test.py give the same numbers."""
-        model = self.parts.evaluated_model()
-        model.eval()
-        with self.parts.autocast():
+        model = self.evaluated_model()
+        with self.autocast():
             detections = model.predict(images[None].to(self.device), score_threshold=score_threshold)
         batch = {"image_ids": torch.arange(len(images))[None], "orig_sizes": torch.tensor(original_sizes)[None]}
         rows = coco_detection_array(detections, batch, self.image_size)  # (D, 7): image, x, y, w, h, score, class + 1
@@ -154,8 +168,7 @@ class Solver(BaseSolver):
         makes them: models.Yolo.boxes.postprocess_detections(boxes, scores, image_size=(W, H), **postprocess) with
         the metadata's "postprocess" settings, then the boxes times (original width / W, original height / H).
         Example: the cameras of one sample, random pixels (seeded)."""
-        model = self.parts.evaluated_model()
-        model.eval()
+        model = self.evaluated_model()
         width, height = self.image_size
         cameras = len(self.args["data"][self.args["app_mode"]]["cameras"])
         example = torch.randint(0, 256, (cameras, 3, height, width), dtype=torch.uint8,
@@ -178,8 +191,7 @@ class Solver(BaseSolver):
         """out_dir/visualization/sample_<i>.png for the first `count` samples of `dataset`: camera mosaics in the
         order of config/data.json's "cameras", 3 per row, ground truth green, detections above config.json's
         "visualization_score_threshold" red."""
-        model = self.parts.evaluated_model()
-        model.eval()
+        model = self.evaluated_model()
         threshold = self.args["config"]["test"]["visualization_score_threshold"]
         for index in range(min(count, len(dataset))):
             item = dataset[index]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import test as test_script
 import train
 from dataset.NuscenesDataset import synthetic
 from models.Yolo.yolo import STRIDES
@@ -81,6 +82,23 @@ def task_flags(app_mode, model_name, dataset_dir, folder, *extra) -> list:
             "--seed", "3", "--cfg", f"data.{app_mode}.image.w=96", "--cfg", f"data.{app_mode}.image.h=64",
             "--cfg", f'data.{app_mode}.cameras=["CAM_FRONT", "CAM_BACK"]',
             "--cfg", f"data.{app_mode}.label_cache_dir={shared_cache(dataset_dir)}", *extra]
+
+
+@pytest.fixture
+def train_and_test(embedded_dir, tmp_path):
+    """run(app_mode, model_name, *flags, test_flags=()): a task trained for one epoch by train.py on the small
+    embedded dataset (task_flags: 2 cameras at 96x64, batch 4, no worker processes; `flags` on top, e.g. --cfg
+    overrides that shrink the model), then evaluated by test.py (`test_flags` on top). Returns the experiment folder:
+    best.pt, last.pt, metrics.json (the validation's), training.log, curves.png, and under test/ test.py's
+    metrics.json, the solver's files and pr_curves/."""
+
+    def run(app_mode: str, model_name: str, *flags, test_flags=()):
+        train.main(task_flags(app_mode, model_name, embedded_dir, tmp_path, *flags))
+        test_script.main(["--app_mode", app_mode, "--model_name", model_name, "--save_dir", str(tmp_path / "exp"),
+                          "--num_cores", "0", *test_flags])
+        return tmp_path / "exp"
+
+    return run
 
 
 def tiny_flags(embedded_dir, folder, exp_dir="exp", *extra):

@@ -37,13 +37,16 @@ def bev_args(dataset_dir, mode_overrides=None) -> dict:
                      {"image": {"w": 160, "h": 96}, **(mode_overrides or {})})
 
 
+# a 40 m x 40 m grid of 1 m cells and a slim model, on top of task_flags' 2 cameras at 96x64
+SMALL_BEV_FLAGS = ("--cfg", "data.BEVSeg.bev.x_range_m=[-20.0, 20.0]",
+                   "--cfg", "data.BEVSeg.bev.y_range_m=[-20.0, 20.0]", "--cfg", "data.BEVSeg.bev.cell_m=1.0",
+                   "--cfg", "model.LiftBEV.image_channels=16", "--cfg", "model.LiftBEV.bev_channels=32",
+                   "--cfg", "model.LiftBEV.bev_blocks=1")
+
+
 def bev_flags(embedded_dir, folder, *extra) -> list:
-    """train.py flags of a tiny BEV run: 2 cameras at 96x64, a 40 m x 40 m grid of 1 m cells, a slim model."""
-    return task_flags("BEVSeg", "LiftBEV", embedded_dir, folder,
-                      "--cfg", "data.BEVSeg.bev.x_range_m=[-20.0, 20.0]",
-                      "--cfg", "data.BEVSeg.bev.y_range_m=[-20.0, 20.0]",
-                      "--cfg", "data.BEVSeg.bev.cell_m=1.0", "--cfg", "model.LiftBEV.image_channels=16",
-                      "--cfg", "model.LiftBEV.bev_channels=32", "--cfg", "model.LiftBEV.bev_blocks=1", *extra)
+    """train.py flags of a tiny BEV run."""
+    return task_flags("BEVSeg", "LiftBEV", embedded_dir, folder, *SMALL_BEV_FLAGS, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -173,10 +176,10 @@ def test_the_model_fits_two_samples(embedded_dir):
     assert histogram.iou(0.5)[0] > 0.5 > 5 * histogram.iou_all_occupied()[0]
 
 
-def test_train_one_epoch_then_test(embedded_dir, tmp_path):
+def test_train_one_epoch_then_test(train_and_test):
     """train.py and test.py run the task unchanged: checkpoints, metrics, per-sample IoU, curves, drawings."""
-    train.main(bev_flags(embedded_dir, tmp_path))
-    exp = tmp_path / "exp"
+    exp = train_and_test("BEVSeg", "LiftBEV", *SMALL_BEV_FLAGS,
+                         test_flags=("--visualization", "1", "--cfg", "config.test.visualizations=2"))
     for name in ("best.pt", "last.pt", "metrics.json", "curves.png", "training.log"):
         assert (exp / name).is_file(), name
     metrics = json.loads((exp / "metrics.json").read_text())
@@ -186,7 +189,6 @@ def test_train_one_epoch_then_test(embedded_dir, tmp_path):
     assert state["best_score"] == pytest.approx(metrics["mIoU"]) and state["history"][0]["mIoU"] == state["best_score"]
     assert "points" not in state["model"]  # derived from the config, not stored
 
-    test_script.main(bev_flags(embedded_dir, tmp_path, "--visualization", "1", "--cfg", "config.test.visualizations=2"))
     test_dir = exp / "test"
     test_metrics = json.loads((test_dir / "metrics.json").read_text())
     assert test_metrics["checkpoint"] == "best.pt" and 0.0 <= test_metrics["mIoU"] <= 1.0
@@ -203,7 +205,7 @@ def test_mixed_precision_step(embedded_dir, tmp_path, monkeypatch):
     args = merge_config(vars(flags), str(PROJECT_ROOT / "config"))
     dataset, loader = helper.load_datasetloader(args, 1, 0, "train")
     solver = helper.load_solver(args, device=torch.device("cpu"), class_names=dataset.class_names, steps_per_epoch=1)
-    assert solver.parts.amp_dtype == torch.bfloat16
+    assert solver.amp_dtype == torch.bfloat16
     sampled_dtypes, grid_sample = [], torch.nn.functional.grid_sample
 
     def recording_grid_sample(features, grid, **kwargs):

@@ -37,7 +37,7 @@ def test_onnx_export_matches_pytorch_with_a_dynamic_batch(trained_copy, embedded
     test_set, _ = helper.load_datasetloader(state["config"], 1, 0, "test")
     images = torch.cat([test_set[0]["images"], test_set[1]["images"][:1]])  # (3, 3, 64, 96) uint8
     with torch.no_grad():
-        model = solver.parts.evaluated_model().eval()
+        model = solver.evaluated_model()
         outputs = model(images[:, None])
         boxes, scores = outputs["boxes"], model.scores(outputs)
     onnx_boxes, onnx_scores = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(

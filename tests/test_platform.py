@@ -199,6 +199,16 @@ def test_test_py_takes_the_checkpoint_configuration_then_this_commands_flags(tra
     assert "postprocess.max_detections = 0 in config/model.json" in capsys.readouterr().err
 
 
+def test_visualization_of_a_solver_that_draws_nothing_is_one_line_before_any_work(trained_copy, capsys, monkeypatch):
+    """visualize is optional for a solver: without it, test.py --visualization 1 is refused before evaluating."""
+    exp, _ = trained_copy
+    monkeypatch.delattr(helper.solver_class("Yolo"), "visualize")
+    with pytest.raises(SystemExit) as failed:
+        test_script.main(["--save_dir", str(exp), "--num_cores", "0", "--visualization", "1"])
+    assert failed.value.code == 2 and not (exp / "test").exists()
+    assert "--visualization 1: the Yolo solver draws nothing" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("script", [train, test_script])
 def test_abbreviated_flags_are_refused(script, capsys):
     with pytest.raises(SystemExit) as failed:
@@ -296,7 +306,7 @@ def test_mixed_precision_step_on_the_cpu(trained):
     args = json.loads((trained / "config.json").read_text())
     args["bool_mixed_precision"] = 1
     solver = helper.load_solver(args, device=torch.device("cpu"), class_names=list("abcdefghij"), steps_per_epoch=3)
-    assert solver.parts.amp_dtype == torch.bfloat16 and not solver.parts.scaler.is_enabled()
+    assert solver.amp_dtype == torch.bfloat16 and solver.scaler.get_scale() == 1.0  # no loss scaling
     batch = {"images": torch.randn(1, 2, 3, 64, 96),
              **padded_targets(torch.tensor([[10.0, 10.0, 40.0, 50.0]]), torch.tensor([2]), torch.tensor([1]), 2)}
     losses = solver.train(batch)

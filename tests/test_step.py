@@ -9,6 +9,7 @@ import torch
 from torchvision.ops import complete_box_iou_loss, generalized_box_iou_loss
 
 import helper
+import optimization.base
 from argumentparser import build_parser
 from dataset.NuscenesDataset.collate_2d import padded_targets
 from models.Yolo.boxes import complete_iou_loss, generalized_iou_loss
@@ -55,7 +56,7 @@ def test_a_yolo_step_reads_nothing_on_the_host(flags):
             solver.learning_rate_step()
     assert reads.total == 0, reads.by_op
     assert all(value.dim() == 0 for value in losses.values())
-    assert solver.parts.ema_updates == 3 and int(solver.parts.ema.n_averaged) == 3
+    assert solver.ema_updates == 3 and int(solver.ema.n_averaged) == 3
 
 
 def test_a_liftbev_step_reads_nothing_on_the_host(embedded_dir, tmp_path):
@@ -92,9 +93,11 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_reported_at_the_read(mon
 
     parameters = [parameter.detach().clone() for parameter in solver.model.parameters()]
     monkeypatch.setattr(solver.loss_fn, "forward", nan_loss)
-    solver.train(batch)  # the bad step: skipped by the fused optimizer
+    with HostReadCounter() as reads:
+        solver.train(batch)  # the bad step: skipped by the fused optimizer, decided on the device
+    assert reads.total == 0, reads.by_op
     assert all(torch.equal(before, after) for before, after in zip(parameters, solver.model.parameters(), strict=True))
-    assert int(solver.parts.optimizer.state_dict()["state"][0]["step"]) == 1
+    assert int(solver.optimizer.state_dict()["state"][0]["step"]) == 1
     monkeypatch.setattr(solver.loss_fn, "forward", real_loss)
     solver.train(batch)  # a good one after it, before the read
     with pytest.raises(NonFiniteLossError) as error:
@@ -102,6 +105,31 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_reported_at_the_read(mon
     assert error.value.steps_ago == 1 and error.value.terms["total_loss"] != error.value.terms["total_loss"]
     assert set(error.value.terms) >= {"box_loss", "dfl_loss", "cls_loss", "total_loss"}
     assert all(torch.isfinite(parameter).all() for parameter in solver.model.parameters())
+
+
+def test_float16_scales_the_loss_and_skips_an_overflowing_step_on_the_device(monkeypatch):
+    """Where a GPU has no bfloat16, autocast takes float16 and the GradScaler scales the loss: the same step, run
+    here with CPU autocast to float16. A step whose scaled gradients overflow is skipped (the weights stay) and the
+    scale halves, with nothing read on the host; the scale backs off until the steps are taken."""
+    monkeypatch.setattr(optimization.base, "mixed_precision_dtype", lambda device: torch.float16)
+    solver = yolo_solver("--bool_mixed_precision", "1")
+    solver.mode_selection(True)
+    batch = yolo_batch()
+    assert solver.amp_dtype == torch.float16 and solver.scaler.get_scale() == 2.0**16
+    solver.train(batch)
+    solver.scaler.update(2.0**127)  # the scaled gradients overflow float32
+    parameters = [parameter.detach().clone() for parameter in solver.model.parameters()]
+    with HostReadCounter() as reads:
+        losses = solver.train(batch)
+    assert reads.total == 0, reads.by_op
+    assert torch.isfinite(losses["total_loss"]) and solver.scaler.get_scale() == 2.0**126
+    assert all(torch.equal(before, after) for before, after in zip(parameters, solver.model.parameters(), strict=True))
+    solver.scaler.update(2.0**16)
+    for _ in range(8):  # float16 gradients overflow at the first scales too
+        solver.train(batch)
+    assert solver.scaler.get_scale() < 2.0**16
+    assert not all(torch.equal(before, after) for before, after in zip(parameters, solver.model.parameters(),
+                                                                       strict=True))
 
 
 def test_the_compiled_model_trains_like_the_eager_one(monkeypatch):
@@ -112,7 +140,7 @@ def test_the_compiled_model_trains_like_the_eager_one(monkeypatch):
     eager, compiled = yolo_solver("--optimizer_type", "sgd"), yolo_solver("--optimizer_type", "sgd",
                                                                          "--cfg", "config.solver.compile=true")
     compiled.model.load_state_dict(eager.model.state_dict())
-    assert compiled.parts.trained_model is not compiled.model  # the torch.compile wrapper
+    assert compiled.trained_model is not compiled.model  # the torch.compile wrapper
     batch = yolo_batch()
     for solver in (eager, compiled):
         solver.mode_selection(True)
@@ -125,7 +153,7 @@ def test_the_compiled_model_trains_like_the_eager_one(monkeypatch):
 def test_compile_without_a_compiler_warns_and_runs_eager(monkeypatch, caplog):
     monkeypatch.setenv("CXX", "no-such-compiler")
     solver = yolo_solver("--cfg", "config.solver.compile=true")
-    assert solver.parts.trained_model is solver.model
+    assert solver.trained_model is solver.model
     assert "no C++ compiler (no-such-compiler) is on the PATH" in caplog.text
 
 

@@ -180,10 +180,12 @@ def lookup(cfg: dict, key: str):
     return node
 
 
-def check_values(cfg: dict, rules: dict) -> None:
-    """Check every value named in `rules` ({dotted key from the top of cfg: Rule}) before any work starts; the
-    first bad one is a UserError naming the key, its value and what it must be."""
-    for key, rule in rules.items():
+def check_values(cfg: dict, rules: dict, within: str = "") -> None:
+    """Check every value named in `rules` ({dotted key: Rule}, the keys within the dotted section `within` of cfg,
+    e.g. "model.Yolo") before any work starts; the first bad one is a UserError naming the key, its value and what
+    it must be."""
+    for relative_key, rule in rules.items():
+        key = ".".join(part for part in (within, relative_key) if part)
         value = lookup(cfg, key)
         try:
             good = bool(rule.check(value))
@@ -195,4 +197,3 @@ def check_values(cfg: dict, rules: dict) -> None:
             shown = shown if len(shown) <= 80 else f"{shown[:77]}..."
             raise UserError(f"{rest} = {shown} in config/{section}.json (or --cfg {key}=...): must be "
                             f"{rule.expected}")
-

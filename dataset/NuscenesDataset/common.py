@@ -25,24 +25,24 @@ REDUCED_DECODING = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLO
                     (2, cv2.IMREAD_REDUCED_COLOR_2), (1, cv2.IMREAD_COLOR))  # (scale divisor, cv2 flag)
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of an image's orientation (1: as stored; 5-8: turned by 90 degrees)
 
-# config/data.json values that every nuScenes loader reads (keys within data.<app_mode>), checked before work starts
+# config/data.json values that every nuScenes loader reads (keys within data.<app_mode>): its check_config checks them
 COMMON_RULES = {
-    "data.dataset_dir": TEXT,
-    "data.version": TEXT,
-    "data.cameras": Rule(lambda value: list_of(TEXT).check(value) and len(set(value)) == len(value),
-                         "a list of one or more different camera channels"),
-    "data.embedded.samples_per_scene": number(1, integer=True),
-    "data.embedded.width": number(32, integer=True),
-    "data.embedded.height": number(32, integer=True),
-    "data.embedded.seed": number(0, integer=True),
-    "data.image.w": number(1, integer=True),
-    "data.image.h": number(1, integer=True),
-    "data.normalize.mean": list_of(number(), length=3),
-    "data.normalize.std": list_of(number(0, low_open=True), length=3),
-    "data.augmentation.brightness": number(0),
-    "data.augmentation.contrast": number(0),
-    "data.augmentation.saturation": number(0),
-    "data.augmentation.hue": number(0, 0.5),
+    "dataset_dir": TEXT,
+    "version": TEXT,
+    "cameras": Rule(lambda value: list_of(TEXT).check(value) and len(set(value)) == len(value),
+                    "a list of one or more different camera channels"),
+    "embedded.samples_per_scene": number(1, integer=True),
+    "embedded.width": number(32, integer=True),
+    "embedded.height": number(32, integer=True),
+    "embedded.seed": number(0, integer=True),
+    "image.w": number(1, integer=True),
+    "image.h": number(1, integer=True),
+    "normalize.mean": list_of(number(), length=3),
+    "normalize.std": list_of(number(0, low_open=True), length=3),
+    "augmentation.brightness": number(0),
+    "augmentation.contrast": number(0),
+    "augmentation.saturation": number(0),
+    "augmentation.hue": number(0, 0.5),
 }
 
 logger = logging.getLogger(__name__)

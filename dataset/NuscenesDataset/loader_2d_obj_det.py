@@ -44,7 +44,7 @@ from dataset.NuscenesDataset.common import (
     version_split,
 )
 from dataset.NuscenesDataset.labels import CATEGORY_IDS, coco_from_labels, label_arrays, load_nuscenes
-from utils.config import NUMBER_RANGE, TEXT, Rule, number, one_of
+from utils.config import NUMBER_RANGE, TEXT, Rule, check_values, number, one_of
 from utils.errors import UserError
 
 # the colour jitter's kernels by v2.ColorJitter's fn_idx numbering, with the name of their drawn factor
@@ -198,20 +198,23 @@ class DatasetLoader(Dataset):
 
     class_names = list(CATEGORY_IDS)  # label index -> detection class name
     collate_fn = staticmethod(collate_detection)
-    config_rules = {  # see helper.check_config
-        **COMMON_RULES,
-        "data.label_cache_dir": TEXT,
-        "data.labels.visibilities": Rule(lambda value: isinstance(value, list) and len(value) > 0
-                                         and set(value) <= {"", "1", "2", "3", "4"},
-                                         'a list of one or more of the visibility tokens "", "1", "2", "3", "4"'),
-        "data.labels.min_box_size": number(0),
-        "data.augmentation.hflip_prob": number(0, 1),
-        "data.augmentation.scale": Rule(lambda value: NUMBER_RANGE.check(value) and value[0] > 0,
-                                        "[low, high] with 0 < low < high"),
-        "data.augmentation.translate": number(0, 1),
-        "data.augmentation.min_box_size": number(0),
-        "data.decode": one_of("cpu", "device"),
-    }
+    @staticmethod
+    def check_config(args: dict) -> None:
+        """The ranges of the data.json values this loader reads, checked before any work starts."""
+        check_values(args, {
+            **COMMON_RULES,
+            "label_cache_dir": TEXT,
+            "labels.visibilities": Rule(lambda value: isinstance(value, list) and len(value) > 0
+                                        and set(value) <= {"", "1", "2", "3", "4"},
+                                        'a list of one or more of the visibility tokens "", "1", "2", "3", "4"'),
+            "labels.min_box_size": number(0),
+            "augmentation.hflip_prob": number(0, 1),
+            "augmentation.scale": Rule(lambda value: NUMBER_RANGE.check(value) and value[0] > 0,
+                                       "[low, high] with 0 < low < high"),
+            "augmentation.translate": number(0, 1),
+            "augmentation.min_box_size": number(0),
+            "decode": one_of("cpu", "device"),
+        }, f"data.{args['app_mode']}")
 
     def __init__(self, args: dict, world_size: int = 1, rank: int = 0, mode: str = "train"):
         cfg = args["data"][args["app_mode"]]

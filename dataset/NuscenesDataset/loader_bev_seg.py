@@ -47,7 +47,7 @@ from dataset.NuscenesDataset.common import (
     version_split,
 )
 from dataset.NuscenesDataset.labels import check_dataroot, load_nuscenes, split_scene_names
-from utils.config import NUMBER_RANGE, TEXT, Rule, list_of, number
+from utils.config import NUMBER_RANGE, TEXT, Rule, check_values, list_of, number
 from utils.errors import UserError
 
 BEV_FORMAT = 1  # bump when the cached geometry changes, so that old caches are rebuilt
@@ -165,20 +165,23 @@ class DatasetLoader(Dataset):
     args["val_ratio"], args["bool_apply_img_aug"] and args["data"][app_mode] (config/data.json).
     world_size and rank: the platform's signature; under DDP the sampler shards."""
 
-    config_rules = {  # see helper.check_config
-        **COMMON_RULES,
-        "data.ego_pose_channel": TEXT,
-        "data.label_cache_dir": TEXT,
-        "data.bev.x_range_m": NUMBER_RANGE,
-        "data.bev.y_range_m": NUMBER_RANGE,
-        "data.bev.cell_m": number(0, low_open=True),
-        "data.classes": Rule(lambda value: isinstance(value, dict) and len(value) > 0
-                             and all(list_of(TEXT).check(prefixes) for prefixes in value.values()),
-                             'a dict of one or more {class name: [category prefixes]}, e.g. {"vehicle": ["vehicle."]}'),
-        "data.visibilities": Rule(lambda value: isinstance(value, list) and len(value) > 0
-                                  and set(value) <= {"", "1", "2", "3", "4"},
-                                  'a list of one or more of the visibility tokens "", "1", "2", "3", "4"'),
-    }
+    @staticmethod
+    def check_config(args: dict) -> None:
+        """The ranges of the data.json values this loader reads, checked before any work starts."""
+        check_values(args, {
+            **COMMON_RULES,
+            "ego_pose_channel": TEXT,
+            "label_cache_dir": TEXT,
+            "bev.x_range_m": NUMBER_RANGE,
+            "bev.y_range_m": NUMBER_RANGE,
+            "bev.cell_m": number(0, low_open=True),
+            "classes": Rule(lambda value: isinstance(value, dict) and len(value) > 0
+                            and all(list_of(TEXT).check(prefixes) for prefixes in value.values()),
+                            'a dict of one or more {class name: [category prefixes]}, e.g. {"vehicle": ["vehicle."]}'),
+            "visibilities": Rule(lambda value: isinstance(value, list) and len(value) > 0
+                                 and set(value) <= {"", "1", "2", "3", "4"},
+                                 'a list of one or more of the visibility tokens "", "1", "2", "3", "4"'),
+        }, f"data.{args['app_mode']}")
 
     def __init__(self, args: dict, world_size: int = 1, rank: int = 0, mode: str = "train"):
         cfg = args["data"][args["app_mode"]]
