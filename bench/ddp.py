@@ -2,12 +2,14 @@
 2 processes (torchrun, gloo), and the time the gradient all-reduce is in flight per step, side by side in one run.
 
     python -m bench.ddp [--batch_size 2] [--steps 10] [--warmup 3] [--width 320 --height 192]
+                        [--results_dir bench/results]
 
 Each configuration is a torchrun launch of this module in worker mode: it builds the Yolo Solver from the config
 files (default model, 6 cameras, --batch_size samples per process), trains on one fixed synthetic batch (the loader
 is measured by bench/loader.py) and times each step. Under DDP a communication hook around torch's all-reduce
 records when each gradient bucket's all-reduce starts and ends; the union of these intervals per step is the
-all-reduce time (part of it overlaps the backward pass, which is the point of DDP's buckets).
+all-reduce time (part of it overlaps the backward pass, which is the point of DDP's buckets). The parent process
+writes the table to the results file; the workers write nothing there.
 """
 
 import argparse
@@ -24,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from bench.model import NUM_CAMERAS, platform_args, synthetic_batch
+from bench.results import add_results_dir, recorded
 from helper import load_solver
 from utils.distributed import close_distributed, init_distributed
 
@@ -68,7 +71,7 @@ def worker(options) -> None:
                              steps_per_epoch=options.warmup + options.steps, world_size=world_size, rank=rank)
         intervals = []
         if world_size > 1:
-            solver.parts.trained_model.register_comm_hook(None, timed_allreduce_hook(intervals))
+            solver.trained_model.register_comm_hook(None, timed_allreduce_hook(intervals))
         batch = synthetic_batch(options.batch_size, NUM_CAMERAS, options.width, options.height)
         solver.mode_selection(True)
         step_times, allreduce_times = [], []
@@ -103,22 +106,8 @@ def launch(options, procs: int, threads: int) -> dict:
         return json.loads(Path(result_path).read_text())
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch_size", type=int, default=2, help="samples (of 6 cameras) per process and step")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (after the warm-up)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--width", type=int, default=320)
-    parser.add_argument("--height", type=int, default=192)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--procs", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    options = parser.parse_args(argv)
-    if options.worker:
-        worker(options)
-        return
-
+def compare(options) -> None:
+    """A torchrun launch per configuration, then their table."""
     print(f"Yolo Solver training step on the CPU ({os.cpu_count()} cores), {options.width}x{options.height} input, "
           f"{options.batch_size} samples x {NUM_CAMERAS} cameras per process, median of {options.steps} steps")
     results = [launch(options, procs, threads) for procs, threads in CONFIGURATIONS]
@@ -130,6 +119,26 @@ def main(argv=None) -> None:
         share = f"{result['allreduce_s'] / result['step_s']:.0%}" if result["procs"] > 1 else "-"
         print(f"{result['procs']:>9} {result['threads']:>7} {result['step_s']:>7.2f} {result['images_per_s']:>9.2f} "
               f"{result['images_per_s'] / baseline:>6.2f}x {allreduce:>18} {share:>13} {result['buckets'] or '-':>7}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch_size", type=int, default=2, help="samples (of 6 cameras) per process and step")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--width", type=int, default=320)
+    parser.add_argument("--height", type=int, default=192)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--procs", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    add_results_dir(parser)
+    options = parser.parse_args(argv)
+    if options.worker:
+        worker(options)
+        return
+    with recorded("ddp", argv, options.results_dir):
+        compare(options)
 
 
 if __name__ == "__main__":

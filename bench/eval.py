@@ -3,7 +3,7 @@ against the forward pass alone over the same split; (2) the COCO metrics alone f
 pycocotools, faster-coco-eval and the platform's (utils.coco_eval: pycocotools' rules on a detection array), and
 whether their numbers are identical.
 
-    python -m bench.eval [--repeats 3] [--coco_images 10000] [--flags train.py flags ...]
+    python -m bench.eval [--repeats 3] [--coco_images 10000] [--results_dir bench/results] [--flags train.py flags ...]
 
 (1) runs on the test split of the embedded dataset (generated on first use) at the configured input size, with
 the batches decoded beforehand (bench/loader.py measures loading) and a model that keeps its 100 best detections
@@ -25,6 +25,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from bench.model import platform_args
+from bench.results import add_results_dir, recorded
 from helper import load_datasetloader, load_solver
 from utils.coco_eval import SUMMARY_NAMES, coco_metrics, coco_results_array
 from utils.coco_reference import reference_evaluation, synthetic_coco
@@ -49,8 +50,7 @@ def evaluation_pass_vs_forward(repeats: int, flags: list) -> None:
     test_set, test_loader = load_datasetloader(args, 1, 0, "test")
     batches = Preloaded(test_loader)
     solver = load_solver(args, device=torch.device("cpu"), class_names=test_set.class_names, steps_per_epoch=1)
-    model = solver.parts.evaluated_model()  # the weights Solver.eval uses
-    model.eval()
+    model = solver.evaluated_model()  # the weights Solver.eval uses
 
     @torch.no_grad()
     def forward_alone():
@@ -116,9 +116,11 @@ def main(argv=None) -> None:
     parser.add_argument("--coco_images", type=int, default=10000, help="synthetic images in (2)")
     parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
                         help="train.py flags for (1), e.g. --dataset_dir DIR --cfg data.2DObjDet.image.w=...")
+    add_results_dir(parser)
     options = parser.parse_args(argv)
-    evaluation_pass_vs_forward(options.repeats, options.flags)
-    coco_backends(options.coco_images)
+    with recorded("eval", argv, options.results_dir):
+        evaluation_pass_vs_forward(options.repeats, options.flags)
+        coco_backends(options.coco_images)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,21 @@
-"""Loader speed, on an embedded dataset at nuScenes' 1600x900, in one run: (1) samples/s of this loader (label
-cache, reduced-scale JPEG decoding) against the original approach (re-projecting every annotation with shapely
-inside __getitem__, decoding each image at full size, then resizing), both through a DataLoader with one worker;
+"""Loader speed, on an embedded dataset at nuScenes' 1600x900 (--jpeg_size), in one run: (1) samples/s of this
+loader (label cache, reduced-scale JPEG decoding) against the per-item devkit approach (re-projecting every
+annotation with shapely inside __getitem__, decoding each image at full size, then resizing), both through a
+DataLoader with one worker;
 (2) whether this loader with 2 workers (--num_cores 2) and augmentation keeps up with the Solver's training step
 on this CPU: images/s of the loader alone, of the training step alone on one batch, and of training fed by the
 loader (the workers then share the cores with training).
 
-    python -m bench.loader [--samples_per_scene 3] [--repeats 2] [--train_steps 12]
+    python -m bench.loader [--samples_per_scene 3] [--repeats 2] [--train_steps 12] [--jpeg_size 1600x900]
+                           [--results_dir bench/results]
 
-The baseline re-projects with the devkit script's own `get_2d_boxes` (its canvas, 1600x900, is right here) and
-decodes with OpenCV's libjpeg-turbo, the fastest full-size decoder installed; both loaders use one thread.
+The baseline re-projects with the devkit script's own `get_2d_boxes` (on a canvas of --jpeg_size: the script's is
+nuScenes' 1600x900) and decodes with OpenCV's libjpeg-turbo, the fastest full-size decoder installed; both loaders
+use one thread.
 """
 
 import argparse
+import functools
 import json
 import os
 import tempfile
@@ -25,6 +29,7 @@ from nuscenes.scripts import export_2d_annotations_as_json as devkit_export
 from torch.utils.data import DataLoader, Dataset
 
 from bench.model import platform_args
+from bench.results import add_results_dir, recorded
 from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.collate_2d import collate_detection
 from dataset.NuscenesDataset.common import PROJECT_ROOT
@@ -35,16 +40,17 @@ from helper import load_solver
 DEVKIT_POST_PROCESS_COORDS = devkit_export.post_process_coords
 
 
-def devkit_post_process_coords(corner_coords, imsize=(1600, 900)):
-    """The export script's post_process_coords, made not to crash where the intersection is a point or a line."""
+def devkit_post_process_coords(corner_coords, imsize):
+    """The export script's post_process_coords on a canvas of `imsize` (W, H px), made not to crash where the
+    intersection is a point or a line."""
     try:
         return DEVKIT_POST_PROCESS_COORDS(corner_coords, imsize)
     except AttributeError:
         return None
 
 
-class OriginalApproachDataset(Dataset):
-    """The original loader's per-item work: the devkit database in memory, each camera's 2D boxes re-projected by
+class DevkitPerItemDataset(Dataset):
+    """The per-item devkit approach: the devkit database in memory, each camera's 2D boxes re-projected by
     the devkit script's own `get_2d_boxes` (shapely), a full-size decode (cv2.imread), then a resize. Same
     samples, cameras and output contract as DatasetLoader."""
 
@@ -143,36 +149,56 @@ def keeps_up(dataroot: str, cache_dir: str, repeats: int, train_steps: int) -> N
           f"runs at {fed_rate / step_rate:.0%} of the step alone")
 
 
+def jpeg_size(text: str) -> tuple:
+    """"1600x900" -> (1600, 900)."""
+    try:
+        width, height = (int(value) for value in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size is WxH in px") from None
+    return width, height
+
+
+def compare(options) -> None:
+    """Parts (1) and (2) on an embedded dataset generated in a temporary folder."""
+    with open(PROJECT_ROOT / "config" / "data.json") as f:
+        data = json.load(f)
+    cfg = data["2DObjDet"]
+    jpeg_width, jpeg_height = options.jpeg_size
+    with tempfile.TemporaryDirectory() as tmp:
+        dataroot = os.path.join(tmp, "nuscenes")
+        synthetic.generate(dataroot, samples_per_scene=options.samples_per_scene, width=jpeg_width,
+                           height=jpeg_height)
+        cfg["label_cache_dir"] = os.path.join(tmp, "cache")
+        loader_args = {"app_mode": "2DObjDet", "dataset_dir": dataroot, "val_ratio": 0.2, "bool_apply_img_aug": 0,
+                       "data": data}
+        ours = DatasetLoader(loader_args, mode="train")
+        per_item = DevkitPerItemDataset(ours, cfg["version"])
+        devkit_export.post_process_coords = functools.partial(devkit_post_process_coords,
+                                                              imsize=options.jpeg_size)
+        torch.set_num_threads(1)
+        cv2.setNumThreads(1)
+        ours_rate = samples_per_second(ours, options.repeats)
+        per_item_rate = samples_per_second(per_item, options.repeats)
+        width, height = ours.input_size
+        print(f"(1) {len(ours)} samples x {len(cfg['cameras'])} cameras, {jpeg_width}x{jpeg_height} JPEGs -> "
+              f"{width}x{height} input, 1 worker, batch 1")
+        print(f"{'loader':<50}{'samples/s':>10}")
+        print(f"{'this loader (label cache, reduced-scale decode)':<50}{ours_rate:>10.2f}")
+        print(f"{'devkit per item (re-project per item, full decode)':<50}{per_item_rate:>10.2f}")
+        print(f"speed-up: {ours_rate / per_item_rate:.1f}x (target >= 5x)")
+        keeps_up(dataroot, cfg["label_cache_dir"], options.repeats, options.train_steps)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples_per_scene", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="passes over the samples for each loader")
     parser.add_argument("--train_steps", type=int, default=12, help="timed training steps in (2)")
-    args = parser.parse_args(argv)
-    with open(PROJECT_ROOT / "config" / "data.json") as f:
-        data = json.load(f)
-    cfg = data["2DObjDet"]
-    with tempfile.TemporaryDirectory() as tmp:
-        dataroot = os.path.join(tmp, "nuscenes")
-        synthetic.generate(dataroot, samples_per_scene=args.samples_per_scene, width=1600, height=900)
-        cfg["label_cache_dir"] = os.path.join(tmp, "cache")
-        loader_args = {"app_mode": "2DObjDet", "dataset_dir": dataroot, "val_ratio": 0.2, "bool_apply_img_aug": 0,
-                       "data": data}
-        ours = DatasetLoader(loader_args, mode="train")
-        original = OriginalApproachDataset(ours, cfg["version"])
-        devkit_export.post_process_coords = devkit_post_process_coords
-        torch.set_num_threads(1)
-        cv2.setNumThreads(1)
-        ours_rate = samples_per_second(ours, args.repeats)
-        original_rate = samples_per_second(original, args.repeats)
-        width, height = ours.input_size
-        print(f"(1) {len(ours)} samples x {len(cfg['cameras'])} cameras, 1600x900 JPEGs -> {width}x{height} input, "
-              f"1 worker, batch 1")
-        print(f"{'loader':<50}{'samples/s':>10}")
-        print(f"{'this loader (label cache, reduced-scale decode)':<50}{ours_rate:>10.2f}")
-        print(f"{'original (re-project per item, full decode)':<50}{original_rate:>10.2f}")
-        print(f"speed-up: {ours_rate / original_rate:.1f}x (target >= 5x)")
-        keeps_up(dataroot, cfg["label_cache_dir"], args.repeats, args.train_steps)
+    parser.add_argument("--jpeg_size", type=jpeg_size, default=(1600, 900), help="the JPEG files' WxH in px")
+    add_results_dir(parser)
+    options = parser.parse_args(argv)
+    with recorded("loader", argv, options.results_dir):
+        compare(options)
 
 
 if __name__ == "__main__":

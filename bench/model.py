@@ -2,7 +2,7 @@
 for DSTorch's Yolo (both architectures) and, in the same run, torchvision's FCOS and RetinaNet on a resnet18-FPN
 backbone without weights, with YOLOv8n's published figures, so that readers can place our cost.
 
-    python -m bench.model [--batch_images 6] [--iterations 5]
+    python -m bench.model [--batch_images 6] [--iterations 5] [--results_dir bench/results]
 
 All three train from scratch here, so all three use trainable BatchNorm in the backbone. torchvision's models
 resize inside (GeneralizedRCNNTransform); min_size/max_size are set so that they keep the input size.
@@ -22,6 +22,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from argumentparser import build_parser
+from bench.results import add_results_dir, recorded
 from dataset.NuscenesDataset.collate_2d import padded_targets
 from models.Yolo.aligned_loss import AlignedDetectionLoss
 from models.Yolo.csp_pan import CspPanYolo
@@ -107,11 +108,8 @@ def measure(name: str, model: nn.Module, train_step, flops_forward, iterations: 
             "gflops": counter.get_total_flops() / 1e9, "images_per_s": iterations * batch_images / elapsed}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch_images", type=int, default=6, help="images per step (one sample's 6 cameras)")
-    parser.add_argument("--iterations", type=int, default=5, help="timed forward+backward steps per model")
-    args = parser.parse_args()
+def compare(args) -> None:
+    """Measure every model and print the table."""
     data = load("data")["2DObjDet"]
     width, height, normalize = data["image"]["w"], data["image"]["h"], data["normalize"]
     torch.manual_seed(0)
@@ -155,6 +153,16 @@ def main() -> None:
     # Ultralytics' published figures for YOLOv8n at 640x640; its FLOPs scale with the input's area
     print(f"{'Ultralytics YOLOv8n (published, 640x640)':<48}{3.2:>11.2f}{8.7 * width * height / 640**2:>12.2f}"
           f"{'':>13}  (8.7 GFLOPs at 640x640, scaled to {width}x{height})")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch_images", type=int, default=6, help="images per step (one sample's 6 cameras)")
+    parser.add_argument("--iterations", type=int, default=5, help="timed forward+backward steps per model")
+    add_results_dir(parser)
+    args = parser.parse_args(argv)
+    with recorded("model", argv, args.results_dir):
+        compare(args)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 step), against a bare PyTorch loop on the same model, loss, optimizer, LR schedule, batch and AMP setting, with no
 logging, in one run.
 
-    python -m bench.overhead [--steps 20] [--warmup 3] [--batch_size 2]
+    python -m bench.overhead [--steps 20] [--warmup 3] [--batch_size 2] [--results_dir bench/results]
 
 Both start from the same weights and take turns step by step, so that a drift of the machine's speed hits both;
 the ratio is of the median step times. What the Solver does beyond the bare loop (config defaults): the
@@ -17,16 +17,13 @@ import time
 import torch
 
 from bench.model import NUM_CAMERAS, platform_args, synthetic_batch
+from bench.results import add_results_dir, recorded
 from helper import load_solver
 from utils.optim import build_optimizer, build_scheduler
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps of each loop (after the warm-up)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch_size", type=int, default=2, help="samples of 6 cameras per step")
-    options = parser.parse_args(argv)
+def compare(options) -> None:
+    """Time the Solver's step and the bare loop's in turns; print their medians and ratio."""
     args = platform_args(["--batch_size", str(options.batch_size)])
     image = args["data"]["2DObjDet"]["image"]
     batch = synthetic_batch(options.batch_size, NUM_CAMERAS, image["w"], image["h"])
@@ -73,6 +70,17 @@ def main(argv=None) -> None:
     print(f"{'bare PyTorch (forward, loss, backward, AdamW, LR step)':<58}{bare_s:>8.3f}")
     print(f"{'DSTorch Solver.train + learning_rate_step':<58}{solver_s:>8.3f}")
     print(f"ratio Solver / bare: {solver_s / bare_s:.3f} (target <= 1.03)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of each loop (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch_size", type=int, default=2, help="samples of 6 cameras per step")
+    add_results_dir(parser)
+    options = parser.parse_args(argv)
+    with recorded("overhead", argv, options.results_dir):
+        compare(options)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ of them trained or was tuned on.
     python -m bench.quality --table               # the table of the runs done so far, without running any
     python -m bench.quality --budgets 10 --seeds 0 --contenders dstorch_csp_pan,ablation_no_dfl  # an ablation
 
+Each invocation writes what it prints (the setup's output aside; with --table, the table alone) to
+<results_dir>/quality.md (--results_dir, default bench/results), replacing the previous invocation's: after running
+the protocol in parts, `--table` writes the table of all of them.
+
 Every run writes its result (<work_dir>/runs/<budget>min/<contender>_seed<k>.json, sweep points under runs/sweep/)
 the moment it ends, and every invocation skips the runs whose results exist: stop at any time and run the same
 command again to go on. --contenders, --seeds and --budgets choose a part of the protocol. The ablations of csp_pan
@@ -48,15 +52,16 @@ import torchvision
 from torch.utils.data import DataLoader
 
 from bench.model import platform_args, torchvision_detector
+from bench.results import add_results_dir, recorded
 from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
 from helper import load_solver
 from models.Yolo.boxes import coco_detection_array
+from optimization.base import BaseSolver
 from utils.coco_eval import coco_metrics, coco_results_array, load_coco
 from utils.config import CONFIG_SECTIONS, apply_override
 from utils.io import atomic_write_json
 from utils.optim import build_scheduler
-from utils.training import TrainingParts
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VENV = PROJECT_ROOT / ".cache" / "venv-ultralytics"
@@ -82,9 +87,9 @@ RECIPES = {**{name: {"lr": 3e-3, "warmup": 0.15} for name in DSTORCH_VARIANTS},
 # The schedule's length is planned after step CALIBRATION_STEPS from the time of steps 3-10 (not the slow first
 # ones), so that it exists early, then planned again at each share of the budget in REPLAN_AT from the steps timed
 # since the previous point (REPLAN_FROM for the first, after the first epoch read the images from a cold page
-# cache): step times drift during a run (planned from the first steps only, a 40-minute run once ended after 25
-# minutes; planned once more at 10 %, after 36). A run that trains less than FULL_BUDGET of its budget is flagged
-# in its result and in the table.
+# cache): step times drift during a run (on this project's 2-core machine, a 40-minute run planned from its first
+# steps only trained 25 minutes; planned once more at 10 %, 36). A run that trains less than FULL_BUDGET of its
+# budget is flagged in its result and in the table.
 WARMUP_STEPS, CALIBRATION_STEPS = 2, 10
 REPLAN_FROM, REPLAN_AT, FULL_BUDGET = 0.05, (0.1, 0.3, 0.5, 0.7, 0.9), 0.95
 SCORE_THRESHOLD, MAX_DETECTIONS = 0.001, 100
@@ -158,23 +163,23 @@ def train_dstorch(args: dict, train_set, loader: DataLoader, budget_s: float) ->
     the budget. Returns (predict, steps, seconds)."""
     solver = load_solver(args, device=torch.device("cpu"), class_names=train_set.class_names, steps_per_epoch=1)
     solver.mode_selection(True)
-    return predictor_after(solver.parts, lambda batch: solver.train(batch), loader, budget_s,
+    return predictor_after(solver, lambda batch: solver.train(batch), loader, budget_s,
                            lambda model: lambda images: model.predict(images[:, None]))
 
 
 def train_torchvision(kind: str, args: dict, train_set, loader: DataLoader, budget_s: float) -> tuple:
-    """FCOS or RetinaNet with DSTorch's TrainingParts (AdamW, OneCycle, gradient clipping, EMA), through
+    """FCOS or RetinaNet trained by DSTorch's BaseSolver (AdamW, OneCycle, gradient clipping, EMA), through
     torchvision's own losses. Returns (predict, steps, seconds)."""
     width, height = train_set.input_size
     normalize = args["data"][args["app_mode"]]["normalize"]  # the detector's transform normalizes, as DSTorch's
     model = torchvision_detector(kind, width, height, sized_for_input=True, image_mean=normalize["mean"],
                                  image_std=normalize["std"], score_thresh=SCORE_THRESHOLD,
                                  detections_per_img=MAX_DETECTIONS)
-    parts = TrainingParts(model, args, torch.device("cpu"), steps_per_epoch=1)
+    trainer = BaseSolver(model, args, torch.device("cpu"), steps_per_epoch=1)
     model.train()
 
     def step(batch):
-        parts.step({"total_loss": sum(model(*images_and_targets(batch)).values())})
+        trainer.step({"total_loss": sum(model(*images_and_targets(batch)).values())})
 
     def predict_with(trained):
         def predict(images):
@@ -185,33 +190,31 @@ def train_torchvision(kind: str, args: dict, train_set, loader: DataLoader, budg
                     "image_index": torch.repeat_interleave(torch.arange(len(found)), counts)}
         return predict
 
-    return predictor_after(parts, step, loader, budget_s, predict_with)
+    return predictor_after(trainer, step, loader, budget_s, predict_with)
 
 
-def predictor_after(parts: TrainingParts, train_step, loader: DataLoader, budget_s: float, predict_with) -> tuple:
+def predictor_after(trainer: BaseSolver, train_step, loader: DataLoader, budget_s: float, predict_with) -> tuple:
     """Train with train_step(batch) for the budget, the OneCycle schedule built over the steps that fit once they
-    are known (before: the schedule built with the parts, not stepped, sets the starting learning rate). Returns
+    are known (before: the schedule built with the solver, not stepped, sets the starting learning rate). Returns
     (predict_with(the EMA model in eval mode), steps, seconds)."""
-    args = parts.args
+    args = trainer.args
 
     def step(batch):
         train_step(batch)
         if "first_plan_at" in schedule:
-            parts.learning_rate_step()
+            trainer.learning_rate_step()
 
     def on_length_known(total_steps, steps_done):
         # a schedule built over the new length, then stepped to where the one it replaces stood (one scheduler
         # step per training step after the first plan)
-        parts.scheduler = build_scheduler(args["lr_schd_type"], parts.optimizer, total_steps, 1, args,
+        trainer.scheduler = build_scheduler(args["lr_schd_type"], trainer.optimizer, total_steps, 1, args,
                                           args["config"]["schedulers"])
         for _ in range(steps_done - schedule.setdefault("first_plan_at", steps_done)):
-            parts.scheduler.step()
+            trainer.scheduler.step()
 
     schedule = {}
     steps, seconds = train_within(budget_s, loader, step, on_length_known)
-    model = parts.evaluated_model()
-    model.eval()
-    return predict_with(model), steps, seconds
+    return predict_with(trainer.evaluated_model()), steps, seconds
 
 
 @torch.no_grad()
@@ -384,8 +387,8 @@ def table(contenders: list, work_dir: Path, budgets: list) -> None:
 
 
 def budget_flag(result: dict) -> str:
-    """A warning after a run that trained less than FULL_BUDGET of its budget (empty otherwise; results stored
-    before the budget was recorded count as full)."""
+    """A warning after a run that trained less than FULL_BUDGET of its budget (empty otherwise; a result without
+    "full_budget" counts as full)."""
     if result.get("full_budget", True):
         return ""
     return f"  [trained {result['train_s']:.0f} s of {result['budget_s']:.0f}: not comparable]"
@@ -416,6 +419,27 @@ def numbers(kind, text: str) -> list:
     return [kind(part) for part in text.split(",") if part]
 
 
+def benchmark(contenders: list, work_dir: Path, options) -> None:
+    """The data, the sweep if asked, the protocol and the table."""
+    torch.set_num_threads(options.threads)
+    dataroot = work_dir / f"nuscenes_{options.samples_per_scene}"
+    if not dataroot.exists():
+        synthetic.generate(str(dataroot), samples_per_scene=options.samples_per_scene)
+    args = bench_args(dataroot, work_dir, options.flags)
+    data = {"args": args, "work_dir": work_dir, "train": DatasetLoader(args, mode="train")}
+    for split in ("val", "test"):
+        data[split] = DatasetLoader({**args, "bool_apply_img_aug": 0}, mode=split)
+    data["batch_images"] = args["batch_size"] * data["train"].image_files.shape[1]
+    width, height = data["train"].input_size
+    print(f"train: {len(data['train'])} samples x {data['train'].image_files.shape[1]} cameras; val: "
+          f"{len(data['val'])}; test: {len(data['test'])}; input {width}x{height}; {options.threads} torch threads",
+          flush=True)
+    if options.sweep:
+        sweep(contenders, data, options)
+    protocol(contenders, data, options)
+    table(contenders, work_dir, options.budgets)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
@@ -431,6 +455,7 @@ def main(argv=None) -> None:
     parser.add_argument("--setup_ultralytics", action="store_true", help="create .cache/venv-ultralytics first")
     parser.add_argument("--work_dir", default=str(PROJECT_ROOT / ".cache" / "bench_quality"),
                         help="where the dataset, label caches, Ultralytics' files and the runs' results go")
+    add_results_dir(parser)
     parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
                         help="train.py flags for every PyTorch contender's data and loader (e.g. --num_cores 1)")
     options = parser.parse_args(argv)
@@ -448,29 +473,13 @@ def main(argv=None) -> None:
     if options.threads < 1 or options.sweep_minutes <= 0:
         parser.error("--threads and --sweep_minutes must be positive")
     work_dir = Path(options.work_dir)
-    if options.table:
-        table(contenders, work_dir, options.budgets)
-        return
-    if options.setup_ultralytics:
+    if options.setup_ultralytics and not options.table:
         setup_ultralytics()
-    torch.set_num_threads(options.threads)
-
-    dataroot = work_dir / f"nuscenes_{options.samples_per_scene}"
-    if not dataroot.exists():
-        synthetic.generate(str(dataroot), samples_per_scene=options.samples_per_scene)
-    args = bench_args(dataroot, work_dir, options.flags)
-    data = {"args": args, "work_dir": work_dir, "train": DatasetLoader(args, mode="train")}
-    for split in ("val", "test"):
-        data[split] = DatasetLoader({**args, "bool_apply_img_aug": 0}, mode=split)
-    data["batch_images"] = args["batch_size"] * data["train"].image_files.shape[1]
-    width, height = data["train"].input_size
-    print(f"train: {len(data['train'])} samples x {data['train'].image_files.shape[1]} cameras; val: "
-          f"{len(data['val'])}; test: {len(data['test'])}; input {width}x{height}; {options.threads} torch threads",
-          flush=True)
-    if options.sweep:
-        sweep(contenders, data, options)
-    protocol(contenders, data, options)
-    table(contenders, work_dir, options.budgets)
+    with recorded("quality", argv, options.results_dir):
+        if options.table:
+            table(contenders, work_dir, options.budgets)
+        else:
+            benchmark(contenders, work_dir, options)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ training loader's memory (the dataset object, the main process and each worker a
 evaluation at the val split's size (post-processing and COCO metrics of 36k images x 100 detections).
 
     python -m bench.scale [--dataroot DIR] [--samples_per_scene 5] [--scenes 850] [--batches 300] [--eval_images 36114]
+                          [--results_dir bench/results]
 
 The database is a trainval-shaped embedded one (the 850 official scene names, `--samples_per_scene` keyframes
 each, one rendered frame per camera hard-linked everywhere: `synthetic --image_mode linked`), made under
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from bench.results import add_results_dir, recorded
 from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.labels import label_arrays
 from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
@@ -125,16 +127,18 @@ def main(argv=None) -> None:
     parser.add_argument("--scenes", type=int, default=850, help="the first N trainval scenes")
     parser.add_argument("--batches", type=int, default=300, help="loader batches before measuring RSS")
     parser.add_argument("--eval_images", type=int, default=36114, help="images of the evaluation (val: 36,114)")
+    add_results_dir(parser)
     args = parser.parse_args(argv)
-    if not os.path.isdir(args.dataroot):
-        start = time.perf_counter()
-        synthetic.generate(args.dataroot, args.samples_per_scene, 1600, 900, version=VERSION, scenes=args.scenes,
-                           image_mode="linked")
-        print(f"made the trainval-shaped database in {time.perf_counter() - start:.0f} s", flush=True)
-    with tempfile.TemporaryDirectory() as work:
-        cache_build(args.dataroot, work)
-        loader_memory(args.dataroot, work, args.batches)
-    evaluation(args.eval_images)
+    with recorded("scale", argv, args.results_dir):
+        if not os.path.isdir(args.dataroot):
+            start = time.perf_counter()
+            synthetic.generate(args.dataroot, args.samples_per_scene, 1600, 900, version=VERSION, scenes=args.scenes,
+                               image_mode="linked")
+            print(f"made the trainval-shaped database in {time.perf_counter() - start:.0f} s", flush=True)
+        with tempfile.TemporaryDirectory() as work:
+            cache_build(args.dataroot, work)
+            loader_memory(args.dataroot, work, args.batches)
+        evaluation(args.eval_images)
 
 
 if __name__ == "__main__":

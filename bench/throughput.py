@@ -1,22 +1,24 @@
 """Throughput of the 2D detection data path and training step, stage by stage, from nuScenes' 1600x900 JPEGs at
-two input sizes (320x192, the default, and 640x352), the path before issue 16 beside today's, in one run:
+two input sizes (320x192 and 640x352), with two data paths side by side in one run: the transforms.v2 float32 path
+(transforms.v2's tensor kernels and float32 normalization in the worker) and the OpenCV uint8 path that
+DatasetLoader takes (OpenCV's kernels in the worker, uint8 images, normalization in the model):
 
     python -m bench.throughput [--samples_per_scene 2] [--workers 2] [--steps 8] [--device cpu|cuda]
-                               [--sizes 320x192,640x352] [--jpeg_size 1600x900]
+                               [--sizes 320x192,640x352] [--jpeg_size 1600x900] [--results_dir bench/results]
 
 Per input size, images/s of, on one core (what one DataLoader worker does):
   1. read       the JPEG files' bytes (page cache warm: after one pass);
   2. decode     read_image: reduced-scale libjpeg decode (1/2, 1/4, 1/8) and resize;
-  3. augment    the training augmentation (flip, colour jitter, affine, boxes) of the decoded uint8 images: before,
-                with transforms.v2's tensor kernels (augment_image, still the "decode": "device" path's); now, with
-                OpenCV's (augment_array, the workers');
-  4. item       a training item: before, decode, transforms.v2 augmentation and float32 normalization of each image
-                (the loader's work before issue 16, rebuilt here from today's functions); now,
-                DatasetLoader.__getitem__ (uint8, OpenCV augmentation);
+  3. augment    the training augmentation (flip, colour jitter, affine, boxes) of the decoded uint8 images: with
+                transforms.v2's tensor kernels (augment_image, also the "decode": "device" path's) -> with OpenCV's
+                (augment_array, the workers');
+  4. item       a training item: the transforms.v2 float32 path (decode, transforms.v2 augmentation and float32
+                normalization of each image, built here from the loader's functions) -> the OpenCV uint8 path
+                (DatasetLoader.__getitem__);
   5. collate    the loader's collate_fn on batches of --batch_size items;
 and with --workers workers and the --device:
   6. loader     the training DataLoader as train.py builds it (helper.load_datasetloader: persistent workers,
-                seeded items, collate), with its bytes per batch (uint8 images; float32 before: 4 times as many);
+                seeded items, collate), with its MB per batch (float32 images -> uint8 images, a quarter);
   7. copy       the batch's images to --device (pinned memory on CUDA);
   8. step       Solver.train + learning_rate_step on one fixed batch on --device (no loading), the host reads per
                 step (utils.host_reads: each one a stall of the CUDA stream), and on CUDA the share of the step's
@@ -42,6 +44,7 @@ from torchvision import tv_tensors
 from bench.ddp import union_length
 from bench.loader import cycle
 from bench.model import platform_args
+from bench.results import add_results_dir, recorded
 from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.common import read_image
 from dataset.NuscenesDataset.loader_2d_obj_det import augment_array, augment_image, images_on_device
@@ -69,7 +72,8 @@ def rate(count: int, work) -> float:
 
 def stage_rates(dataset, normalize: dict, batch_size: int) -> dict:
     """Images/s of stages 1-5 over every image of `dataset` (its augmentation on), one thread; `normalize`:
-    data.json's mean and std, which the loader applied before issue 16 and the model applies today."""
+    data.json's mean and std, which the transforms.v2 float32 path applies in the worker (the OpenCV uint8 path
+    leaves them to the model)."""
     paths = [os.path.join(dataset.dataroot, name.decode()) for name in dataset.image_files.reshape(-1)]
     sizes = [tuple(size) for size in dataset.image_sizes.reshape(-1, 2).tolist()]
     width, height = dataset.input_size
@@ -95,14 +99,14 @@ def stage_rates(dataset, normalize: dict, batch_size: int) -> dict:
         dataset.augmentation.boxes(boxes, labels, params)
         return params
 
-    def item_before(path, size):
+    def item_v2_float32(path, size):
         image = augment_image(read_image(path, dataset.input_size, size), augmentation())
         return (image.float() / 255 - mean) / std
 
-    rates["augment_before"] = rate(len(decoded), lambda: [augment_image(image, augmentation()) for image in decoded])
+    rates["augment_v2"] = rate(len(decoded), lambda: [augment_image(image, augmentation()) for image in decoded])
     rates["augment"] = rate(len(arrays), lambda: [augment_array(array, augmentation()) for array in arrays])
-    rates["item_before"] = rate(len(paths), lambda: [item_before(path, size)
-                                                     for path, size in zip(paths, sizes, strict=True)])
+    rates["item_v2_float32"] = rate(len(paths), lambda: [item_v2_float32(path, size)
+                                                         for path, size in zip(paths, sizes, strict=True)])
     items = []
     rates["item"] = rate(len(paths), lambda: items.extend(dataset[index] for index in range(len(dataset))))
     batches = [items[start:start + batch_size] for start in range(0, len(items) - batch_size + 1, batch_size)]
@@ -200,16 +204,8 @@ def sizes(text: str) -> list:
         raise argparse.ArgumentTypeError(f"{text!r}: sizes are WxH in px, separated by commas") from None
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples_per_scene", type=int, default=2, help="keyframes per scene of the database")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of stages 5 and 8")
-    parser.add_argument("--steps", type=int, default=8, help="timed batches or steps in stages 5-8")
-    parser.add_argument("--batch_size", type=int, default=2, help="samples (of 6 cameras) per batch")
-    parser.add_argument("--device", default="cpu", help="where stages 6-8 run: cpu or cuda")
-    parser.add_argument("--sizes", type=sizes, default=sizes("320x192,640x352"), help="input sizes WxH, by commas")
-    parser.add_argument("--jpeg_size", type=sizes, default=sizes("1600x900"), help="the JPEG files' WxH")
-    options = parser.parse_args(argv)
+def measure(options) -> None:
+    """The table: a row per input size, on an embedded dataset generated in a temporary folder."""
     device, threads = torch.device(options.device), torch.get_num_threads()
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,7 +214,8 @@ def main(argv=None) -> None:
         synthetic.generate(dataroot, samples_per_scene=options.samples_per_scene, width=jpeg_width,
                            height=jpeg_height)
         print(f"{jpeg_width}x{jpeg_height} JPEGs, batch {options.batch_size} x 6 cameras, {options.workers} workers, "
-              f"training on {device} with {torch.get_num_threads()} threads; images/s per stage, before -> now")
+              f"training on {device} with {torch.get_num_threads()} threads; images/s per stage; augment, item and "
+              f"MB/batch: transforms.v2 float32 path -> OpenCV uint8 path")
         print(table_row([header for header, _ in COLUMNS]))
         for width, height in options.sizes:
             args = platform_args(["--dataset_dir", dataroot, "--num_cores", str(options.workers), "--batch_size",
@@ -234,14 +231,29 @@ def main(argv=None) -> None:
             on_device = device_decode_rates(args, device, options.steps)
             copy = "-" if trained["copy"] is None else f"{trained['copy']:.0f}"
             busy = "-" if trained["gpu_busy"] is None else f"{trained['gpu_busy']:.0%}"
-            augment = f"{stages['augment_before']:.1f}->{stages['augment']:.1f}"
-            item = f"{stages['item_before']:.1f}->{stages['item']:.1f}"
+            augment = f"{stages['augment_v2']:.1f}->{stages['augment']:.1f}"
+            item = f"{stages['item_v2_float32']:.1f}->{stages['item']:.1f}"
             megabytes = f"{4 * trained['batch_mb']:.1f}->{trained['batch_mb']:.1f}"
             print(table_row([f"{width}x{height}", f"{stages['read']:.0f}", f"{stages['decode']:.1f}", augment, item,
                              f"{stages['collate']:.0f}", f"{trained['loader']:.1f}", megabytes, copy,
                              f"{trained['step']:.1f}", busy, f"{trained['fed']:.1f}", str(trained["host_reads"]),
                              f"{trained['loader'] / trained['step']:.2f}x", f"{on_device['loader']:.1f}",
                              f"{on_device['decode']:.1f}"]), flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples_per_scene", type=int, default=2, help="keyframes per scene of the database")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of stages 5 and 8")
+    parser.add_argument("--steps", type=int, default=8, help="timed batches or steps in stages 5-8")
+    parser.add_argument("--batch_size", type=int, default=2, help="samples (of 6 cameras) per batch")
+    parser.add_argument("--device", default="cpu", help="where stages 6-8 run: cpu or cuda")
+    parser.add_argument("--sizes", type=sizes, default=sizes("320x192,640x352"), help="input sizes WxH, by commas")
+    parser.add_argument("--jpeg_size", type=sizes, default=sizes("1600x900"), help="the JPEG files' WxH")
+    add_results_dir(parser)
+    options = parser.parse_args(argv)
+    with recorded("throughput", argv, options.results_dir):
+        measure(options)
 
 
 if __name__ == "__main__":

@@ -4,16 +4,38 @@ whose mistakes would bias a comparison, which always run."""
 
 import argparse
 import json
+import os
+import re
+import shlex
+import subprocess
 import types
 
 import numpy as np
 import pytest
 import torch
 
-from bench import ddp, overhead, quality, throughput
+import test as test_script
+import train
+from bench import ddp, overhead, quality, recipes, results, suite, throughput
 from bench import eval as eval_bench
 from bench import loader as loader_bench
-from tests.conftest import tiny_flags
+from dataset.NuscenesDataset import synthetic
+from tests.conftest import PROJECT_ROOT, tiny_flags
+
+
+def recorded_text(results_dir, name: str, argv: list) -> str:
+    """The results file that bench.<name> wrote in `results_dir`, checked for its title and stamp: date, commit,
+    machine, versions and the command with `argv`; returns its text."""
+    text = (results_dir / f"{name}.md").read_text()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert text.startswith(f"# bench.{name}\n\n- date: ")
+    assert re.search(r"^- date: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", text, re.MULTILINE)
+    assert f"- commit: {head.stdout.strip() or 'unknown'}" in text
+    assert f"cores ({len(os.sched_getaffinity(0))} usable by this process)" in text
+    assert f"torch {torch.__version__}, torchvision " in text
+    assert f"- command: `{shlex.join(['python', '-m', f'bench.{name}', *argv])}`" in text
+    assert "```text\n" in text and text.endswith("```\n")
+    return text
 
 
 @pytest.mark.bench
@@ -24,29 +46,51 @@ def test_ddp_bench_measures_two_processes_and_their_allreduce():
     assert 0 < result["allreduce_s"] < result["step_s"]
 
 
+def test_ddp_bench_records_its_table(tmp_path, capsys, monkeypatch):
+    """The parent prints and records a row per configuration (the launches are faked: the test above runs one)."""
+    def launch(options, procs, threads):
+        return {"procs": procs, "threads": threads, "step_s": 2.0 / procs, "images_per_s": 6.0 * procs,
+                "allreduce_s": 0.1 if procs > 1 else 0.0, "buckets": procs - 1}
+
+    monkeypatch.setattr(ddp, "launch", launch)
+    argv = ["--steps", "2", "--results_dir", str(tmp_path)]
+    ddp.main(argv)
+    row = f"{2:>9} {1:>7} {1.0:>7.2f} {12.0:>9.2f} {2.0:>6.2f}x {0.1:>18.3f} {'10%':>13} {1:>7}"
+    assert capsys.readouterr().out.splitlines()[-1] == row
+    assert row in recorded_text(tmp_path, "ddp", argv)
+
+
 def test_union_of_allreduce_intervals():
     assert ddp.union_length([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0)]) == 3.0
     assert ddp.union_length([]) == 0.0
 
 
 @pytest.mark.bench
-def test_overhead_bench(capsys):
-    overhead.main(["--steps", "1", "--warmup", "0", "--batch_size", "1"])
+def test_overhead_bench(tmp_path, capsys):
+    argv = ["--steps", "1", "--warmup", "0", "--batch_size", "1", "--results_dir", str(tmp_path)]
+    overhead.main(argv)
     assert "ratio Solver / bare:" in capsys.readouterr().out
+    assert "\nratio Solver / bare: " in recorded_text(tmp_path, "overhead", argv)
 
 
 @pytest.mark.bench
 def test_eval_bench(embedded_dir, tmp_path, capsys):
-    eval_bench.main(["--repeats", "1", "--coco_images", "20", "--flags", *tiny_flags(embedded_dir, tmp_path)])
+    argv = ["--repeats", "1", "--coco_images", "20", "--results_dir", str(tmp_path / "results"),
+            "--flags", *tiny_flags(embedded_dir, tmp_path)]
+    eval_bench.main(argv)
     out = capsys.readouterr().out
     assert "ratio full / forward:" in out and "100 per image" in out and "speed-up" in out
+    assert "\nratio full / forward: " in recorded_text(tmp_path / "results", "eval", argv)
 
 
 @pytest.mark.bench
-def test_throughput_bench(capsys):
-    throughput.main(["--samples_per_scene", "2", "--steps", "1", "--workers", "1", "--sizes", "96x64",
-                     "--jpeg_size", "192x108"])
-    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+def test_throughput_bench(tmp_path, capsys):
+    argv = ["--samples_per_scene", "2", "--steps", "1", "--workers", "1", "--sizes", "96x64", "--jpeg_size", "192x108",
+            "--results_dir", str(tmp_path)]
+    throughput.main(argv)
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] in recorded_text(tmp_path, "throughput", argv)
+    row = out.strip().splitlines()[-1].split()
     assert row[0] == "96x64" and row[-4] == "0" and row[-3].endswith("x")  # 0 host reads per step
     assert row[8] == row[10] == "-"  # no copy to a device and no GPU busy share on the CPU
     before, now = (float(rate) for rate in row[3].split("->"))  # augment: transforms.v2, OpenCV
@@ -61,10 +105,13 @@ def test_device_busy_seconds_of_cpu_work():
 
 
 @pytest.mark.bench
-def test_loader_bench(capsys):
-    loader_bench.main(["--samples_per_scene", "2", "--repeats", "1", "--train_steps", "1"])
+def test_loader_bench(tmp_path, capsys):
+    argv = ["--samples_per_scene", "2", "--repeats", "1", "--train_steps", "1", "--jpeg_size", "800x450",
+            "--results_dir", str(tmp_path)]
+    loader_bench.main(argv)
     out = capsys.readouterr().out
     assert "speed-up:" in out and "the loader" in out
+    assert "800x450 JPEGs -> " in out and "\nspeed-up: " in recorded_text(tmp_path, "loader", argv)
 
 
 QUALITY_TINY = ["--samples_per_scene", "2", "--flags", "--cfg", "data.2DObjDet.image.w=96", "--cfg",
@@ -76,7 +123,7 @@ def test_quality_protocol_runs_interleaved_and_resumes(tmp_path, capsys):
     """Each run stores its result as it ends; the seeds rotate the contenders' order; a second invocation runs
     nothing again and prints the same table (mean and spread over the seeds)."""
     argv = ["--budgets", "0.02", "--seeds", "0,1", "--contenders", "dstorch,fcos", "--work_dir", str(tmp_path),
-            *QUALITY_TINY]
+            "--results_dir", str(tmp_path / "results"), *QUALITY_TINY]
     quality.main(argv)
     out = capsys.readouterr().out
     runs = [line.split(":")[0] for line in out.splitlines() if line.startswith("0.02 min, ")]
@@ -93,6 +140,7 @@ def test_quality_protocol_runs_interleaved_and_resumes(tmp_path, capsys):
     table = out[out.index("0.02 min of training each"):]
     for name in ("dstorch", "fcos"):
         assert f"\n{name:<30}{2:>6}{'not swept':>10}" in table  # contender, seeds, recipe
+    assert table.strip() in recorded_text(tmp_path / "results", "quality", argv)
     written = [path.stat().st_mtime_ns for path in paths]
     quality.main(argv)
     assert capsys.readouterr().out.endswith(table)
@@ -112,7 +160,8 @@ def test_quality_sweep_picks_the_best_val_recipe(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(quality, "run_one", fake_run)
     quality.main(["--sweep", "--sweep_lr_scales", "1,2", "--sweep_warmup_scales", "0.5,1", "--budgets", "1",
-                  "--seeds", "0", "--contenders", "dstorch", "--work_dir", str(tmp_path), *QUALITY_TINY])
+                  "--seeds", "0", "--contenders", "dstorch", "--work_dir", str(tmp_path),
+                  "--results_dir", str(tmp_path / "results"), *QUALITY_TINY])
     assert [split for _, _, split in calls] == ["val"] * 4 + ["test"]
     chosen = json.loads((tmp_path / "runs" / "sweep" / "dstorch.json").read_text())["recipe"]
     assert chosen == pytest.approx({"lr": 6e-3, "warmup": 0.075})
@@ -210,3 +259,77 @@ def test_quality_replanned_schedule_continues_where_the_first_stood(monkeypatch)
     monkeypatch.setattr(quality, "train_within", train_within)
     quality.predictor_after(parts, lambda batch: None, [], 60.0, lambda trained: trained)
     assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(reference.get_last_lr()[0])
+
+
+RECIPE_TINY = ["--num_epochs", "1", "--samples_per_scene", "2", "--jpeg_size", "320x180"]
+RECIPE_TINY_FLAGS = ["--flags", "--batch_size", "4", "--num_cores", "0", "--cfg", "data.2DObjDet.image.w=96", "--cfg",
+                     "data.2DObjDet.image.h=64", "--cfg", 'data.2DObjDet.cameras=["CAM_FRONT"]']
+
+
+def in_process(step: str, command: list) -> float:
+    """bench.recipes.timed with the three programs run in this process (their main functions), not as new Python
+    processes: the bench's orchestration and table are what this test checks, in a third of the time."""
+    programs = {"-m": lambda args: synthetic.main(args[1:]), "train.py": train.main, "test.py": test_script.main}
+    programs[command[0]](command[1:])
+    return 1.0
+
+
+@pytest.mark.bench
+def test_recipes_bench_runs_the_quick_start_from_nothing(tmp_path, capsys, monkeypatch):
+    """Dataset, train.py and test.py in the work folder, then their times and metrics."""
+    monkeypatch.setattr(recipes, "timed", in_process)
+    argv = [*RECIPE_TINY, "--work_dir", str(tmp_path / "work"), "--results_dir", str(tmp_path / "results"),
+            *RECIPE_TINY_FLAGS]
+    recipes.main(argv)
+    out = capsys.readouterr().out
+    train = re.search(r"^train +[\d.]+  python train.py --exp_id 0 --gpu_num 0 --dataset_dir DIR/nuscenes --save_dir "
+                      r"DIR/exp --cfg data.2DObjDet.label_cache_dir=DIR/cache --num_epochs 1 --batch_size 4 ", out,
+                      re.MULTILINE)
+    assert train and re.search(r"^test +[\d.]+  python test.py --save_dir DIR/exp$", out, re.MULTILINE)
+    assert "\nepochs: 1\nlast validation (epoch 1): mAP " in out and "\ntest (best.pt, epoch 1): mAP " in out
+    assert (tmp_path / "work" / "nuscenes" / "v1.0-mini").is_dir() and (tmp_path / "work" / "exp" / "best.pt").exists()
+    assert train.group(0) in recorded_text(tmp_path / "results", "recipes", argv)
+    with pytest.raises(SystemExit) as exit_info:  # the work folder now holds a recipe's files
+        recipes.main(argv)
+    assert exit_info.value.code == 2 and "--work_dir" in capsys.readouterr().err
+
+
+@pytest.mark.bench
+def test_suite_bench_times_the_readme_command_on_a_clone(tmp_path, capsys):
+    argv = ["--results_dir", str(tmp_path), "--pytest_args", "tests/test_coco_eval.py", "-k",
+            "test_undefined_aps_are_none_not_zero"]
+    suite.main(argv)
+    out = capsys.readouterr().out
+    command = re.search(r"^command: (.*)$", out, re.MULTILINE).group(1)
+    assert command.startswith("pip install -r requirements-dev.txt && python -m pytest")  # the README's
+    assert command.endswith(f" --durations=25 {shlex.join(argv[3:])}")
+    assert re.search(r"^wall time: \d+:\d\d\.\d \(min:s\)\npytest: \d+ passed, \d+ deselected in ", out, re.MULTILINE)
+    assert "\npytest: " in recorded_text(tmp_path, "suite", argv)
+
+
+def test_results_file_holds_the_output_of_a_finished_benchmark_only(tmp_path, capsys):
+    """The output is still printed; the file is written when the block ends, not after an error."""
+    with results.recorded("demo", ["--size", "a b"], str(tmp_path / "new")):
+        print("row 1")
+    assert capsys.readouterr().out == "row 1\n"
+    text = (tmp_path / "new" / "demo.md").read_text()
+    assert "- command: `python -m bench.demo --size 'a b'`\n" in text and text.endswith("\n```text\nrow 1\n```\n")
+    with pytest.raises(RuntimeError), results.recorded("failed", [], str(tmp_path)):
+        print("half a table")
+        raise RuntimeError
+    assert not (tmp_path / "failed.md").exists()
+
+
+def test_commit_says_dirty_for_changed_tracked_files_only(tmp_path, monkeypatch):
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
+    monkeypatch.setattr(results, "PROJECT_ROOT", tmp_path)
+    assert results.commit() == "unknown"
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "tracked.txt").write_text("1")
+    subprocess.run([*git, "add", "tracked.txt"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "first"], cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True)
+    (tmp_path / "untracked.txt").write_text("new")
+    assert results.commit() == head.stdout.strip()
+    (tmp_path / "tracked.txt").write_text("2")
+    assert results.commit() == f"{head.stdout.strip()} (dirty)"
