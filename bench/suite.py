@@ -1,13 +1,15 @@
 """The time of the README's test command on a fresh clone of the project, the project's caches cold (no embedded
 dataset, no label cache, no __pycache__; the machine's page cache and pip's as they are): `git clone` of the
-project, --revision checked out (committed files only), then the command as .ci/run takes it from the clone's
+project, a revision checked out (committed files only), then the command as .ci/run takes it from the clone's
 README.md (its first line that starts with `pip install -r requirements-dev.txt && python -m pytest`), with
 `--durations=25` and --pytest_args appended, in bash, with `python` and `pip` those of this interpreter.
 
-    python -m bench.suite [--revision HEAD] [--results_dir bench/results] [--pytest_args ARGS ...]
+    python -m bench.suite [--revisions HEAD[,REV...]] [--repeats 1] [--results_dir bench/results]
+                          [--pytest_args ARGS ...]
 
-Prints the command, its wall time (pip's check included), pytest's summary line and the 25 slowest durations; the
-command's own output goes to stderr as it runs.
+Several revisions (e.g. a change and the commit before it) run interleaved, each repeat in turn, so that a drift of
+the machine's speed hits them alike. Prints per run its wall time (pip's check included) and pytest's summary line,
+then each revision's slowest durations of its last run; the command's own output goes to stderr as it runs.
 """
 
 import argparse
@@ -46,11 +48,11 @@ def readme_test_command(folder: str) -> str:
     raise SystemExit(f"bench.suite: README.md has no line matching {README_TEST_COMMAND.pattern}")
 
 
-def run_suite(options, folder: str) -> None:
-    """Clone, run the test command with its output streamed to stderr, then print the time, summary and
-    durations."""
-    commit = clone(options.revision, folder)
-    command = " ".join([readme_test_command(folder), "--durations=25", *map(shlex.quote, options.pytest_args)])
+def run_suite(revision: str, pytest_args: list, folder: str) -> dict:
+    """Clone `revision` into `folder` and run the test command there, its output streamed to stderr. Returns the
+    commit, command, seconds, pytest's summary line and the durations lines."""
+    commit = clone(revision, folder)
+    command = " ".join([readme_test_command(folder), "--durations=25", *map(shlex.quote, pytest_args)])
     # the clone's own modules, not those of a PYTHONPATH; python and pip of the interpreter running the benchmark
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
@@ -63,27 +65,45 @@ def run_suite(options, folder: str) -> None:
     seconds = time.perf_counter() - start
     summaries = [match.group(1) for match in map(SUMMARY.match, lines) if match]
     if process.returncode != 0:
-        raise SystemExit(f"bench.suite: the test command failed (exit code {process.returncode}): "
+        raise SystemExit(f"bench.suite: the test command of {revision} failed (exit code {process.returncode}): "
                          f"{summaries[-1] if summaries else 'no pytest summary'}")
-    print(f"fresh clone of {commit[:7]} (committed files only)")
-    print(f"command: {command}")
-    print(f"wall time: {int(seconds // 60)}:{seconds % 60:04.1f} (min:s)")
-    print(f"pytest: {summaries[-1] if summaries else 'no summary line'}")
-    print("slowest durations:")
-    for line in lines:
-        if DURATION.match(line):
-            print(f"  {line}")
+    return {"commit": commit[:7], "command": command, "seconds": seconds,
+            "summary": summaries[-1] if summaries else "no summary line",
+            "durations": [line for line in lines if DURATION.match(line)]}
+
+
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{seconds % 60:04.1f}"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--revision", default="HEAD", help="the commit to clone and test")
+    parser.add_argument("--revisions", default="HEAD", help="commits to clone and test, comma-separated, in turn")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each revision")
     add_results_dir(parser)
     parser.add_argument("--pytest_args", nargs=argparse.REMAINDER, default=[],
                         help="more pytest arguments, e.g. a test selection: tests/test_coco_eval.py -k pycocotools")
     options = parser.parse_args(argv)
-    with recorded("suite", argv, options.results_dir), tempfile.TemporaryDirectory() as tmp:
-        run_suite(options, os.path.join(tmp, "clone"))
+    revisions = [revision for revision in options.revisions.split(",") if revision]
+    if not revisions or options.repeats < 1:
+        parser.error("give at least one revision and a positive --repeats")
+    with recorded("suite", argv, options.results_dir):
+        runs = []
+        for repeat in range(options.repeats):
+            for revision in revisions:
+                with tempfile.TemporaryDirectory() as tmp:
+                    runs.append({"revision": revision, "repeat": repeat + 1,
+                                 **run_suite(revision, options.pytest_args, os.path.join(tmp, "clone"))})
+        print(f"fresh clones (committed files only), run in turn; command: {runs[0]['command']}")
+        print(f"{'revision':<12}{'commit':<9}{'run':>4}{'wall (min:s)':>14}  pytest")
+        for run in runs:
+            print(f"{run['revision']:<12}{run['commit']:<9}{run['repeat']:>4}{minutes(run['seconds']):>14}  "
+                  f"{run['summary']}")
+        for revision in revisions:
+            last = [run for run in runs if run["revision"] == revision][-1]
+            print(f"slowest durations of {revision} ({last['commit']}), run {last['repeat']}:")
+            for line in last["durations"]:
+                print(f"  {line}")
 
 
 if __name__ == "__main__":
