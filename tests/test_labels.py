@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from nuscenes.eval.detection.constants import DETECTION_NAMES
 from nuscenes.eval.detection.utils import category_to_detection_name
 from nuscenes.nuscenes import NuScenes
 from nuscenes.scripts import export_2d_annotations_as_json as devkit_export
@@ -60,6 +61,11 @@ def test_boxes_equal_the_devkit_for_every_camera_keyframe(embedded_dir, tmp_path
                 clipped += corners[0] == 0 or corners[2] == image["width"]
     assert len([i for i in nusc.sample_data if i["sensor_modality"] == "camera"]) == 120
     assert compared > 300 and clipped > 10
+
+
+def test_the_classes_are_the_devkits_detection_names_in_order():
+    """labels.py names them itself, so that the devkit is imported only where labels are built."""
+    assert list(labels.DETECTION_NAMES) == DETECTION_NAMES
 
 
 def test_degenerate_intersections_are_dropped_not_crashed():

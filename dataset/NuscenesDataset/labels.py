@@ -18,7 +18,12 @@ camera keyframe images and A boxes:
     1..10; box_xywh (A, 4) float64: x, y, width, height in px of the original image; box_token, box_visibility
     (A,) bytes: the sample_annotation token and its visibility token.
 `coco_from_labels` turns them into the COCO ground truth of the evaluation and of `export_coco`.
+
+The devkit is imported where labels are built: its package import pulls in scikit-learn, SciPy and pyplot (more
+than a second per process), which a run whose label cache exists (each DDP process, test.py, predict.py) never needs.
 """
+
+from __future__ import annotations
 
 import glob
 import hashlib
@@ -28,14 +33,10 @@ import multiprocessing
 import os
 import shutil
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import numpy as np
 import shapely
-from nuscenes.eval.detection.constants import DETECTION_NAMES
-from nuscenes.eval.detection.utils import category_to_detection_name
-from nuscenes.nuscenes import NuScenes
-from nuscenes.utils.geometry_utils import view_points
-from nuscenes.utils.splits import create_splits_scenes
 from pyquaternion import Quaternion
 from shapely.geometry import box as shapely_box
 from tqdm import tqdm
@@ -44,7 +45,13 @@ from dataset.NuscenesDataset.cache import cache_key, cached_arrays, read_arrays,
 from dataset.NuscenesDataset.common import scene_samples
 from utils.errors import UserError
 
+if TYPE_CHECKING:
+    from nuscenes.nuscenes import NuScenes
+
 LABEL_FORMAT = 2  # bump when the label computation changes, so that old caches are rebuilt
+# the devkit's nuscenes.eval.detection.constants.DETECTION_NAMES, in its order (tested equal)
+DETECTION_NAMES = ("car", "truck", "bus", "trailer", "construction_vehicle", "pedestrian", "motorcycle", "bicycle",
+                   "traffic_cone", "barrier")
 CATEGORY_IDS = {name: index + 1 for index, name in enumerate(DETECTION_NAMES)}  # COCO ids start at 1
 NUSCENES_DOWNLOAD = "https://www.nuscenes.org/nuscenes#download"
 EMBEDDED_COMMAND = "python -m dataset.NuscenesDataset.synthetic --out DIR"
@@ -66,6 +73,8 @@ def check_dataroot(dataroot: str, version: str) -> None:
 
 def load_nuscenes(dataroot: str, version: str) -> NuScenes:
     """The devkit's database, with a missing or broken table reported as one line naming the table."""
+    from nuscenes.nuscenes import NuScenes
+
     check_dataroot(dataroot, version)
     try:
         return NuScenes(version=version, dataroot=dataroot, verbose=False)
@@ -95,6 +104,8 @@ def broken_table(table_root: str) -> str | None:
 
 def split_scene_names(nusc: NuScenes, split: str) -> list:
     """Names of the scenes of the devkit split `split` that this dataset holds, in the table's order."""
+    from nuscenes.utils.splits import create_splits_scenes
+
     splits = create_splits_scenes()
     if split not in splits:
         raise UserError(f"split '{split}' is not a nuScenes split; choose one of: {', '.join(splits)}")
@@ -110,6 +121,8 @@ def split_scene_names(nusc: NuScenes, split: str) -> list:
 def camera_boxes_2d(nusc: NuScenes, sample_data_token: str, visibilities: list) -> list:
     """The devkit's 2D boxes of one camera keyframe: [(sample_annotation record, (x1, y1, x2, y2))] in pixels of
     the original image, for the annotations whose visibility token is in `visibilities` (see the module docstring)."""
+    from nuscenes.utils.geometry_utils import view_points
+
     sd_rec = nusc.get("sample_data", sample_data_token)
     s_rec = nusc.get("sample", sd_rec["sample_token"])
     cs_rec = nusc.get("calibrated_sensor", sd_rec["calibrated_sensor_token"])
@@ -161,6 +174,8 @@ def scene_labels(nusc: NuScenes, scene_name: str, visibilities: list, min_box_si
     """The label arrays of one scene's camera keyframes (see the module docstring; without image_scene and
     scene_names), in time and channel order, image indices local to the scene; boxes no smaller than
     `min_box_size` px in width and height."""
+    from nuscenes.eval.detection.utils import category_to_detection_name
+
     scene = next(scene for scene in nusc.scene if scene["name"] == scene_name)
     images, boxes = [], []
     for sample in scene_samples(nusc, scene):

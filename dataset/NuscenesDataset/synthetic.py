@@ -42,7 +42,6 @@ from concurrent.futures import ProcessPoolExecutor
 
 import cv2
 import numpy as np
-from nuscenes.utils.splits import create_splits_scenes
 from pyquaternion import Quaternion
 from shapely.geometry import MultiPoint
 from shapely.geometry import box as shapely_box
@@ -733,6 +732,8 @@ def generate(out: str, samples_per_scene: int = 10, width: int = 800, height: in
         raise UserError(f"--version {version}: choose one of {', '.join(VERSIONS)}")
     if image_mode not in IMAGE_MODES:
         raise UserError(f"--image_mode {image_mode}: choose one of {', '.join(IMAGE_MODES)}")
+    from nuscenes.utils.splits import create_splits_scenes  # here: see labels.py on the devkit's import time
+
     splits = create_splits_scenes()
     scene_names = [name for split in VERSIONS[version] for name in splits[split]]
     if scenes is not None and not 1 <= scenes <= len(scene_names):
