@@ -110,7 +110,7 @@ def build_parser(description: str = "Train a model (DSTorch).") -> argparse.Argu
              "the CPU cores it may use, less one for itself (the cores / torchrun's processes per node - 1)")
     # precision and processes
     add("--bool_mixed_precision", type=flag, default=0,
-        help="1: autocast (bf16 on the CPU, fp16 with a GradScaler on CUDA)")
+        help="1: autocast (bf16 on the CPU and on GPUs that have it, fp16 with loss scaling on older GPUs)")
     add("--ddp", type=flag, default=0, help="1: DistributedDataParallel under torchrun")
     add("--cfg", action="append", default=[], metavar="KEY=VALUE",
         help="override a config/*.json value, e.g. --cfg model.Yolo.backbone=resnet34 (repeatable)")

@@ -10,7 +10,8 @@ the folders move into DIR (--work_dir, default a temporary folder, removed after
 first by `python -m dataset.NuscenesDataset.synthetic` with data.json's "embedded" settings (what train.py generates
 on first use, so that its time is measured apart), the label cache, DIR/cache, and the experiment, DIR/exp.
 --num_epochs, --samples_per_scene, --jpeg_size and --flags (train.py's, added last) change the recipe. The programs'
-own output goes to the terminal; the table is printed when all three are done.
+own output goes to the terminal; the table is printed when all three are done, and written to
+bench/results/recipes.md (detection) or recipes_bev.md.
 """
 
 import argparse
@@ -101,7 +102,9 @@ def main(argv=None) -> None:
     if options.work_dir and os.path.isdir(options.work_dir) and os.listdir(options.work_dir):
         parser.error(f"--work_dir {options.work_dir} is not empty: the recipe starts from nothing")
     work_dir = contextlib.nullcontext(options.work_dir) if options.work_dir else tempfile.TemporaryDirectory()
-    with recorded("recipes", argv, options.results_dir), work_dir as folder:
+    # one results file per recipe: recipes.md for the quick start, recipes_bev.md
+    results_name = "recipes" if options.recipe == "detection" else f"recipes_{options.recipe}"
+    with recorded("recipes", argv, options.results_dir, results_name), work_dir as folder:
         os.makedirs(folder, exist_ok=True)
         run_recipe(options, os.path.abspath(folder))
 

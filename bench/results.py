@@ -85,15 +85,16 @@ class Tee:
 
 
 @contextlib.contextmanager
-def recorded(name: str, argv: list | None, results_dir: str):
+def recorded(name: str, argv: list | None, results_dir: str, results_name: str | None = None):
     """Run the block with what it prints to sys.stdout still printed and kept; if the block ends without an
-    exception, write <results_dir>/<name>.md: the title "# bench.<name>", the stamp (taken as the block starts, for
-    `python -m bench.<name>` with `argv`, default sys.argv[1:]) and the output in a text block. Output that
-    subprocesses write to the terminal themselves is not kept."""
+    exception, write <results_dir>/<results_name, default name>.md: the title "# bench.<name>", the stamp (taken as
+    the block starts, for `python -m bench.<name>` with `argv`, default sys.argv[1:]) and the output in a text
+    block. Output that subprocesses write to the terminal themselves is not kept."""
     command = shlex.join(["python", "-m", f"bench.{name}", *(sys.argv[1:] if argv is None else argv)])
     header, tee = f"# bench.{name}\n\n{stamp(command)}", Tee(sys.stdout)
     with contextlib.redirect_stdout(tee):
         yield
-    text, path = f"{header}\n```text\n{tee.copy.getvalue().rstrip()}\n```\n", os.path.join(results_dir, f"{name}.md")
+    text = f"{header}\n```text\n{tee.copy.getvalue().rstrip()}\n```\n"
+    path = os.path.join(results_dir, f"{results_name or name}.md")
     atomic_write(path, lambda tmp_path: Path(tmp_path).write_text(text))
     print(f"bench.{name}: results in {path}", file=sys.stderr)

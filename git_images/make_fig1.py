@@ -28,8 +28,8 @@ def facts() -> dict:
     loaders = json.loads((PROJECT_ROOT / "config" / "config.json").read_text())["loaders"]
     loader_modules = sorted({module for per_mode in loaders.values() for module in per_mode.values()})
     own = [name for name, value in vars(Solver).items() if inspect.isfunction(value) and not name.startswith("_")]
-    inherited = [name for name, value in vars(BaseSolver).items() if inspect.isfunction(value)
-                 and not name.startswith("_") and name not in own]
+    inherited = [name for name in ("step", "autocast", "evaluated_model", "mode_selection", "learning_rate_step",
+                                   "state_dict") if inspect.isfunction(vars(BaseSolver).get(name))]
     solver_methods = ["app_modes", "metric_names"] + [f"{name}()" for name in own]
     return {"flags": flags, "config_files": config_files, "loader_modules": loader_modules,
             "helper_functions": [n for n in ("load_datasetloader", "load_solver") if hasattr(helper, n)],
@@ -77,9 +77,9 @@ def draw(path: Path) -> None:
     methods = found["solver_methods"]
     solver_lines = found["solvers"] + ["class Solver(BaseSolver):"] + [
         "  " + ", ".join(methods[i:i + 3]) for i in range(0, len(methods), 3)] + [
-        "base.py, BaseSolver: TrainingParts,"] + [", ".join(base[i:i + 3]) for i in range(0, len(base), 3)]
+        "base.py, BaseSolver:"] + [", ".join(f"{name}()" for name in base[i:i + 2]) for i in range(0, len(base), 2)]
     box(5.5, 1.9, 4.2, 5.4, "(2) optimization/", solver_lines)
-    box(5.5, 0.2, 4.2, 1.3, "(3) models/ + utils/", ["model; loss, metric, TrainingParts"])
+    box(5.5, 0.2, 4.2, 1.3, "(3) models/ + utils/", ["models and losses; utils: config,", "checkpoints, DDP, metrics"])
     arrow(1.6, 5.5, 1.6, 4.7)
     arrow(4.5, 6.4, 5.5, 6.4)
     arrow(7.6, 1.9, 7.6, 1.5)

@@ -328,6 +328,10 @@ def test_results_file_holds_the_output_of_a_finished_benchmark_only(tmp_path, ca
     assert capsys.readouterr().out == "row 1\n"
     text = (tmp_path / "new" / "demo.md").read_text()
     assert "- command: `python -m bench.demo --size 'a b'`\n" in text and text.endswith("\n```text\nrow 1\n```\n")
+    with results.recorded("demo", [], str(tmp_path), "demo_other"):  # another file name, as bench.recipes' per recipe
+        print("row 2")
+    assert (tmp_path / "demo_other.md").read_text().startswith("# bench.demo\n")
+    capsys.readouterr()
     with pytest.raises(RuntimeError), results.recorded("failed", [], str(tmp_path)):
         print("half a table")
         raise RuntimeError
