@@ -110,7 +110,7 @@ def main(argv=None) -> None:
     checkpoint = os.path.join(exp_dir, name)
     if not hasattr(helper.solver_class(run["model_name"]), "export_module"):
         raise UserError(f"--model_name {run['model_name']}: its solver has no export_module, so it cannot be "
-                        f"exported yet (see docs/NEW_TASK.md)")
+                        f"exported yet (see docs/task_reference.md)")
     out_dir = os.path.join(exp_dir, "export")
     os.makedirs(out_dir, exist_ok=True)
     setup_logging(os.path.join(out_dir, "export.log"))

@@ -67,7 +67,8 @@ def check_names(args: dict) -> None:
                         f"{', '.join(loaders[args['dataset_type']])}")
     app_modes = solver_class(args["model_name"]).app_modes  # empty: any
     if app_modes and args["app_mode"] not in app_modes:
-        fitting = [name for name in available_solvers() if args["app_mode"] in solver_class(name).app_modes]
+        fitting = [name for name in available_solvers()
+                   if args["app_mode"] in solver_class(name).app_modes or not solver_class(name).app_modes]
         raise UserError(f"--model_name {args['model_name']} is for --app_mode {', '.join(app_modes)}, not "
                         f"{args['app_mode']}: use --model_name "
                         f"{' or '.join(fitting) or '(none yet: add a solver whose app_modes has it)'}")
@@ -88,14 +89,14 @@ def loader_module(args: dict):
 
 def check_config(args: dict) -> None:
     """Reject, before any heavy work, unknown names (check_names) and any configuration value out of its range:
-    the platform's (PLATFORM_RULES), then the loader's and the solver's, each in its check_config(args), which
-    raises UserError."""
+    the platform's (PLATFORM_RULES), then the solver's and the loader's, each in its check_config(args), which
+    raises UserError (the solver's first: where both check a value, its range is the narrower one)."""
     check_names(args)
     check_values(args, PLATFORM_RULES)
+    solver_class(args["model_name"]).check_config(args)
     loader_check = getattr(loader_module(args).DatasetLoader, "check_config", None)
     if loader_check is not None:
         loader_check(args)
-    solver_class(args["model_name"]).check_config(args)
 
 
 def load_datasetloader(args: dict, world_size: int, rank: int, mode: str) -> tuple:

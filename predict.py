@@ -158,7 +158,7 @@ def main(argv=None) -> None:
     solver_class = helper.solver_class(run["model_name"])
     if not hasattr(loader, "image_file") or not hasattr(solver_class, "predict"):
         raise UserError(f"--model_name {run['model_name']} with --app_mode {run['app_mode']} does not predict on "
-                        f"image files (its loader needs image_file, its solver predict; see docs/NEW_TASK.md)")
+                        f"image files (its loader needs image_file, its solver predict; see docs/task_reference.md)")
     out_dir = os.path.join(exp_dir, "predict")
     os.makedirs(out_dir, exist_ok=True)
     setup_logging(os.path.join(out_dir, "predict.log"))

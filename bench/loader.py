@@ -150,7 +150,7 @@ def keeps_up(dataroot: str, cache_dir: str, repeats: int, train_steps: int) -> N
 
 
 def jpeg_size(text: str) -> tuple:
-    """"1600x900" -> (1600, 900)."""
+    """"1600x900" -> (1600, 900): an image size argument of the benchmarks."""
     try:
         width, height = (int(value) for value in text.split("x"))
     except ValueError:

@@ -27,13 +27,15 @@ def add_results_dir(parser) -> None:
 
 
 def commit() -> str:
-    """HEAD's short hash, with " (dirty)" when tracked files differ from it; "unknown" outside a git checkout."""
+    """HEAD's short hash, with " (dirty)" when tracked files other than the results files differ from it (a
+    regenerated results file is not a change of what is measured); "unknown" outside a git checkout."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
 
     try:
-        head, changes = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+        head = git("rev-parse", "--short", "HEAD")
+        changes = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + (" (dirty)" if changes else "")
@@ -57,9 +59,23 @@ def machine() -> str:
     memory_kb = proc_field("/proc/meminfo", "MemTotal")  # "24683772 kB"
     if memory_kb:
         parts.append(f"{int(memory_kb.split()[0]) / 2**20:.1f} GiB RAM")
-    if torch.cuda.is_available():
-        parts.append("GPU " + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))
+    gpus = gpu_names()
+    if gpus:
+        parts.append(f"GPU {gpus}")
     return "; ".join(parts)
+
+
+def gpu_names() -> str:
+    """The GPUs' names as nvidia-smi lists them ("" without one): asked of the driver, so that the benchmark's own
+    process creates no CUDA context on the GPU that it measures."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    if listed.returncode != 0:
+        return ""
+    return ", ".join(line.strip() for line in listed.stdout.splitlines() if line.strip())
 
 
 def stamp(command: str) -> str:

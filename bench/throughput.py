@@ -42,7 +42,7 @@ from torch.autograd import DeviceType
 from torchvision import tv_tensors
 
 from bench.ddp import union_length
-from bench.loader import cycle
+from bench.loader import cycle, jpeg_size
 from bench.model import platform_args
 from bench.results import add_results_dir, recorded
 from dataset.NuscenesDataset import synthetic
@@ -198,10 +198,7 @@ def device_decode_rates(args: dict, device: torch.device, steps: int) -> dict:
 
 def sizes(text: str) -> list:
     """"320x192,640x352" -> [(320, 192), (640, 352)]."""
-    try:
-        return [tuple(int(value) for value in size.split("x", 1)) for size in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: sizes are WxH in px, separated by commas") from None
+    return [jpeg_size(size) for size in text.split(",")]
 
 
 def measure(options) -> None:
@@ -210,7 +207,7 @@ def measure(options) -> None:
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:
         dataroot = os.path.join(tmp, "nuscenes")
-        (jpeg_width, jpeg_height), = options.jpeg_size
+        jpeg_width, jpeg_height = options.jpeg_size
         synthetic.generate(dataroot, samples_per_scene=options.samples_per_scene, width=jpeg_width,
                            height=jpeg_height)
         print(f"{jpeg_width}x{jpeg_height} JPEGs, batch {options.batch_size} x 6 cameras, {options.workers} workers, "
@@ -249,7 +246,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch_size", type=int, default=2, help="samples (of 6 cameras) per batch")
     parser.add_argument("--device", default="cpu", help="where stages 6-8 run: cpu or cuda")
     parser.add_argument("--sizes", type=sizes, default=sizes("320x192,640x352"), help="input sizes WxH, by commas")
-    parser.add_argument("--jpeg_size", type=sizes, default=sizes("1600x900"), help="the JPEG files' WxH")
+    parser.add_argument("--jpeg_size", type=jpeg_size, default=(1600, 900), help="the JPEG files' WxH")
     add_results_dir(parser)
     options = parser.parse_args(argv)
     with recorded("throughput", argv, options.results_dir):

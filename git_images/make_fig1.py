@@ -28,8 +28,10 @@ def facts() -> dict:
     loaders = json.loads((PROJECT_ROOT / "config" / "config.json").read_text())["loaders"]
     loader_modules = sorted({module for per_mode in loaders.values() for module in per_mode.values()})
     own = [name for name, value in vars(Solver).items() if inspect.isfunction(value) and not name.startswith("_")]
-    inherited = [name for name in ("step", "autocast", "evaluated_model", "mode_selection", "learning_rate_step",
-                                   "state_dict") if inspect.isfunction(vars(BaseSolver).get(name))]
+    inherited = ["step", "autocast", "evaluated_model", "mode_selection", "learning_rate_step", "state_dict"]
+    missing = [name for name in inherited if not inspect.isfunction(vars(BaseSolver).get(name))]
+    if missing:
+        raise SystemExit(f"make_fig1.py: BaseSolver has no {', '.join(missing)}: update the figure's list")
     solver_methods = ["app_modes", "metric_names"] + [f"{name}()" for name in own]
     return {"flags": flags, "config_files": config_files, "loader_modules": loader_modules,
             "helper_functions": [n for n in ("load_datasetloader", "load_solver") if hasattr(helper, n)],

@@ -1,8 +1,7 @@
-"""The Solver of the LiftBEV bird's-eye-view segmenter (--app_mode BEVSeg): its model and loss, the train step, the
-evaluation pass (IoU per class over the split) and the drawings of test.py --visualization 1. The optimizer, LR
-schedule, mixed precision, EMA, DDP wrapper, their checkpointed states and the methods that only forward to them
-are BaseSolver's (optimization/base.py). Started as a copy of Yolo_solver.py; docs/NEW_TASK.md walks through what
-changed and why."""
+"""The Solver of the LiftBEV bird's-eye-view segmenter (--app_mode BEVSeg): its model and loss, the train step
+(forward and loss here, then BaseSolver.step), the evaluation pass (IoU per class over the split) and the drawings of
+test.py --visualization 1. The optimizer, LR schedule, mixed precision, EMA, DDP wrapper and their checkpointed
+states are BaseSolver's (optimization/base.py)."""
 
 import os
 

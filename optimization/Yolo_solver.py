@@ -1,8 +1,8 @@
-"""The Solver of the Yolo detector: its model and loss, the train step, the evaluation pass (COCO metrics) and the
-drawings of test.py --visualization 1. The optimizer, LR schedule, mixed precision, EMA, DDP wrapper, their
-checkpointed states and the methods that only forward to them are BaseSolver's (optimization/base.py). To start a
-solver for a new model or task, copy this file to optimization/<ModelName>_solver.py and change the model, the loss
-and the evaluation; docs/NEW_TASK.md lists what train.py and test.py call."""
+"""The Solver of the Yolo detector: its model and loss, the train step (forward and loss here, then BaseSolver.step:
+backward, clipping, optimizer step, EMA), the evaluation pass (COCO metrics), predict.py's and export.py's hooks and
+the drawings of test.py --visualization 1. The optimizer, LR schedule, mixed precision, EMA, DDP wrapper and their
+checkpointed states are BaseSolver's (optimization/base.py). docs/NEW_TASK.md shows the smallest solver of a new
+task and lists what train.py and test.py call."""
 
 import os
 
@@ -48,8 +48,9 @@ class Solver(BaseSolver):
                             "image.h": multiple_of(STRIDES[-1], "the coarsest stride")}, f"data.{args['app_mode']}")
         check_values(args, {
             "architecture": one_of("resnet_fpn", "csp_pan"),
-            "": Rule(lambda section: section["backbone"] != "csp" or section["architecture"] == "csp_pan",
-                     'a section whose backbone "csp" has the architecture "csp_pan" (resnet_fpn takes a ResNet)'),
+            "": Rule(  # the section itself: two keys that must agree
+                lambda section: section["backbone"] != "csp" or section["architecture"] == "csp_pan",
+                'a section whose backbone "csp" has the architecture "csp_pan" (resnet_fpn takes a ResNet)'),
             "backbone": one_of(*BACKBONES, "csp"),
             "widths": Rule(lambda value: list_of(number(8, integer=True), length=5).check(value)
                            and all(width % 2 == 0 for width in value), "5 even channel counts >= 8"),

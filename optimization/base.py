@@ -54,11 +54,14 @@ class BaseSolver:
                           if args["apply_lr_scheduling"] and steps_per_epoch > 0 else None)
         self.amp, self.device_type = bool(args["bool_mixed_precision"]), device.type
         self.amp_dtype = mixed_precision_dtype(device)
-        float16 = self.amp and self.amp_dtype == torch.float16
-        self.scaler = gradient_scaler(device, float16)
+        self.float16 = self.amp and self.amp_dtype == torch.float16
+        # float16's range needs the loss scaled (GradScaler's dynamic scale, from its default 2**16); otherwise the
+        # scale is 1 throughout: see step
+        self.fixed_scale = None if self.float16 else 1.0
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if self.float16 else 1.0)
         if self.amp:
             logger.info("mixed precision: autocast to %s on %s%s", str(self.amp_dtype).removeprefix("torch."),
-                        device.type, ", with loss scaling (no bfloat16 here)" if float16 else "")
+                        device.type, ", with loss scaling (no bfloat16 here)" if self.float16 else "")
         solver_cfg = args["config"]["solver"]
         self.ema = AveragedModel(model, use_buffers=True) if solver_cfg["ema"] else None
         if self.ema is not None:  # the tensors update_ema pairs, listed once (load_state_dict copies in place)
@@ -88,9 +91,14 @@ class BaseSolver:
     def step(self, losses: dict) -> dict:
         """One optimizer step on losses["total_loss"]: backward (scaled with float16), gradient clipping
         (--grad_clip), the optimizer step and the EMA update. Returns the loss terms detached, as 0-d tensors on the
-        device: nothing here reads a value on the host, which would wait for the GPU. A step whose gradients are
-        not finite leaves the weights and the optimizer state as they were (see gradient_scaler); a non-finite loss
-        is reported by read_nonfinite."""
+        device: nothing here reads a value on the host, which would wait for the GPU. A non-finite loss is reported
+        by read_nonfinite.
+
+        A step whose gradients are not finite leaves the weights and the optimizer state as they were:
+        GradScaler.step skips it, as documented, also where nothing is scaled (the scale is then fixed at 1). With
+        torch's fused optimizers that decision is taken on the device (GradScaler hands them its found_inf tensor),
+        so the step waits for nothing; tests/test_step.py's host-read count fails the day torch decides it on the
+        host instead."""
         self.record_nonfinite(losses)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["total_loss"]).backward()
@@ -98,7 +106,7 @@ class BaseSolver:
         if self.args["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(self.trained_parameters, self.args["grad_clip"])
         self.scaler.step(self.optimizer)  # skipped, on the device, where a gradient was not finite
-        self.scaler.update()
+        self.scaler.update(self.fixed_scale)  # float16: backs off or grows; otherwise 1 again (a fill on the device)
         if self.ema is not None:
             self.update_ema()
         self.steps_taken += 1
@@ -173,26 +181,24 @@ class BaseSolver:
         return float("inf") if self.metric_names[0] in self.lower_is_better else float("-inf")
 
     def state_dict(self) -> dict:
-        """Model, EMA, optimizer, scheduler and scaler states: tensors and plain values only."""
+        """Model, EMA, optimizer, scheduler and scaler states: tensors and plain values only. The scaler's only with
+        float16: elsewhere its scale is a fixed 1, which a float16 run resumed from it must not take."""
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "scaler": self.scaler.state_dict(), "steps_per_epoch": self.steps_per_epoch}
+                "scaler": self.scaler.state_dict() if self.float16 else {}, "steps_per_epoch": self.steps_per_epoch}
 
     def load_weights(self, state: dict) -> None:
         """Only the model and EMA weights of a checkpoint, for evaluation."""
         check_model_name(state, self.args["model_name"])
         try:
-            self.load_model_and_ema(state)
+            self.model.load_state_dict(state["model"])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+                self.ema_updates = int(self.ema.n_averaged)
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise UserError(f"the checkpoint's weights do not fit this model ({str(error).splitlines()[0]}): "
                             f"evaluate it with the model settings it was trained with") from None
-
-    def load_model_and_ema(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
-            self.ema_updates = int(self.ema.n_averaged)
 
     def load_state_dict(self, state: dict, schedule_step: int) -> str:
         """Restore a checkpoint's state. schedule_step: the optimizer steps of the current --num_epochs x steps per
@@ -202,9 +208,12 @@ class BaseSolver:
         then (the learning rate may jump), else ""."""
         check_model_name(state, self.args["model_name"])
         try:
-            self.load_model_and_ema(state)
+            self.model.load_state_dict(state["model"])
+            if self.ema is not None and state["ema"] is not None:
+                self.ema.load_state_dict(state["ema"])
+                self.ema_updates = int(self.ema.n_averaged)
             self.optimizer.load_state_dict(state["optimizer"])
-            if state["scaler"]:  # empty where a checkpoint's scaler was disabled (bfloat16 or float32 runs)
+            if self.float16 and state["scaler"]:  # a float16 run's loss scale; other runs save none (see state_dict)
                 self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise UserError(f"the checkpoint does not fit this model and optimizer ({str(error).splitlines()[0]}): "
@@ -234,17 +243,6 @@ class BaseSolver:
         return (f"the learning-rate schedule is rebuilt for {new['num_epochs']} epochs of {self.steps_per_epoch} "
                 f"steps (it had {old['num_epochs']} of {state['steps_per_epoch']}, or other schedule settings) and "
                 f"continues at step {schedule_step}")
-
-
-def gradient_scaler(device: torch.device, float16: bool) -> torch.amp.GradScaler:
-    """The step's GradScaler. With float16 autocast it scales the loss, as float16's range needs. Otherwise its scale
-    is 1 and never grows (a skipped step halves it: a power of two, exact): it is there for GradScaler.step's
-    documented skip of an optimizer step whose gradients are not finite. With torch's fused optimizers that skip is
-    decided on the device (the scaler hands them its found_inf tensor), so the step waits for nothing; the host-read
-    count of tests/test_step.py fails the day torch decides it on the host instead."""
-    if float16:
-        return torch.amp.GradScaler(device.type)
-    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**31 - 1)
 
 
 def mixed_precision_dtype(device: torch.device) -> torch.dtype:

@@ -98,6 +98,7 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_reported_at_the_read(mon
     assert reads.total == 0, reads.by_op
     assert all(torch.equal(before, after) for before, after in zip(parameters, solver.model.parameters(), strict=True))
     assert int(solver.optimizer.state_dict()["state"][0]["step"]) == 1
+    assert solver.scaler.get_scale() == 1.0  # float32: nothing is scaled, after a skipped step either
     monkeypatch.setattr(solver.loss_fn, "forward", real_loss)
     solver.train(batch)  # a good one after it, before the read
     with pytest.raises(NonFiniteLossError) as error:
@@ -130,6 +131,28 @@ def test_float16_scales_the_loss_and_skips_an_overflowing_step_on_the_device(mon
     assert solver.scaler.get_scale() < 2.0**16
     assert not all(torch.equal(before, after) for before, after in zip(parameters, solver.model.parameters(),
                                                                        strict=True))
+
+
+def test_the_loss_scale_carries_over_between_float16_runs_only(monkeypatch):
+    """A float32 (or bfloat16) run saves no scaler state, as checkpoints always did: a float16 run resumed from it
+    keeps its own loss scale, not a fixed 1; a float16 run resumed from a float16 one takes its scale."""
+    batch = yolo_batch()
+    plain = yolo_solver()
+    plain.mode_selection(True)
+    plain.train(batch)
+    assert plain.state_dict()["scaler"] == {}
+    monkeypatch.setattr(optimization.base, "mixed_precision_dtype", lambda device: torch.float16)
+    scaled = yolo_solver("--bool_mixed_precision", "1")
+    scaled.load_state_dict({**plain.state_dict(), "config": plain.args}, schedule_step=1)
+    assert scaled.scaler.get_scale() == 2.0**16
+    scaled.mode_selection(True)
+    scaled.train(batch)
+    scaled.scaler.update(2.0**9)
+    resumed = yolo_solver("--bool_mixed_precision", "1")
+    resumed.load_state_dict({**scaled.state_dict(), "config": scaled.args}, schedule_step=1)
+    assert resumed.scaler.get_scale() == 2.0**9
+    plain.load_state_dict({**scaled.state_dict(), "config": scaled.args}, schedule_step=1)  # float16 -> float32
+    assert plain.scaler.get_scale() == 1.0
 
 
 def test_the_compiled_model_trains_like_the_eager_one(monkeypatch):

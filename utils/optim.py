@@ -14,7 +14,7 @@ OPTIMIZERS = {"adamw": (torch.optim.AdamW, {}), "adam": (torch.optim.Adam, {}),
 
 def build_optimizer(name: str, parameters, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
     """adamw (decoupled weight decay), adam or sgd (momentum 0.9, Nesterov), in torch's fused implementation (one
-    kernel for all parameters, on the CPU and on CUDA; it skips a step on the device when its found_inf is set). A
+    kernel for all parameters, on the CPU and on CUDA; it takes GradScaler's decision to skip a step on the device). A
     value that torch rejects is one line naming the flags (the parser checks their ranges first)."""
     if name not in OPTIMIZERS:
         raise UserError(f"--optimizer_type {name}: choose one of {', '.join(OPTIMIZERS)}")

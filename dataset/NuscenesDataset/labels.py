@@ -20,7 +20,8 @@ camera keyframe images and A boxes:
 `coco_from_labels` turns them into the COCO ground truth of the evaluation and of `export_coco`.
 
 The devkit is imported where labels are built: its package import pulls in scikit-learn, SciPy and pyplot (more
-than a second per process), which a run whose label cache exists (each DDP process, test.py, predict.py) never needs.
+than a second per process), which a detection run whose label cache exists (each DDP process, test.py, predict.py)
+never needs. (The BEV loader uses the devkit's Box in every item.)
 """
 
 from __future__ import annotations
