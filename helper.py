@@ -160,19 +160,61 @@ def given_flags(parser, argv: list) -> dict:
     return {name: value for name, value in given.items() if name not in ignored}
 
 
-def checkpoint_configuration(path: str, state: dict, given: dict) -> dict:
-    """The configuration to use a checkpoint with (test.py, predict.py, export.py): its own, then the given flags
-    and --cfg overrides, checked."""
+# data.json keys that locate files: for a checkpoint they come from this checkout and the command's flags, never from
+# the checkpoint's configuration, which could point them anywhere ("../", another machine's folders)
+PATH_KEYS = ("dataset_dir", "version", "label_cache_dir", "embedded")
+
+
+def without_pretrained_weights(args: dict) -> dict:
+    """`args` with the model's "pretrained_backbone" off: for a model whose weights a checkpoint replaces, no
+    ImageNet weights file is read (nor need it exist)."""
+    run = copy.deepcopy(args)
+    model_cfg = run["model"].get(run["model_name"])
+    if isinstance(model_cfg, dict) and "pretrained_backbone" in model_cfg:
+        model_cfg["pretrained_backbone"] = False
+    return run
+
+
+def data_location(cfg: dict) -> tuple:
+    """(dataset folder, version) that a configuration reads; data.json's folders are relative to the project."""
+    section = cfg["data"][cfg["app_mode"]]
+    folder = cfg.get("dataset_dir") or section.get("dataset_dir")
+    return os.path.normpath(os.path.join(PROJECT_ROOT, folder)) if folder else None, section.get("version")
+
+
+def checkpoint_configuration(path: str, state: dict, given: dict, checkout: dict) -> dict:
+    """The configuration to use a checkpoint with (test.py, predict.py, export.py): its own, but what decides which
+    code is imported and where files are read and written comes from this checkout (`checkout`: the command's flags
+    over config/*.json): the loaders table, data.json's paths (PATH_KEYS) and --dataset_dir; the ImageNet weights
+    are off (the checkpoint's replace them); then the given flags and --cfg overrides; checked."""
     run = copy.deepcopy(state["config"])
-    run.update({name: value for name, value in given.items() if name != "cfg"})
     missing = [key for key in (*CONFIG_SECTIONS, "app_mode", "dataset_type") if key not in run]
     if missing:
         raise UserError(f"checkpoint {path}: its configuration lacks {', '.join(missing)}: use a checkpoint that "
                         f"train.py wrote")
+    run["config"]["loaders"] = copy.deepcopy(checkout["config"]["loaders"])
+    section = checkout["data"].get(run["app_mode"])
+    if not isinstance(section, dict) or not isinstance(run["data"].get(run["app_mode"]), dict):
+        raise UserError(f"checkpoint {path} is of --app_mode {run['app_mode']}, which config/data.json of this "
+                        f"checkout has no section for: add it, or use this checkpoint where it was trained")
+    run["data"][run["app_mode"]].update({key: copy.deepcopy(section[key]) for key in PATH_KEYS if key in section})
+    run["dataset_dir"] = checkout["dataset_dir"]
+    run.update({name: value for name, value in given.items() if name != "cfg"})
     for override in given["cfg"]:
         apply_override(run, override, CONFIG_SECTIONS)
+    run = without_pretrained_weights(run)
     check_config(run)
     return run
+
+
+def warn_of_other_data(path: str, state: dict, run: dict) -> None:
+    """A warning line where `run` reads other data than the checkpoint at `path` was trained on (test.py; predict.py
+    with sample tokens): the paths come from the command, not from the checkpoint (checkpoint_configuration)."""
+    trained_on, reading = data_location(state["config"]), data_location(run)
+    if trained_on != reading and os.environ.get("RANK", "0") == "0":
+        print(f"warning: checkpoint {path} was trained on {trained_on[0]} ({trained_on[1]}); this reads "
+              f"{reading[0]} ({reading[1]}), from the flags and config/data.json, as a checkpoint chooses no paths "
+              f"(--dataset_dir and --cfg data.{run['app_mode']}.version=... change them)", file=sys.stderr)
 
 
 def checkpoint_class_names(path: str, state: dict, run: dict) -> list:
@@ -206,4 +248,4 @@ def chosen_checkpoint(parser, argv: list) -> tuple:
     name = checkpoint_name(exp_dir, args["model_num"])
     path = os.path.join(exp_dir, name)
     state = load_checkpoint(path)
-    return args, exp_dir, name, state, checkpoint_configuration(path, state, given_flags(parser, argv))
+    return args, exp_dir, name, state, checkpoint_configuration(path, state, given_flags(parser, argv), args)

@@ -65,9 +65,12 @@ def main(argv=None) -> None:
     given = helper.given_flags(build_test_parser(), argv)
     exp_dir = experiment_path(args, PROJECT_ROOT)
     names = chosen_checkpoints(exp_dir, args["model_num"], bool(args["is_test_all"]))
-    runs = {name: helper.checkpoint_configuration(os.path.join(exp_dir, name),
-                                                  load_checkpoint(os.path.join(exp_dir, name)), given)
-            for name in names}  # every checkpoint checked before any work
+    runs = {}
+    for name in names:  # every checkpoint checked before any work
+        path = os.path.join(exp_dir, name)
+        state = load_checkpoint(path)
+        runs[name] = helper.checkpoint_configuration(path, state, given, args)
+        helper.warn_of_other_data(path, state, runs[name])
     undrawn = sorted({run["model_name"] for run in runs.values()
                       if not hasattr(helper.solver_class(run["model_name"]), "visualize")})
     if args["visualization"] and undrawn:

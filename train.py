@@ -30,6 +30,7 @@ from utils.errors import NonFiniteLossError, UserError, exit_on_user_error
 from utils.experiment import (
     PROJECT_LOGGERS,
     StopRequest,
+    checkpoint_names,
     experiment_folder,
     experiment_path,
     prune_checkpoints,
@@ -73,19 +74,31 @@ def launch_id():
     return os.environ.get("TORCHELASTIC_RUN_ID")
 
 
+def newest_checkpoint(exp_dir: str) -> str | None:
+    """The path of the checkpoint written last in `exp_dir` (None: none). That is last.pt, but where a run was
+    killed between the files of one save (best.pt, epoch_<k>.pt, then last.pt, all of the same state): then one of
+    those, or the only checkpoint of a first save."""
+    names = checkpoint_names(exp_dir) if os.path.isdir(exp_dir) else []
+    paths = [os.path.join(exp_dir, name) for name in names]
+    return max(paths, key=os.path.getmtime) if paths else None
+
+
 def resume_state(args: dict, exp_dir: str, restarted: bool):
     """(path, state) of the checkpoint to continue from, or (None, None) to start afresh: after a torchrun
-    restart, last.pt if this launch wrote it (the newest state); otherwise, with --load_pretrained 1,
-    epoch_<start_epoch>.pt or last.pt; otherwise nothing. Every check of the first attempt applies again."""
-    last = os.path.join(exp_dir, "last.pt")
-    if restarted and os.path.isfile(last):
-        state = checked_state(last, args)
+    restart, the newest checkpoint if this launch wrote it; otherwise, with --load_pretrained 1,
+    epoch_<start_epoch>.pt, or last.pt (the newest checkpoint where there is no last.pt); otherwise nothing. Every
+    check of the first attempt applies again."""
+    newest = newest_checkpoint(exp_dir)
+    if restarted and newest is not None:
+        state = checked_state(newest, args)
         if state.get("launch_id") == launch_id():
-            return last, state
+            return newest, state
     if not args["load_pretrained"]:
         return None, None
     name = f"epoch_{args['start_epoch']}.pt" if args["start_epoch"] else "last.pt"
     path = os.path.join(exp_dir, name)
+    if not args["start_epoch"] and not os.path.isfile(path) and newest is not None:
+        path = newest
     if not os.path.isfile(path):
         raise UserError(f"--load_pretrained 1: no checkpoint {path} to resume from; train without "
                         f"--load_pretrained, or check --exp_id/--save_dir/--start_epoch")
@@ -94,6 +107,14 @@ def resume_state(args: dict, exp_dir: str, restarted: bool):
         raise UserError(f"checkpoint {path} has trained {state['epoch']} epochs already: raise --num_epochs "
                         f"(now {args['num_epochs']}) to train more")
     return path, state
+
+
+def best_in_folder(exp_dir: str, resume_path: str):
+    """The best score of the folder's best.pt, where a run resumes from another checkpoint (None otherwise)."""
+    best = os.path.join(exp_dir, "best.pt")
+    if resume_path == best or not os.path.isfile(best):
+        return None
+    return load_checkpoint(best).get("best_score")
 
 
 def checked_state(path: str, args: dict) -> dict:
@@ -148,16 +169,21 @@ def main(argv=None) -> None:
     helper.check_config(args)
     world_size, rank, local_rank = init_distributed(args["ddp"], args["config"]["distributed"]["timeout_s"])
     try:
-        run(args, sys.argv[1:] if argv is None else argv, world_size, rank, local_rank)
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun restarted the workers
+        resume = resume_state(args, experiment_path(args, PROJECT_ROOT), restarted)
+        # the folder is this run's until it ends: rank 0 holds it, the process that writes there
+        with experiment_folder(args, PROJECT_ROOT, fresh=resume[1] is None, hold=rank == 0) as exp_dir:
+            run(args, sys.argv[1:] if argv is None else argv, exp_dir, resume, restarted, world_size, rank,
+                local_rank)
     finally:
         close_distributed()
 
 
-def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> None:
+def run(args: dict, argv: list, exp_dir: str, resume: tuple, restarted: bool, world_size: int, rank: int,
+        local_rank: int) -> None:
+    """Train in `exp_dir`, continuing from resume = (path, state) of a checkpoint, or afresh from (None, None)."""
     main_process = rank == 0  # the only one that logs, draws progress bars and writes files
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun restarted the workers
-    resume_path, resumed = resume_state(args, experiment_path(args, PROJECT_ROOT), restarted)
-    exp_dir = experiment_folder(args, PROJECT_ROOT, fresh=resumed is None)
+    resume_path, resumed = resume
     setup_logging(os.path.join(exp_dir, "training.log") if main_process else None, main_process)
     if restarted and resumed is None:
         logger.info("torchrun restarted the workers before this run saved a checkpoint: training starts afresh")
@@ -171,8 +197,10 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
         raise UserError(f"--batch_size {args['batch_size']} is larger than the {len(train_set)} training samples "
                         f"({world_size} process(es))")
     steps_per_epoch = len(train_loader)
-    solver = helper.load_solver(args, device=device, class_names=train_set.class_names,
-                                steps_per_epoch=steps_per_epoch, world_size=world_size, rank=rank)
+    # a resumed run's weights come from its checkpoint: no ImageNet weights are read for it
+    solver = helper.load_solver(args if resumed is None else helper.without_pretrained_weights(args), device=device,
+                                class_names=train_set.class_names, steps_per_epoch=steps_per_epoch,
+                                world_size=world_size, rank=rank)
     if hasattr(solver.model, "print_model_summary"):  # parameters per part and GFLOPs, where the model can count them
         solver.model.print_model_summary()
 
@@ -189,6 +217,12 @@ def run(args: dict, argv: list, world_size: int, rank: int, local_rank: int) -> 
                            "uninterrupted run", len(resumed["rng"]), world_size)
         set_rng_state(resumed["rng"][rank % len(resumed["rng"])])
         logger.info("resumed from %s at epoch %d, step %d", resume_path, progress.epoch + 1, progress.step_in_epoch)
+        kept = best_in_folder(exp_dir, resume_path)
+        if kept is not None and solver.improves(kept, progress.best_score):
+            # a run resumed from an older epoch branches: best.pt stays the best of the folder, not of the branch
+            logger.info("best.pt holds %s %.4g: it is replaced only by a better validation score",
+                        solver.metric_names[0], kept)
+            progress.best_score = kept
     if main_process:
         atomic_write_json(os.path.join(exp_dir, "config.json"), args)
 

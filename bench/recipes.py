@@ -65,7 +65,8 @@ def run_recipe(options, work_dir: str) -> None:
         "train": ["train.py", "--exp_id", "0", "--gpu_num", "0", *task_flags, "--dataset_dir", dataset, "--save_dir",
                   exp, "--cfg", f"data.{app_mode}.label_cache_dir={cache}",
                   *(["--num_epochs", str(options.num_epochs)] if options.num_epochs else []), *options.flags],
-        "test": ["test.py", *task_flags, "--save_dir", exp]}
+        "test": ["test.py", *task_flags, "--save_dir", exp, "--dataset_dir", dataset,
+                 "--cfg", f"data.{app_mode}.label_cache_dir={cache}"]}
     seconds = {step: timed(step, command) for step, command in commands.items()}
 
     with open(os.path.join(exp, "results.csv"), newline="") as f:

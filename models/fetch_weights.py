@@ -8,28 +8,13 @@ path, and from-scratch training ("pretrained_backbone": false) is the offline de
 where to put the file by hand."""
 
 import argparse
-import hashlib
 import os
 import sys
 
 import torch
 
-from models.Yolo.yolo import BACKBONES, weights_path
+from models.Yolo.yolo import BACKBONES, check_weights_hash, weights_path
 from utils.errors import UserError, exit_on_user_error
-
-
-def check_file(path: str, url: str) -> None:
-    """A file already at `path` must be the published one: its SHA-256 starts with the digits in its name, as
-    torch.hub checks after a download (a partial copy or another file under that name is a one-line error)."""
-    expected = torch.hub.HASH_REGEX.search(os.path.basename(path)).group(1)
-    try:
-        with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-    except OSError as error:
-        raise UserError(f"cannot read {path} ({error}): delete it and run this command again") from None
-    if not digest.startswith(expected):
-        raise UserError(f"{path} is not the file of {url} (its SHA-256 starts {digest[:len(expected)]}, not "
-                        f"{expected}): delete it and run this command again")
 
 
 @exit_on_user_error
@@ -39,11 +24,13 @@ def main(argv=None) -> None:
     name = parser.parse_args(sys.argv[1:] if argv is None else argv).backbone
     weights, path = BACKBONES[name][1], weights_path(name)
     if os.path.isfile(path):
-        check_file(path, weights.url)
+        check_weights_hash(path, name)
         print(f"{name}: ImageNet weights already at {path}")
         return
     try:
-        torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
+        # weights_only: torch.hub loads the file it saved (or, unchecked, one put under that name since the test
+        # above), and loading must not run code in it
+        torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True, weights_only=True)
     except (OSError, RuntimeError) as error:  # URLError is an OSError; a wrong hash is a RuntimeError
         raise UserError(f"cannot download {weights.url} ({type(error).__name__}: {error}): download it on a machine "
                         f"online and copy it to {path}") from None

@@ -74,14 +74,19 @@ def shared_cache(dataset_dir) -> str:
     return os.path.join(os.path.dirname(dataset_dir), "label_cache")
 
 
+def data_flags(dataset_dir, app_mode="2DObjDet") -> list:
+    """The flags that point a run at `dataset_dir` and the session's label cache of it: train.py's, and test.py's
+    and predict.py's, which take no paths from a checkpoint."""
+    return ["--dataset_dir", dataset_dir, "--cfg", f"data.{app_mode}.label_cache_dir={shared_cache(dataset_dir)}"]
+
+
 def task_flags(app_mode, model_name, dataset_dir, folder, *extra) -> list:
     """train.py flags of a tiny CPU run of a task on the small embedded dataset: 1 epoch, 2 cameras at 96x64, the
     experiment in `folder`, the shared label cache."""
-    return ["--app_mode", app_mode, "--model_name", model_name, "--dataset_dir", dataset_dir,
+    return ["--app_mode", app_mode, "--model_name", model_name, *data_flags(dataset_dir, app_mode),
             "--save_dir", str(folder / "exp"), "--num_epochs", "1", "--batch_size", "4", "--num_cores", "0",
             "--seed", "3", "--cfg", f"data.{app_mode}.image.w=96", "--cfg", f"data.{app_mode}.image.h=64",
-            "--cfg", f'data.{app_mode}.cameras=["CAM_FRONT", "CAM_BACK"]',
-            "--cfg", f"data.{app_mode}.label_cache_dir={shared_cache(dataset_dir)}", *extra]
+            "--cfg", f'data.{app_mode}.cameras=["CAM_FRONT", "CAM_BACK"]', *extra]
 
 
 @pytest.fixture
@@ -95,7 +100,7 @@ def train_and_test(embedded_dir, tmp_path):
     def run(app_mode: str, model_name: str, *flags, test_flags=()):
         train.main(task_flags(app_mode, model_name, embedded_dir, tmp_path, *flags))
         test_script.main(["--app_mode", app_mode, "--model_name", model_name, "--save_dir", str(tmp_path / "exp"),
-                          "--num_cores", "0", *test_flags])
+                          "--num_cores", "0", *data_flags(embedded_dir, app_mode), *test_flags])
         return tmp_path / "exp"
 
     return run

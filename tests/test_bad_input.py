@@ -1,6 +1,7 @@
 """Every bad input the data code promises to reject: one line naming the path or value, what to do, exit != 0,
 and no half-written cache left behind."""
 
+import ctypes
 import importlib
 import json
 import os
@@ -88,6 +89,47 @@ def test_missing_image_file(dataset_copy, make_args):
         DatasetLoader(make_args(dataset_copy), mode="train")
 
 
+def error_of_unprivileged_read(dataset) -> str:
+    """The UserError line of dataset[0], read without the right to override file permissions: in this process where
+    it is not root, else in a child process that has dropped root's effective capabilities (capset), so that a file
+    of mode 0 is unreadable to it too."""
+    if os.geteuid() != 0:
+        with pytest.raises(UserError) as raised:
+            dataset[0]
+        return str(raised.value)
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: drop the capabilities, read, report, leave without the parent's cleanup
+        os.close(reader)
+        message = "read without an error"
+        try:
+            libc, header, capabilities = ctypes.CDLL(None, use_errno=True), Header(0x20080522, 0), (Data * 2)()
+            libc.capget(ctypes.byref(header), capabilities)  # 0x20080522: _LINUX_CAPABILITY_VERSION_3
+            for data in capabilities:
+                data.effective = 0
+            if libc.capset(ctypes.byref(header), capabilities) != 0:
+                message = f"capset failed (errno {ctypes.get_errno()})"
+            else:
+                dataset[0]
+        except UserError as error:
+            message = str(error)
+        finally:
+            os.write(writer, message.encode())
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as pipe:
+        message = pipe.read()
+    os.waitpid(child, 0)
+    return message
+
+
 def test_unreadable_image_file(dataset_copy, make_args):
     dataset = DatasetLoader(make_args(dataset_copy), mode="test")
     path = os.path.join(dataset_copy, dataset.image_files[0, 2].decode())
@@ -99,10 +141,11 @@ def test_unreadable_image_file(dataset_copy, make_args):
         with pytest.raises(UserError, match=f"cannot read image {re.escape(path)} .*JPEG"):
             dataset[0]
     os.chmod(path, 0)
-    if not os.access(path, os.R_OK):  # root reads anything
-        with pytest.raises(UserError, match=f"cannot read image {re.escape(path)} .*Permission denied"):
-            dataset[0]
-    os.chmod(path, 0o644)
+    try:
+        message = error_of_unprivileged_read(dataset)
+        assert re.search(f"cannot read image {re.escape(path)} .*Permission denied", message), message
+    finally:
+        os.chmod(path, 0o644)
     # persistent, so that helper.workers_stopped can stop its worker: the raised error's traceback holds the
     # iterator, and a garbage-collected one would stop it only after a 5 s timeout
     loader = DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=collate_detection, persistent_workers=True)

@@ -286,7 +286,8 @@ def test_recipes_bench_runs_the_quick_start_from_nothing(tmp_path, capsys, monke
     train = re.search(r"^train +[\d.]+  python train.py --exp_id 0 --gpu_num 0 --dataset_dir DIR/nuscenes --save_dir "
                       r"DIR/exp --cfg data.2DObjDet.label_cache_dir=DIR/cache --num_epochs 1 --batch_size 4 ", out,
                       re.MULTILINE)
-    assert train and re.search(r"^test +[\d.]+  python test.py --save_dir DIR/exp$", out, re.MULTILINE)
+    assert train and re.search(r"^test +[\d.]+  python test.py --save_dir DIR/exp --dataset_dir DIR/nuscenes --cfg "
+                               r"data.2DObjDet.label_cache_dir=DIR/cache$", out, re.MULTILINE)
     assert "\nepochs: 1\nlast validation (epoch 1): mAP " in out and "\ntest (best.pt, epoch 1): mAP " in out
     assert (tmp_path / "work" / "nuscenes" / "v1.0-mini").is_dir() and (tmp_path / "work" / "exp" / "best.pt").exists()
     assert train.group(0) in recorded_text(tmp_path / "results", "recipes", argv)

@@ -20,7 +20,7 @@ from dataset.NuscenesDataset.labels import load_nuscenes
 from dataset.NuscenesDataset.loader_bev_seg import DatasetLoader, grid_shape
 from models.LiftBEV.lift_bev import LiftBEV
 from models.LiftBEV.loss import SegmentationLoss
-from tests.conftest import NORMALIZE, PROJECT_ROOT, task_args, task_flags, torchrun
+from tests.conftest import NORMALIZE, PROJECT_ROOT, data_flags, task_args, task_flags, torchrun
 from utils.checkpoint import load_checkpoint
 from utils.config import merge_config
 from utils.errors import UserError
@@ -225,7 +225,7 @@ def test_ddp_training_and_evaluation(embedded_dir, tmp_path):
     exp = tmp_path / "exp"
     assert {"best.pt", "last.pt", "metrics.json"} <= set(os.listdir(exp))
     test_flags = ["--app_mode", "BEVSeg", "--model_name", "LiftBEV", "--save_dir", str(exp), "--num_cores", "0",
-                  "--batch_size", "1"]
+                  "--batch_size", "1", *data_flags(embedded_dir, "BEVSeg")]
     torchrun("test.py", "--ddp", "1", *test_flags)
     two = json.loads((exp / "test" / "metrics.json").read_text())
     two_samples = json.loads((exp / "test" / "per_sample_iou.json").read_text())

@@ -6,12 +6,17 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+import helper
+from argumentparser import build_parser
+from tests.conftest import PROJECT_ROOT, data_flags
 from utils.coco_eval import COCO as BackendCOCO
 from utils.coco_eval import SUMMARY_NAMES, coco_metrics, coco_precision, coco_results_array
 from utils.coco_reference import reference_evaluation, synthetic_coco
+from utils.config import merge_config
 
 
 @pytest.mark.parametrize("image_subset", [False, True], ids=["all_images", "some_images"])
@@ -128,3 +133,35 @@ def test_a_detection_between_two_boxes_takes_the_later_as_pycocotools():
     stats, _ = reference_evaluation(COCO, COCOeval, ground_truth, detections)
     assert metrics["mAP"] == pytest.approx(stats[0], abs=1e-12)
     assert stats[0] == pytest.approx((7 * 1.0 + 3 * 51 / 101 / 2) / 10)  # 10 thresholds; above 0.8, precision 1/2
+
+
+def test_the_ground_truth_as_detections_scores_1_through_the_solver(embedded_dir):
+    """The scoring wiring end to end: the loader's boxes of each batch (input pixels) given back as the model's
+    detections go through Solver.eval (post-processing's mapping to original pixels, the gathering, the ground
+    truth of the label cache, the COCO metrics) and score mAP 1."""
+    args = merge_config(vars(build_parser().parse_args([*data_flags(embedded_dir), "--num_cores", "0",
+                                                        "--cfg", "data.2DObjDet.image.w=160",
+                                                        "--cfg", "data.2DObjDet.image.h=96"])),
+                        str(PROJECT_ROOT / "config"))
+    dataset, loader = helper.load_datasetloader(args, 1, 0, "test")
+    solver = helper.load_solver(args, device=torch.device("cpu"), class_names=dataset.class_names, steps_per_epoch=0)
+    current = {}
+
+    class GroundTruthModel:
+        def predict(self, images):
+            batch = current["batch"]
+            return {"boxes": batch["boxes"], "scores": torch.ones(len(batch["boxes"])), "labels": batch["labels"],
+                    "image_index": batch["box_image_index"]}
+
+    class RecordingLoader:  # the loader, remembering the batch the solver is at
+        dataset = loader.dataset
+
+        def __iter__(self):
+            for batch in loader:
+                current["batch"] = batch
+                yield batch
+
+    solver.evaluated_model = GroundTruthModel
+    metrics, _, _ = solver.eval(RecordingLoader(), show_progress=False)
+    assert metrics["mAP"] == pytest.approx(1.0) and metrics["AP75"] == pytest.approx(1.0)
+    assert sum(value is not None for value in metrics["per_class_AP"].values()) >= 3  # not a vacuous 1

@@ -17,7 +17,7 @@ from torch import nn
 import test as test_script
 import train
 from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
-from tests.conftest import PROJECT_ROOT, launch, state_tensors, tiny_flags, torchrun
+from tests.conftest import PROJECT_ROOT, data_flags, launch, state_tensors, tiny_flags, torchrun
 from tests.signal_at_step import load_solver_that_signals
 from utils.checkpoint import load_checkpoint
 from utils.distributed import ResumableDistributedSampler, SeededItems, init_distributed, sync_batchnorm
@@ -89,8 +89,9 @@ def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(ddp_trained, emb
         assert two_row["lr"] == one_row["lr"]
 
 
-def test_two_process_evaluation_equals_one_process(ddp_trained):
-    test_flags = ["--save_dir", str(ddp_trained), "--num_cores", "0", "--batch_size", "3"]  # 4 test samples: 2 + 2
+def test_two_process_evaluation_equals_one_process(ddp_trained, embedded_dir):
+    test_flags = ["--save_dir", str(ddp_trained), *data_flags(embedded_dir), "--num_cores", "0",
+                  "--batch_size", "3"]  # 4 test samples: 2 + 2
     torchrun("test.py", "--ddp", "1", *test_flags)
     two = json.loads((ddp_trained / "test" / "metrics.json").read_text())
     two_detections = json.loads((ddp_trained / "test" / "detections.json").read_text())
@@ -182,6 +183,20 @@ def test_the_sampler_resumes_by_samples_for_any_batch_and_process_count(before, 
     assert len(first) == 2 * before[0] * before[1]
     assert len(set(first + rest)) == len(first) + len(rest)  # nothing twice
     assert len(dataset) - len(first + rest) < after[0] * after[1]  # nothing left out but the last partial batch
+
+
+@pytest.mark.parametrize("samples, processes", [(5, 2), (7, 3), (1, 2)])
+def test_evaluation_shards_are_disjoint_and_cover_every_sample_when_uneven(samples, processes):
+    """Evaluation without padding (a 2-process evaluation equals a 1-process one, tested with even shards above):
+    shards of uneven length, their lengths what the DataLoader is told, each sample in exactly one."""
+    shards = []
+    for rank in range(processes):
+        sampler = ResumableDistributedSampler(list(range(samples)), processes, rank, shuffle=False, seed=0,
+                                              drop_last=False, pad=False)
+        shards.append(list(sampler))
+        assert len(sampler) == len(shards[-1])
+    assert sorted(index for shard in shards for index in shard) == list(range(samples))
+    assert max(map(len, shards)) - min(map(len, shards)) == (1 if samples % processes else 0)
 
 
 def test_a_stop_signal_to_one_process_stops_all_at_the_same_step(ddp_trained, embedded_dir, tmp_path):

@@ -14,6 +14,7 @@ from pycocotools.coco import COCO
 from shapely.geometry import box as shapely_box
 
 from dataset.NuscenesDataset import export_coco, labels
+from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
 
 ALL_VISIBILITIES = {"visibilities": ["", "1", "2", "3", "4"], "min_box_size": 0.0}
 
@@ -128,16 +129,49 @@ def test_cache_is_reused_and_rebuilt_on_any_change(embedded_dir, tmp_path, monke
     records = json.loads(table.read_text())
     records = [r for r in records if r["visibility_token"] != "4"]
     table.write_text(json.dumps(records))
-    edited = labels.label_cache(str(dataroot), "v1.0-mini", "mini_val", ALL_VISIBILITIES, cache_dir)[1]
+    edited_path, edited = labels.label_cache(str(dataroot), "v1.0-mini", "mini_val", ALL_VISIBILITIES, cache_dir)
     assert len(builds) == 3 and len(edited["annotations"]) < len(first["annotations"])
-    name = os.path.basename(path)
-    assert sorted(os.listdir(cache_dir)) == [name, f"{name}.lock"]  # one file, rewritten in place
+    assert edited_path == path  # a changed table: the same settings' file, rewritten in place
+    assert len([name for name in os.listdir(cache_dir) if name.endswith(".npz")]) == 3  # one file per settings
 
     other_root = tmp_path / "other"  # the same tables elsewhere: never the first dataroot's cache
     shutil.copytree(dataroot, other_root)
     other_path, _ = labels.label_cache(str(other_root), "v1.0-mini", "mini_val", ALL_VISIBILITIES, cache_dir)
     train_path, _ = labels.label_cache(str(dataroot), "v1.0-mini", "mini_train", ALL_VISIBILITIES, cache_dir)
     assert len({path, other_path, train_path}) == 3 and len(builds) == 5
+
+
+def test_two_label_settings_of_one_split_and_folder_use_two_files(embedded_dir, tmp_path, monkeypatch):
+    """Every setting that changes the labels names the file: runs of other settings never rewrite each other's."""
+    cache_dir = str(tmp_path)
+    path, first = labels.label_arrays(embedded_dir, "v1.0-mini", "mini_val", ALL_VISIBILITIES, cache_dir)
+    other_settings = ({**ALL_VISIBILITIES, "min_box_size": 20.0}, {"visibilities": ["4"], "min_box_size": 0.0})
+    others = [labels.label_arrays(embedded_dir, "v1.0-mini", "mini_val", settings, cache_dir)[0]
+              for settings in other_settings]
+    assert len({path, *others}) == 3 and all(os.path.isfile(other) for other in (path, *others))
+    monkeypatch.setattr(labels, "build_labels", lambda *a: pytest.fail("rebuilt a cache of the same settings"))
+    same = {"visibilities": list(reversed(ALL_VISIBILITIES["visibilities"])), "min_box_size": 0}  # written otherwise
+    again_path, again = labels.label_arrays(embedded_dir, "v1.0-mini", "mini_val", same, cache_dir)
+    assert again_path == path and all(np.array_equal(again[key], first[key]) for key in first)
+
+
+def test_the_ground_truth_is_the_labels_the_dataset_loaded(embedded_dir, make_args, tmp_path):
+    """The evaluation's COCO ground truth comes from the arrays the dataset loaded, not from the cache file, which
+    another run may rewrite meanwhile (other label settings, or a changed table)."""
+    cache_dir = str(tmp_path / "cache")
+    dataset = DatasetLoader(make_args(embedded_dir, data={"label_cache_dir": cache_dir}), mode="val")
+    before = dataset.coco_ground_truth()
+    own_images = set(dataset.image_ids.tolist())
+    assert len([a for a in before["annotations"] if a["image_id"] in own_images]) == len(dataset.boxes) > 0
+
+    bigger = {**ALL_VISIBILITIES, "min_box_size": 20.0}  # another run's settings, same split and folder
+    other_path, other = labels.label_arrays(embedded_dir, "v1.0-mini", dataset.split, bigger, cache_dir)
+    assert 0 < len(other["box_image"]) < len(before["annotations"])
+    assert dataset.coco_ground_truth() == before
+    shutil.copy(other_path, f"{dataset.coco_path}.new")  # even the dataset's own file replaced, as a writer does
+    os.replace(f"{dataset.coco_path}.new", dataset.coco_path)
+    assert dataset.coco_ground_truth() == before
+    assert all(isinstance(array, np.ndarray) for array in dataset.split_labels.values())  # flat arrays, no box objects
 
 
 def test_parallel_build_equals_serial_build(embedded_dir, tmp_path):

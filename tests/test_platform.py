@@ -24,7 +24,7 @@ from argumentparser import build_parser
 from dataset.NuscenesDataset.collate_2d import padded_targets
 from models.Yolo.aligned_loss import AlignedDetectionLoss
 from optimization.base import BaseSolver
-from tests.conftest import PROJECT_ROOT, state_tensors, tiny_flags
+from tests.conftest import PROJECT_ROOT, data_flags, state_tensors, tiny_flags
 from tests.signal_at_step import load_solver_that_signals
 from utils.checkpoint import load_checkpoint
 from utils.config import load_json, merge_config
@@ -39,7 +39,7 @@ def tiny_run(embedded_dir, tmp_path):
     return lambda exp_dir="exp", *extra: tiny_flags(embedded_dir, tmp_path, exp_dir, *extra)
 
 
-def test_train_then_test_end_to_end(trained_copy):
+def test_train_then_test_end_to_end(trained_copy, embedded_dir):
     exp, _ = trained_copy
     for name in ("best.pt", "last.pt", "config.json", "training.log", "curves.png", "metrics.json", "results.csv"):
         assert (exp / name).is_file(), name
@@ -66,7 +66,7 @@ def test_train_then_test_end_to_end(trained_copy):
     assert state["epoch"] == 2 and len(state["history"]) == 2 and state["config"]["exp_id"] == 0
     assert {"model", "ema", "optimizer", "scheduler", "scaler", "rng", "global_step", "best_score"} <= set(state)
 
-    test_script.main(["--save_dir", str(exp), "--num_cores", "0", "--visualization", "1"])
+    test_script.main(["--save_dir", str(exp), *data_flags(embedded_dir), "--num_cores", "0", "--visualization", "1"])
     test_dir = exp / "test"
     test_metrics = json.loads((test_dir / "metrics.json").read_text())
     assert test_metrics["checkpoint"] == "best.pt" and "per_class_AP" in test_metrics
@@ -75,7 +75,7 @@ def test_train_then_test_end_to_end(trained_copy):
     assert len(os.listdir(test_dir / "pr_curves")) == 10
     assert sorted(os.listdir(test_dir / "visualization"))[0] == "sample_0.png"
 
-    test_script.main(["--save_dir", str(exp), "--num_cores", "0", "--is_test_all", "1"])
+    test_script.main(["--save_dir", str(exp), *data_flags(embedded_dir), "--num_cores", "0", "--is_test_all", "1"])
     assert (test_dir / "best" / "metrics.json").is_file() and (test_dir / "last" / "metrics.json").is_file()
     with open(test_dir / "summary.csv") as f:
         summary = list(csv.DictReader(f))
@@ -83,7 +83,7 @@ def test_train_then_test_end_to_end(trained_copy):
     assert float(summary[1]["mAP"]) == json.loads((test_dir / "last" / "metrics.json").read_text())["mAP"]
 
 
-def test_a_run_that_decodes_on_the_device_trains_tests_and_draws(tiny_run, tmp_path):
+def test_a_run_that_decodes_on_the_device_trains_tests_and_draws(tiny_run, tmp_path, embedded_dir):
     """data.json "decode": "device" end to end on the CPU: a persistent worker sends JPEG files and augmentation
     parameters, the solver decodes and augments them (train, validation, test, the drawings of test.py)."""
     flags = tiny_run("exp", "--num_epochs", "1", "--num_cores", "1", "--cfg", "data.2DObjDet.decode=device")
@@ -91,7 +91,7 @@ def test_a_run_that_decodes_on_the_device_trains_tests_and_draws(tiny_run, tmp_p
     exp = tmp_path / "exp"
     assert "epoch 1/1:" in (exp / "training.log").read_text()
     assert "mAP" in json.loads((exp / "metrics.json").read_text())
-    test_script.main(["--save_dir", str(exp), "--num_cores", "0", "--visualization", "1"])
+    test_script.main(["--save_dir", str(exp), *data_flags(embedded_dir), "--num_cores", "0", "--visualization", "1"])
     assert (exp / "test" / "visualization" / "sample_0.png").is_file()
 
 
@@ -176,12 +176,12 @@ def test_resume_with_nothing_left_to_train_is_one_line(trained_copy, capsys, num
     assert before == {name: (exp / name).read_bytes() for name in before}
 
 
-def test_test_py_takes_the_checkpoint_configuration_then_this_commands_flags(trained_copy, capsys):
+def test_test_py_takes_the_checkpoint_configuration_then_this_commands_flags(trained_copy, capsys, embedded_dir):
     """--cfg and flags given to test.py override the checkpoint's configuration, config/test settings included;
     training flags given to it are named in one warning line and change nothing."""
     exp, _ = trained_copy
-    test_script.main(["--save_dir", str(exp), "--num_cores", "0", "--visualization", "1", "--learning_rate", "0.1",
-                      "--num_epochs", "9", "--cfg", "config.test.visualizations=1",
+    test_script.main(["--save_dir", str(exp), *data_flags(embedded_dir), "--num_cores", "0", "--visualization", "1",
+                      "--learning_rate", "0.1", "--num_epochs", "9", "--cfg", "config.test.visualizations=1",
                       "--cfg", "model.Yolo.postprocess.max_detections=3"])
     assert os.listdir(exp / "test" / "visualization") == ["sample_0.png"]
     [warning] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
@@ -194,17 +194,20 @@ def test_test_py_takes_the_checkpoint_configuration_then_this_commands_flags(tra
         per_image[detection["image_id"]] = per_image.get(detection["image_id"], 0) + 1
     assert max(per_image.values()) == 3
     with pytest.raises(SystemExit) as failed:
-        test_script.main(["--save_dir", str(exp), "--cfg", "model.Yolo.postprocess.max_detections=0"])
+        test_script.main(["--save_dir", str(exp), *data_flags(embedded_dir),
+                          "--cfg", "model.Yolo.postprocess.max_detections=0"])
     assert failed.value.code == 2
     assert "postprocess.max_detections = 0 in config/model.json" in capsys.readouterr().err
 
 
-def test_visualization_of_a_solver_that_draws_nothing_is_one_line_before_any_work(trained_copy, capsys, monkeypatch):
+def test_visualization_of_a_solver_that_draws_nothing_is_one_line_before_any_work(trained_copy, capsys, monkeypatch,
+                                                                                 embedded_dir):
     """visualize is optional for a solver: without it, test.py --visualization 1 is refused before evaluating."""
     exp, _ = trained_copy
     monkeypatch.delattr(helper.solver_class("Yolo"), "visualize")
     with pytest.raises(SystemExit) as failed:
-        test_script.main(["--save_dir", str(exp), "--num_cores", "0", "--visualization", "1"])
+        test_script.main(["--save_dir", str(exp), *data_flags(embedded_dir), "--num_cores", "0",
+                          "--visualization", "1"])
     assert failed.value.code == 2 and not (exp / "test").exists()
     assert "--visualization 1: the Yolo solver draws nothing" in capsys.readouterr().err
 
@@ -293,6 +296,7 @@ def test_bad_checkpoints(trained_copy, capsys):
     torch.save(state, exp / "last.pt")
     with pytest.raises(SystemExit) as failed:
         train.main(flags("--load_pretrained", "1"))
+    assert failed.value.code == 2
     assert "is from model Detr, not Yolo: resume it with --model_name Detr" in capsys.readouterr().err
     with pytest.raises(UserError, match="from model Detr, not Yolo"):
         solver = helper.load_solver(json.loads(config_before), device=torch.device("cpu"),
@@ -421,9 +425,9 @@ def test_a_checkpoint_without_the_training_progress_is_one_line(trained_copy, ca
 
 
 def test_load_pretrained_without_checkpoint(tiny_run, tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as failed:
         train.main(tiny_run("exp", "--load_pretrained", "1"))
-    assert "--load_pretrained 1: no checkpoint" in capsys.readouterr().err
+    assert failed.value.code == 2 and "--load_pretrained 1: no checkpoint" in capsys.readouterr().err
 
 
 def test_a_fresh_run_never_overwrites_an_experiment(tiny_run, tmp_path, capsys):
@@ -437,8 +441,9 @@ def test_a_fresh_run_never_overwrites_an_experiment(tiny_run, tmp_path, capsys):
 
 
 def test_batch_size_larger_than_the_dataset(tiny_run, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as failed:
         train.main(tiny_run("exp", "--batch_size", "64"))
+    assert failed.value.code == 2
     assert "--batch_size 64 is larger than the 12 training samples" in capsys.readouterr().err
 
 

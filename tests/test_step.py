@@ -13,6 +13,7 @@ import optimization.base
 from argumentparser import build_parser
 from dataset.NuscenesDataset.collate_2d import padded_targets
 from models.Yolo.boxes import complete_iou_loss, generalized_iou_loss
+from optimization.base import BaseSolver
 from tests.conftest import PROJECT_ROOT
 from utils.config import merge_config
 from utils.errors import NonFiniteLossError
@@ -171,6 +172,46 @@ def test_the_compiled_model_trains_like_the_eager_one(monkeypatch):
         solver.losses = losses
     for key, value in eager.losses.items():
         assert torch.allclose(compiled.losses[key].float(), value.float(), rtol=1e-4, atol=1e-5), key
+    before = dict(yolo_solver("--optimizer_type", "sgd").model.named_parameters())  # a third copy: the start
+    for (name, weight), compiled_weight in zip(eager.model.named_parameters(), compiled.model.parameters(),
+                                               strict=True):  # the step: gradients, then weights
+        assert torch.allclose(compiled_weight.grad, weight.grad, rtol=1e-3, atol=1e-6), name
+        assert torch.allclose(compiled_weight, weight, rtol=1e-4, atol=1e-7), name
+    assert any(not torch.equal(weight, before[name]) for name, weight in eager.model.named_parameters())
+
+
+def test_the_ema_follows_its_warm_up_as_computed_by_hand():
+    """ema_n = d_n ema_(n-1) + (1 - d_n) w_n with d_n = min(ema_decay, (1 + n) / (10 + n)) for the n-th update
+    after the first, which copies the weights: a one-weight model set to 1, 3, -2, 5 before updates 0-3, decay 0.5.
+    By hand: 1; 2/11 * 1 + 9/11 * 3 = 29/11; 1/4 * 29/11 + 3/4 * -2 = -37/44; 4/13 * -37/44 + 9/13 * 5 = 458/143."""
+    solver = BaseSolver(torch.nn.Linear(1, 1, bias=False), solver_args("--cfg", "config.solver.ema_decay=0.5"),
+                        torch.device("cpu"), steps_per_epoch=1)
+    averaged = []
+    for weight in (1.0, 3.0, -2.0, 5.0):
+        with torch.no_grad():
+            solver.model.weight.fill_(weight)
+        solver.update_ema()
+        averaged.append(solver.ema.module.weight.item())
+    assert averaged == pytest.approx([1.0, 29 / 11, -37 / 44, 458 / 143], rel=1e-6)
+    assert solver.evaluated_model() is solver.ema.module
+
+
+def test_a_mixed_precision_step_moves_the_weights_as_a_float32_step_does():
+    """The same step from the same weights in bfloat16 autocast and in float32 (SGD: the update is the gradient):
+    the weights move, by about as much and in about the same direction."""
+    plain = yolo_solver("--optimizer_type", "sgd")
+    mixed = yolo_solver("--optimizer_type", "sgd", "--bool_mixed_precision", "1")
+    mixed.model.load_state_dict(plain.model.state_dict())
+    before = [weight.detach().clone() for weight in plain.model.parameters()]
+    batch = yolo_batch()
+    for solver in (plain, mixed):
+        solver.mode_selection(True)
+        solver.train(batch)
+    plain_update, mixed_update = (torch.cat([(weight.detach() - start).flatten() for weight, start in
+                                             zip(solver.model.parameters(), before, strict=True)])
+                                  for solver in (plain, mixed))
+    assert plain_update.norm() > 0 and 0.8 < mixed_update.norm() / plain_update.norm() < 1.25
+    assert torch.nn.functional.cosine_similarity(plain_update, mixed_update, dim=0) > 0.8  # 0.94 measured
 
 
 def test_compile_without_a_compiler_warns_and_runs_eager(monkeypatch, caplog):

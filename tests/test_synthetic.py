@@ -1,10 +1,15 @@
 """The embedded dataset: loaded unchanged by the devkit, nuScenes-like geometry, every class, deterministic."""
 
 import errno
+import fcntl
 import filecmp
+import glob
 import json
 import math
 import os
+import subprocess
+import sys
+import time
 from collections import Counter
 
 import cv2
@@ -20,6 +25,7 @@ from pyquaternion import Quaternion
 
 from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.labels import camera_boxes_2d
+from tests.conftest import PROJECT_ROOT
 from utils.errors import UserError
 
 TABLES = ("attribute", "calibrated_sensor", "category", "ego_pose", "instance", "log", "map", "sample",
@@ -275,3 +281,59 @@ def test_bad_scenes_is_one_line(tmp_path, capsys, argv, message):
     stderr = capsys.readouterr().err
     assert exit_info.value.code == 2 and stderr.count("\n") == 1 and message in stderr
     assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def children_of(pid: int) -> list:
+    """The PIDs of the processes whose parent is `pid`, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # after "pid (name)": state, then ppid
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+def test_a_killed_generation_leaves_no_process_nor_lock_and_the_next_one_says_so(tmp_path, caplog):
+    """A generation SIGKILLed while it holds the dataset's lock (as train.py's first run does): its pool workers end
+    with it, the lock is free at once, and the next generation removes the half-written folder, in one line."""
+    out = tmp_path / "nuscenes"
+    script = ("import sys\n"
+              f"sys.path.insert(0, {str(PROJECT_ROOT)!r})\n"
+              "from dataset.NuscenesDataset.cache import file_lock\n"
+              "from dataset.NuscenesDataset import synthetic\n"
+              f"with file_lock({str(out)!r} + '.lock', 'the embedded dataset'):\n"
+              f"    synthetic.generate({str(out)!r}, samples_per_scene=30, width=320, height=180, num_workers=2)\n")
+    generator = subprocess.Popen([sys.executable, "-c", script])
+    deadline, workers = time.monotonic() + 60, []
+    while time.monotonic() < deadline and len(workers) < 2:
+        time.sleep(0.05)
+        workers = children_of(generator.pid)
+    generator.kill()
+    generator.wait()
+    assert len(workers) == 2, "the generation's pool did not start"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(pid) for pid in workers):
+        time.sleep(0.05)
+    assert not [pid for pid in workers if alive(pid)]
+    assert glob.glob(f"{out}.partial-*")
+    fd = os.open(f"{out}.lock", os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while anything holds it
+    finally:
+        os.close(fd)
+    synthetic.generate(str(out), samples_per_scene=2, width=64, height=64)
+    assert "left by a generation that was killed, and generating again" in caplog.text
+    assert not glob.glob(f"{out}.partial-*") and (out / "v1.0-mini" / "scene.json").is_file()

@@ -25,8 +25,57 @@ def load_json(path: str):
                         f"{error.colno}") from None
 
 
+JSON_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+              dict: "a dict", type(None): "null"}  # how a value of each JSON type is named in errors
+
+
+def shape_difference(value, default, where: str = "") -> str | None:
+    """Where `value` (a parsed JSON value) differs in type or shape from `default`, the JSON value it replaces, as
+    "<where> = <value> is not <what>" (where: the subscripts from the top, e.g. ["v1.0-mini"][0]); None if it has
+    the default's shape. The rule, recursively:
+    - a bool is true or false; an int an integer (not 1.5); a float any number (2 where 2.0 is); a string a string;
+    - a list is a list of any length (cameras), each element of the shape of one of the default's elements (of any
+      shape if the default is empty);
+    - a dict whose default's values are all dicts, or all lists, of one shape is keyed by user data ("splits" by
+      version, BEVSeg's "classes" by class name, "loaders" by dataset type): any keys, each value of that shape.
+      Any other dict has fixed keys: exactly the default's, each value of its own default's shape. A fixed-key dict
+      whose values happen to share one such shape (data.json "normalize": mean and std) is taken as keyed by user
+      data; the checks that read its keys (check_values) name a missing one."""
+    if isinstance(default, float):
+        fits = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        fits = type(value) is type(default)
+    if not fits:
+        return (f"{where or 'the value'} = {json.dumps(value)} is not {JSON_KINDS[type(default)]} like "
+                f"{json.dumps(default)}")
+    if isinstance(default, list):
+        for index, element in enumerate(value):
+            differences = [shape_difference(element, option, f"{where}[{index}]") for option in default]
+            if default and None not in differences:
+                return differences[0]
+    elif isinstance(default, dict):
+        values = list(default.values())
+        keyed_by_data = bool(values) and isinstance(values[0], dict | list) and all(
+            shape_difference(other, values[0]) is None and shape_difference(values[0], other) is None
+            for other in values)
+        if not keyed_by_data:
+            missing, unknown = [k for k in default if k not in value], [k for k in value if k not in default]
+            if missing or unknown:
+                wrong = (f"lacks {', '.join(map(json.dumps, missing))}" if missing
+                         else f"has the unknown key {json.dumps(unknown[0])}")
+                return f"{where or 'the dict'} {wrong} (keys there: {', '.join(map(json.dumps, default))})"
+        for name, element in value.items():
+            difference = shape_difference(element, values[0] if keyed_by_data else default[name],
+                                          f"{where}[{json.dumps(name)}]")
+            if difference:
+                return difference
+    return None
+
+
 def parse_value(text: str, old, key: str):
-    """`text` as the type of `old` (the JSON value it replaces): bool, int, float, str, or JSON for lists/dicts."""
+    """`text` as the type of `old` (the JSON value it replaces): bool, int, float, str, or JSON of the shape of
+    `old` for lists and dicts (shape_difference says what that allows)."""
+    expected = f"--cfg {key}={text}: expected a value of type {type(old).__name__} like {json.dumps(old)}"
     try:
         if isinstance(old, bool):
             if text.lower() not in ("true", "false", "1", "0"):
@@ -39,12 +88,14 @@ def parse_value(text: str, old, key: str):
         if isinstance(old, str):
             return text
         value = json.loads(text)
-        if type(value) is not type(old):
-            raise ValueError
-        return value
     except ValueError:
-        raise UserError(f"--cfg {key}={text}: expected a value of type {type(old).__name__} like "
-                        f"{json.dumps(old)}") from None
+        raise UserError(expected) from None
+    if type(value) is not type(old):
+        raise UserError(expected)
+    difference = shape_difference(value, old)
+    if difference:
+        raise UserError(f"{expected}: {difference}")
+    return value
 
 
 def apply_override(cfg: dict, override: str, sections: tuple) -> None:
@@ -87,11 +138,14 @@ def resolve_inherits(entries: dict, path: str) -> dict:
         entry = entries[name]
         if isinstance(entry, dict) and "inherit" in entry:
             parent = entry["inherit"]
+            others = [key for key in entries if key != name and isinstance(entries[key], dict)]
+            if not isinstance(parent, str):
+                raise UserError(f"config file {path}: {name}.inherit = {json.dumps(parent)} is not a section name: "
+                                f"write one name as a string, one of {', '.join(map(json.dumps, others)) or '(none)'}")
             if parent in chain:
                 raise UserError(f"config file {path}: {name}.inherit = {json.dumps(parent)} makes a cycle "
                                 f"({' -> '.join((*chain, parent))}): let one of them inherit from none")
             if parent not in entries or not isinstance(entries[parent], dict):
-                others = [key for key in entries if key != name and isinstance(entries[key], dict)]
                 raise UserError(f"config file {path}: {name}.inherit = {json.dumps(parent)} is not a section of the "
                                 f"file: name one of {', '.join(others) or '(none: add that section)'}")
             entry = deep_merge(resolve(parent, (*chain, parent)), {k: v for k, v in entry.items() if k != "inherit"})

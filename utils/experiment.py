@@ -4,12 +4,14 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
+from contextlib import contextmanager
 
 import torch
 
 from utils.errors import UserError
-from utils.io import atomic_write_json
+from utils.io import TEMPORARY_PREFIX, atomic_write_json, lock_file, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -20,11 +22,20 @@ def experiment_path(args: dict, project_root) -> str:
         project_root, "saved_models", f"{args['dataset_type']}_{args['model_name']}_model{args['exp_id']}"))
 
 
-def experiment_folder(args: dict, project_root, fresh: bool) -> str:
-    """The experiment folder (experiment_path), created if missing. A fresh run refuses a folder that holds
-    checkpoints, so that nothing there is overwritten."""
+def checkpoint_names(folder: str) -> list:
+    """The checkpoint files in `folder`: its *.pt files but the temporary ones of writes that were interrupted."""
+    return sorted(name for name in os.listdir(folder) if name.endswith(".pt") and not name.startswith(TEMPORARY_PREFIX))
+
+
+@contextmanager
+def experiment_folder(args: dict, project_root, fresh: bool, hold: bool):
+    """The experiment folder (experiment_path), created if missing, for the block. A fresh run refuses a folder that
+    holds checkpoints, so that nothing there is overwritten. With `hold` (the process that writes, rank 0), the
+    folder is this run's for the block: another run in it is one line naming this one's process and host (a lock
+    in <folder>/.lock that dies with the process, utils.io.lock_file), and the temporary files of writes that were
+    interrupted are removed."""
     folder = experiment_path(args, project_root)
-    if fresh and os.path.isdir(folder) and any(n.endswith(".pt") for n in os.listdir(folder)):
+    if fresh and os.path.isdir(folder) and checkpoint_names(folder):
         raise UserError(f"experiment folder {folder} already holds checkpoints: resume it with --load_pretrained 1, "
                         f"or start a new one with another --exp_id (or --save_dir)")
     try:
@@ -35,7 +46,23 @@ def experiment_folder(args: dict, project_root, fresh: bool) -> str:
     if not os.access(folder, os.W_OK):
         raise UserError(f"experiment folder {folder} is not writable: choose another --save_dir or fix its "
                         f"permissions")
-    return folder
+    if not hold:
+        yield folder
+        return
+    path = os.path.join(folder, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not lock_file(fd, path, wait=False, remedy="choose a --save_dir on a local disk"):
+            with open(path) as f:
+                holder = f.read().strip() or "another run"
+            raise UserError(f"experiment folder {folder} is in use by {holder}: wait for that run to end, or train "
+                            f"into another --exp_id (or --save_dir)")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"the run of process {os.getpid()} on {socket.gethostname()}".encode())
+        remove_stale_temporaries(folder)
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # The project's loggers: one per top-level module or package (each file logs to logging.getLogger(__name__)).
@@ -112,8 +139,11 @@ def numbered_checkpoints(folder: str) -> list:
 
 
 def prune_checkpoints(folder: str, keep: int) -> None:
-    """Delete the oldest numbered checkpoints beyond the newest `keep`."""
-    for _, name in numbered_checkpoints(folder)[:-keep]:
+    """Delete the numbered checkpoints beyond the `keep` written last. By write time, not by epoch: a run resumed
+    from an older epoch writes epoch_<k>.pt files that are newer than higher-numbered ones of the run it branched
+    from, and keeps them."""
+    written = sorted(numbered_checkpoints(folder), key=lambda found: os.path.getmtime(os.path.join(folder, found[1])))
+    for _, name in written[:-keep]:
         os.remove(os.path.join(folder, name))
 
 

@@ -1,13 +1,12 @@
 """On-disk caches of arrays derived from the nuScenes tables (the 2D labels, the BEV samples).
 
 A cache is one .npz file of plain arrays (no pickle), written atomically, with the key of what it was built from
-stored in it. It is built by one process at a time: the others wait on a file lock (`fcntl.flock`, released by the
-kernel if the builder dies), never inside a torch.distributed collective, then read what the builder wrote. The key
-of the tables is each table file's name, size and modification time, so a changed table is noticed without
-hashing gigabytes at every start.
+stored in it. It is built by one process at a time: the others wait on a file lock (utils.io.lock_file, released
+by the kernel when the builder dies), never inside a torch.distributed collective, then read what the builder
+wrote. The key of the tables is each table file's name, size and modification time, so a changed table is noticed
+without hashing gigabytes at every start (copies of a dataset on several nodes differ in it: docs/data.md).
 """
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -19,7 +18,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from utils.errors import UserError
-from utils.io import atomic_write
+from utils.io import atomic_write, lock_file
 
 KEY_ARRAY = "dstorch_cache_key"
 logger = logging.getLogger(__name__)
@@ -78,12 +77,12 @@ def file_lock(path: str, what: str):
     except OSError as error:
         raise UserError(f"cannot create {path} ({error.strerror}): make its folder writable, or set "
                         f"'label_cache_dir' in config/data.json to a writable folder") from None
+    remedy = ("set 'label_cache_dir' in config/data.json to a local folder, or build the caches first with python -m "
+              "dataset.NuscenesDataset.prepare")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not lock_file(fd, path, wait=False, remedy=remedy):
             logger.info("another process is building %s: waiting for it (lock %s)", what, path)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            lock_file(fd, path, wait=True, remedy=remedy)
         yield
     finally:
         os.close(fd)  # releases the lock

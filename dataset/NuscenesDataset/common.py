@@ -5,13 +5,15 @@ DataLoader workers' OpenCV setting, and the config/data.json keys that all of th
 import logging
 import os
 import random
+import re
+import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+import torchvision
 from PIL import Image, UnidentifiedImageError
-from torchvision.io import decode_jpeg
 
 from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.cache import file_lock
@@ -150,6 +152,19 @@ def is_complete_jpeg(data: bytes) -> bool:
     return True
 
 
+def decode_jpeg(data, **options):
+    """torchvision.io.decode_jpeg(data, **options), without the DeprecationWarning of torchvision 0.29, which retires
+    its image codecs for TorchCodec's. Kept (requirements.txt keeps torchvision below 0.30, which has it): TorchCodec
+    0.17's decoders.decode_jpeg takes the same batch and gave the same CPU pixels, but its nvJPEG path was not
+    checked on a GPU, it needs torch >= 2.11 (requirements: >= 2.4), and its PyPI wheel is built for torch's CUDA 13.0
+    build only (it links libtorch_cuda.so and libcudart.so.13)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape("The image decoding and encoding capabilities of "
+                                                            "TorchVision are deprecated"),
+                                category=DeprecationWarning, module=re.escape("torchvision.io.image"))
+        return torchvision.io.decode_jpeg(data, **options)
+
+
 def decode_image(path: str, size: tuple, full_size: tuple) -> np.ndarray:
     """Decode the JPEG at `path`, of full_size = (W, H) px, resized to size = (W, H): (H, W, 3) uint8 RGB.
 
@@ -188,7 +203,15 @@ def read_image_file(path: str, size: tuple) -> tuple:
                 return read_image(path, size, full_size), full_size
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         pass  # not a JPEG that Pillow reads the header of: OpenCV decodes it, or names it unreadable
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    # OpenCV decodes the file's bytes, not its name: cv2.imread crashes the process (SIGSEGV) on a name that is not
+    # UTF-8, which Python holds as surrogates. Mapped, not read: a large file that is not an image (a video in the
+    # folder) costs only the pages of its header.
+    try:
+        image = cv2.imdecode(np.memmap(path, dtype=np.uint8, mode="r"), cv2.IMREAD_COLOR)
+    except OSError as error:
+        raise UserError(f"cannot read image {path} ({error.strerror or error})") from None
+    except (ValueError, cv2.error):  # ValueError: an empty file; cv2.error: one of 2 GiB or more (cv2.imdecode's limit)
+        image = None
     if image is None:
         raise UserError(f"cannot read image {path} (not an image file that OpenCV decodes)")
     full_size = (image.shape[1], image.shape[0])

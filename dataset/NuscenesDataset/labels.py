@@ -9,7 +9,8 @@ its bounds are used and boxes of zero area are dropped. Classes come from the de
 `category_to_detection_name`; categories without a detection class are dropped.
 
 The label cache (cache.py: one .npz of plain arrays) is built once per (dataroot, version, split, label settings,
-table files), one job per scene over all cores, and reused while the key stored in it matches. It holds, for I
+table files), one job per scene over all cores, and reused while the key stored in it matches. Its file name hashes
+all of these but the tables, so that two label settings never share a file. It holds, for I
 camera keyframe images and A boxes:
     image_file (I,) bytes: path relative to the dataroot; image_size (I, 2) int32: (width, height) px;
     image_sample, image_token (I,) bytes: sample and sample_data tokens; image_channel (I,) bytes;
@@ -27,7 +28,6 @@ never needs. (The BEV loader uses the devkit's Box in every item.)
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -45,6 +45,7 @@ from tqdm import tqdm
 from dataset.NuscenesDataset.cache import cache_key, cached_arrays, read_arrays, tables_key, write_arrays
 from dataset.NuscenesDataset.common import scene_samples
 from utils.errors import UserError
+from utils.io import end_with_parent
 
 if TYPE_CHECKING:
     from nuscenes.nuscenes import NuScenes
@@ -226,7 +227,8 @@ def build_labels(nusc: NuScenes, scene_names: list, visibilities: list, min_box_
     jobs = [(name, visibilities, min_box_size) for name in todo]
     _WORKER_NUSC = nusc
     try:
-        with (multiprocessing.get_context("fork").Pool(workers) if workers > 1 and len(todo) > 1 else
+        with (multiprocessing.get_context("fork").Pool(workers, end_with_parent, (os.getpid(),))
+              if workers > 1 and len(todo) > 1 else
               nullcontext()) as pool:
             results = pool.imap(_worker_scene_labels, jobs) if pool is not None else map(_worker_scene_labels, jobs)
             for name, arrays in tqdm(zip(todo, results, strict=True), desc="2D labels", unit="scene",
@@ -254,11 +256,15 @@ def label_arrays(dataroot: str, version: str, split: str, label_cfg: dict, cache
     label_cfg: {"visibilities": list of visibility tokens to keep ("" for none), "min_box_size": px}."""
     dataroot = os.path.abspath(dataroot)
     check_dataroot(dataroot, version)
-    key = cache_key({"format": LABEL_FORMAT, "dataroot": dataroot, "version": version, "split": split,
-                     "visibilities": sorted(label_cfg["visibilities"]), "min_box_size": label_cfg["min_box_size"],
-                     "tables": tables_key(os.path.join(dataroot, version))})
-    path = os.path.join(os.path.abspath(cache_dir),
-                        f"{version}_{split}_{hashlib.sha1(dataroot.encode()).hexdigest()[:10]}.npz")
+    # Every setting that changes the labels names the file (hashed), so that two settings never share one: runs of
+    # other settings would rebuild it in turn, and a reader could get another run's boxes. Normalized, so that equal
+    # settings written differently (0 and 0.0, visibilities in another order) share it. The tables are in the stored
+    # key only: a changed table makes the file stale, and it is rebuilt in place.
+    settings = {"format": LABEL_FORMAT, "dataroot": dataroot, "version": version, "split": split,
+                "visibilities": sorted(set(label_cfg["visibilities"])),
+                "min_box_size": float(label_cfg["min_box_size"])}
+    key = cache_key({**settings, "tables": tables_key(os.path.join(dataroot, version))})
+    path = os.path.join(os.path.abspath(cache_dir), f"{version}_{split}_{cache_key(settings)[:16]}.npz")
 
     parts_dir = f"{path}.parts-{key[:16]}"
 

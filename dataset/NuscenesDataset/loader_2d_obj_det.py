@@ -26,16 +26,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import ImageReadMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from dataset.NuscenesDataset.cache import read_arrays
 from dataset.NuscenesDataset.collate_2d import collate_detection
 from dataset.NuscenesDataset.common import (
     COMMON_RULES,
     check_images_exist,
     decode_image,
+    decode_jpeg,
     mode_scenes,
     project_path,
     read_image_file,
@@ -165,8 +165,9 @@ def augment_array(image: np.ndarray, params: dict) -> np.ndarray:
 
 def images_on_device(batch: dict, size: tuple, device: torch.device) -> torch.Tensor:
     """The (B, N_cam, 3, H, W) uint8 images of a batch of decode "device" items, made on `device`: the JPEGs
-    decoded there (torchvision.io.decode_jpeg: nvJPEG on CUDA, libjpeg-turbo on the CPU), resized to size =
-    (W, H) (antialiased bilinear from full size) and augmented with the parameters the workers drew."""
+    decoded there (torchvision's decode_jpeg, through common.decode_jpeg: nvJPEG on CUDA, libjpeg-turbo on the
+    CPU), resized to size = (W, H) (antialiased bilinear from full size) and augmented with the parameters the
+    workers drew."""
     width, height = size
     try:
         decoded = decode_jpeg(batch["jpegs"], mode=ImageReadMode.RGB, device=device)
@@ -175,8 +176,8 @@ def images_on_device(batch: dict, size: tuple, device: torch.device) -> torch.Te
             try:
                 decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
             except RuntimeError:
-                raise UserError(f"cannot read image {path} (not a JPEG file): restore the file or regenerate the "
-                                f"dataset") from None
+                raise UserError(f"cannot read image {path} (not a JPEG file): restore the file or regenerate "
+                                f"the dataset") from None
         raise
     if len({image.shape for image in decoded}) == 1:  # one resize call for the batch (nuScenes: all 1600x900)
         images = list(F.resize(torch.stack(decoded), [height, width], antialias=True))
@@ -212,7 +213,8 @@ class DatasetLoader(Dataset):
             "augmentation.scale": Rule(lambda value: NUMBER_RANGE.check(value) and value[0] > 0,
                                        "[low, high] with 0 < low < high"),
             "augmentation.translate": number(0, 1),
-            "augmentation.min_box_size": number(0),
+            # transforms.v2.SanitizeBoundingBoxes(min_size) rejects a size below 1 px
+            "augmentation.min_box_size": number(1),
             "decode": one_of("cpu", "device"),
         }, f"data.{args['app_mode']}")
 
@@ -223,6 +225,10 @@ class DatasetLoader(Dataset):
         self.dataroot = resolve_dataroot(args, cfg)
         self.coco_path, labels = label_arrays(self.dataroot, self.version, self.split, cfg["labels"],
                                               project_path(cfg["label_cache_dir"]))
+        # the split's label arrays, kept for coco_ground_truth: the evaluation scores against the labels this dataset
+        # was built with, even if another run rewrites the cache file meanwhile. Flat arrays, as large as the cache
+        # file (12 MB for trainval's train split, bench/results/scale.md), which forked workers share untouched
+        self.split_labels = labels
         scene_names = mode_scenes(labels["scene_names"].tolist(), mode, args["val_ratio"])
         # Flat arrays only (DataLoader workers would copy Python objects on read): for S samples of N_cam cameras,
         # image_index (S, N_cam) int64 cache index of each camera's image; for those images, files, sizes and the
@@ -296,8 +302,9 @@ class DatasetLoader(Dataset):
         return files
 
     def coco_ground_truth(self) -> dict:
-        """The COCO ground-truth dict of the split's label cache (for the evaluation; built on demand)."""
-        return coco_from_labels(read_arrays(self.coco_path), self.version, self.split)
+        """The COCO ground-truth dict of the split's labels as this dataset loaded them (for the evaluation; built on
+        demand)."""
+        return coco_from_labels(self.split_labels, self.version, self.split)
 
     def __len__(self) -> int:
         return len(self.image_files)

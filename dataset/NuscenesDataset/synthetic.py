@@ -32,11 +32,14 @@ y down). Distances in metres, times in microseconds, image coordinates in pixels
 
 import argparse
 import errno
+import glob
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
+import socket
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -47,7 +50,9 @@ from shapely.geometry import MultiPoint
 from shapely.geometry import box as shapely_box
 
 from utils.errors import UserError, exit_on_user_error
+from utils.io import end_with_parent
 
+logger = logging.getLogger(__name__)
 VERSION = "v1.0-mini"  # the default version
 VERSIONS = {"v1.0-mini": ("mini_train", "mini_val"), "v1.0-trainval": ("train", "val")}  # its two splits
 IMAGE_MODES = ("rendered", "linked")
@@ -741,7 +746,8 @@ def generate(out: str, samples_per_scene: int = 10, width: int = 800, height: in
     # A scene keeps its place in the version's list (its seed, date and table position) whichever --scenes selects it.
     selected = set(sorted(scene_names)[:scenes])
     out = os.path.abspath(out)
-    tmp_root = f"{out}.partial-{os.getpid()}"
+    remove_killed_generations(out)
+    tmp_root = f"{out}.partial-{socket.gethostname()}-{os.getpid()}"
     try:
         for folder in ("samples", "sweeps") if sweeps else ("samples",):
             for channel in CAMERAS:
@@ -751,7 +757,8 @@ def generate(out: str, samples_per_scene: int = 10, width: int = 800, height: in
         jobs = [{"seed": seed, "scene_index": i, "scene_name": name, "width": width, "height": height,
                  "samples_per_scene": samples_per_scene, "root": tmp_root, "image_mode": image_mode,
                  "sweeps": sweeps, "templates": {}} for i, name in enumerate(scene_names) if name in selected]
-        with ProcessPoolExecutor(max_workers=num_workers or os.cpu_count()) as pool:
+        with ProcessPoolExecutor(max_workers=num_workers or os.cpu_count(), initializer=end_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             per_scene = []  # {table name: JSON text of the scene's records} of each scene
             if image_mode == "linked":  # the first scene renders the templates that all other scenes link to
                 per_scene.append(pool.submit(scene_json, jobs[0]).result())
@@ -773,6 +780,27 @@ def generate(out: str, samples_per_scene: int = 10, width: int = 800, height: in
         os.rename(tmp_root, out)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def remove_killed_generations(out: str) -> None:
+    """Remove the temporary folders `<out>.partial-<host>-<pid>` of generations on this host whose process is gone
+    (killed before its rename; its workers end with it: utils.io.end_with_parent), saying so in one line."""
+    host = socket.gethostname()
+    for folder in glob.glob(f"{glob.escape(out)}.partial-*"):
+        owner_host, _, pid = folder.rsplit(".partial-", 1)[1].rpartition("-")
+        if owner_host == host and pid.isdigit() and not process_alive(int(pid)):
+            logger.warning("removing %s, left by a generation that was killed, and generating again", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
