@@ -124,7 +124,8 @@ def build_checkpoint_parser(description: str) -> argparse.ArgumentParser:
     parser = build_parser(description)
     parser.epilog = ("Besides the flags that find the experiment folder (--exp_id or --save_dir, --dataset_type, "
                      "--model_name), train.py's flags not given take the checkpoint's values, not the defaults above; "
-                     "training flags are ignored with a warning.")
+                     "training flags are ignored with a warning. The data's folders are not the checkpoint's: "
+                     "--dataset_dir, else config/data.json (--cfg data.<app_mode>.version=... for the version).")
     return parser
 
 

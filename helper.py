@@ -176,9 +176,12 @@ def without_pretrained_weights(args: dict) -> dict:
 
 
 def data_location(cfg: dict) -> tuple:
-    """(dataset folder, version) that a configuration reads; data.json's folders are relative to the project."""
+    """(dataset folder, version) that a configuration reads: --dataset_dir (relative to the working folder), else
+    data.json's (relative to the project), as the loaders resolve them."""
     section = cfg["data"][cfg["app_mode"]]
-    folder = cfg.get("dataset_dir") or section.get("dataset_dir")
+    if cfg.get("dataset_dir"):
+        return os.path.abspath(cfg["dataset_dir"]), section.get("version")
+    folder = section.get("dataset_dir")
     return os.path.normpath(os.path.join(PROJECT_ROOT, folder)) if folder else None, section.get("version")
 
 
@@ -197,7 +200,10 @@ def checkpoint_configuration(path: str, state: dict, given: dict, checkout: dict
     if not isinstance(section, dict) or not isinstance(run["data"].get(run["app_mode"]), dict):
         raise UserError(f"checkpoint {path} is of --app_mode {run['app_mode']}, which config/data.json of this "
                         f"checkout has no section for: add it, or use this checkpoint where it was trained")
-    run["data"][run["app_mode"]].update({key: copy.deepcopy(section[key]) for key in PATH_KEYS if key in section})
+    for key in PATH_KEYS:  # the checkout's, or none at all
+        run["data"][run["app_mode"]].pop(key, None)
+        if key in section:
+            run["data"][run["app_mode"]][key] = copy.deepcopy(section[key])
     run["dataset_dir"] = checkout["dataset_dir"]
     run.update({name: value for name, value in given.items() if name != "cfg"})
     for override in given["cfg"]:
@@ -207,14 +213,25 @@ def checkpoint_configuration(path: str, state: dict, given: dict, checkout: dict
     return run
 
 
-def warn_of_other_data(path: str, state: dict, run: dict) -> None:
-    """A warning line where `run` reads other data than the checkpoint at `path` was trained on (test.py; predict.py
-    with sample tokens): the paths come from the command, not from the checkpoint (checkpoint_configuration)."""
+def check_data_of(path: str, state: dict, run: dict, command: dict) -> None:
+    """test.py, and predict.py with sample tokens, read the data that the command and config/data.json name
+    (checkpoint_configuration), which may not be the data the checkpoint at `path` was trained on. Then: one line
+    that stops, unless the command (`command`: its parsed flags) chose the data itself with --dataset_dir or a
+    --cfg of the section's dataset_dir or version; then a warning line naming both."""
     trained_on, reading = data_location(state["config"]), data_location(run)
-    if trained_on != reading and os.environ.get("RANK", "0") == "0":
-        print(f"warning: checkpoint {path} was trained on {trained_on[0]} ({trained_on[1]}); this reads "
-              f"{reading[0]} ({reading[1]}), from the flags and config/data.json, as a checkpoint chooses no paths "
-              f"(--dataset_dir and --cfg data.{run['app_mode']}.version=... change them)", file=sys.stderr)
+    if trained_on == reading:
+        return
+    app_mode = run["app_mode"]
+    chosen = command.get("dataset_dir") is not None or any(
+        override.split("=", 1)[0] in (f"data.{app_mode}.dataset_dir", f"data.{app_mode}.version")
+        for override in command.get("cfg") or [])
+    what = (f"checkpoint {path} was trained on {trained_on[0]} ({trained_on[1]}); this reads {reading[0]} "
+            f"({reading[1]}), from the command and config/data.json (a checkpoint chooses no paths)")
+    if not chosen:
+        raise UserError(f"{what}: give --dataset_dir {trained_on[0]} --cfg data.{app_mode}.version={trained_on[1]} "
+                        f"to read its data, or --dataset_dir {reading[0]} to read that")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {what}", file=sys.stderr)
 
 
 def checkpoint_class_names(path: str, state: dict, run: dict) -> list:

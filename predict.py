@@ -18,8 +18,8 @@ images, under images/ there. A file that is not a readable image is skipped with
 still run. B inputs (image files, or samples) go through the model in one forward pass, read by W worker processes
 (default: the checkpoint's --batch_size and --num_cores).
 
-Configuration as in test.py: the checkpoint's own (model, input size, dataset), then the flags and --cfg given here.
-Default checkpoint: best.pt."""
+Configuration as in test.py: the checkpoint's own (model, input size), then the flags and --cfg given here; sample
+tokens are read from the dataset that --dataset_dir or config/data.json names. Default checkpoint: best.pt."""
 
 import logging
 import math
@@ -79,7 +79,7 @@ def source_inputs(source: str, loader, run: dict, outputs: str) -> list:
         for path in Path(source).rglob("*"):  # lexically below the source: rglob follows no folder symlink
             parts = path.relative_to(source).parts
             if (path.is_file() and not any(part.startswith(".") for part in parts)
-                    and parts[:len(left_out or ())] != left_out):
+                    and (left_out is None or parts[:len(left_out)] != left_out)):
                 files.append(str(path))
         files.sort()
         if not files:
@@ -136,6 +136,8 @@ def original_image(path: str) -> torch.Tensor:
     orientation applied, grey and alpha made RGB)."""
     # from its bytes, as read_image_file reads it: cv2.imread crashes (SIGSEGV) on a file name that is not UTF-8
     image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise UserError(f"cannot draw on {path}: it changed since it was read (no longer an image file)")
     return torch.from_numpy(cv2.cvtColor(image, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
 
 
@@ -170,8 +172,11 @@ def predicted_entries(readable: list, predictions: list, solver, args: dict, out
             paths = [path for _, path, *_ in read]
             drawing = token or (os.path.relpath(paths[0], args["source"]) if os.path.isdir(args["source"])
                                 else os.path.basename(paths[0]))
-            save_drawing(solver, paths, predictions[start:start + len(read)],
-                         os.path.join(out_dir, "images", f"{drawing}.jpg"))
+            try:
+                save_drawing(solver, paths, predictions[start:start + len(read)],
+                             os.path.join(out_dir, "images", f"{drawing}.jpg"))
+            except UserError as error:  # its predictions stand; only the drawing is missing
+                logger.warning("%s", error)
             start += len(read)
     return entries
 
@@ -202,14 +207,14 @@ def main(argv=None) -> None:
     if not hasattr(loader, "image_file") or not hasattr(solver_class, "predict"):
         raise UserError(f"--model_name {run['model_name']} with --app_mode {run['app_mode']} does not predict on "
                         f"image files (its loader needs image_file, its solver predict; see docs/task_reference.md)")
+    token_source = args["source"].endswith(".txt") and not os.path.isdir(args["source"])
+    if token_source:  # the samples are read from the dataset: the command's, not the checkpoint's
+        helper.check_data_of(checkpoint, state, run, vars(build_predict_parser().parse_args(argv)))
     predict_dir = os.path.join(exp_dir, "predict")
     setup_logging(None)  # the console only: a --source that fails its checks leaves no run folder behind
     inputs = source_inputs(args["source"], loader, run, predict_dir)
     out_dir = new_run_folder(predict_dir)
     setup_logging(os.path.join(out_dir, "predict.log"))
-    token_source = args["source"].endswith(".txt") and not os.path.isdir(args["source"])
-    if token_source:  # the samples are read from the dataset: the command's, not the checkpoint's
-        helper.warn_of_other_data(checkpoint, state, run)
     solver = helper.load_solver(run, device=select_device(args["gpu_num"]), steps_per_epoch=0,
                                 class_names=helper.checkpoint_class_names(checkpoint, state, run))
     solver.load_weights(state)

@@ -8,10 +8,12 @@ other evaluation files (Yolo: detections.json, COCO results in original pixels),
 recall curves) and, with --visualization 1, the solver's drawings of a few samples under visualization/ (Yolo:
 camera mosaics with the ground truth in green and the detections in red).
 
-Configuration, one rule: each checkpoint's own configuration, then the flags given on this command line and its
-`--cfg` overrides on top (e.g. `--batch_size 8`, `--dataset_dir DIR`, `--cfg config.test.visualizations=8`). The
-config/*.json files of the checkout are not read for the evaluation; they only give the defaults that locate the
-experiment (--exp_id, --save_dir) and distributed.timeout_s under --ddp 1."""
+Configuration: each checkpoint's own configuration, then the flags given on this command line and its `--cfg`
+overrides on top (e.g. `--batch_size 8`, `--cfg config.test.visualizations=8`). A checkpoint chooses neither the
+code imported nor the folders read and written (helper.checkpoint_configuration): the loaders table and the data's
+folders come from the checkout's config/*.json and this command (`--dataset_dir DIR`); where they are not the data
+the checkpoint was trained on, one line says so and stops, unless --dataset_dir or a --cfg of the data's folder or
+version was given (then a warning line)."""
 
 import logging
 import os
@@ -70,7 +72,7 @@ def main(argv=None) -> None:
         path = os.path.join(exp_dir, name)
         state = load_checkpoint(path)
         runs[name] = helper.checkpoint_configuration(path, state, given, args)
-        helper.warn_of_other_data(path, state, runs[name])
+        helper.check_data_of(path, state, runs[name], flags)
     undrawn = sorted({run["model_name"] for run in runs.values()
                       if not hasattr(helper.solver_class(run["model_name"]), "visualize")})
     if args["visualization"] and undrawn:

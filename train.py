@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import re
 import shlex
 import signal
 import sys
@@ -33,6 +34,8 @@ from utils.experiment import (
     checkpoint_names,
     experiment_folder,
     experiment_path,
+    holder_of,
+    in_use,
     prune_checkpoints,
     select_device,
     setup_logging,
@@ -75,12 +78,18 @@ def launch_id():
 
 
 def newest_checkpoint(exp_dir: str) -> str | None:
-    """The path of the checkpoint written last in `exp_dir` (None: none). That is last.pt, but where a run was
+    """The path of the checkpoint train.py wrote last in `exp_dir` (None: none). That is last.pt, but where a run was
     killed between the files of one save (best.pt, epoch_<k>.pt, then last.pt, all of the same state): then one of
-    those, or the only checkpoint of a first save."""
-    names = checkpoint_names(exp_dir) if os.path.isdir(exp_dir) else []
-    paths = [os.path.join(exp_dir, name) for name in names]
-    return max(paths, key=os.path.getmtime) if paths else None
+    those, or the only checkpoint of a first save. By modification time (a run resumed from an older epoch writes
+    newer files of fewer steps), ties (the files of one save) to last.pt, then the highest epoch."""
+    names = [name for name in (checkpoint_names(exp_dir) if os.path.isdir(exp_dir) else [])
+             if re.fullmatch(r"best\.pt|last\.pt|epoch_\d+\.pt", name)]  # not a file the user put there
+
+    def written(name: str) -> tuple:
+        return (os.path.getmtime(os.path.join(exp_dir, name)), name == "last.pt",
+                int(name[6:-3]) if name.startswith("epoch_") else -1)
+
+    return os.path.join(exp_dir, max(names, key=written)) if names else None
 
 
 def resume_state(args: dict, exp_dir: str, restarted: bool):
@@ -170,7 +179,10 @@ def main(argv=None) -> None:
     world_size, rank, local_rank = init_distributed(args["ddp"], args["config"]["distributed"]["timeout_s"])
     try:
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun restarted the workers
-        resume = resume_state(args, experiment_path(args, PROJECT_ROOT), restarted)
+        folder = experiment_path(args, PROJECT_ROOT)
+        if rank == 0 and (holder := holder_of(folder)):  # before anything there is read
+            raise in_use(folder, holder)
+        resume = resume_state(args, folder, restarted)
         # the folder is this run's until it ends: rank 0 holds it, the process that writes there
         with experiment_folder(args, PROJECT_ROOT, fresh=resume[1] is None, hold=rank == 0) as exp_dir:
             run(args, sys.argv[1:] if argv is None else argv, exp_dir, resume, restarted, world_size, rank,
@@ -219,9 +231,10 @@ def run(args: dict, argv: list, exp_dir: str, resume: tuple, restarted: bool, wo
         logger.info("resumed from %s at epoch %d, step %d", resume_path, progress.epoch + 1, progress.step_in_epoch)
         kept = best_in_folder(exp_dir, resume_path)
         if kept is not None and solver.improves(kept, progress.best_score):
-            # a run resumed from an older epoch branches: best.pt stays the best of the folder, not of the branch
-            logger.info("best.pt holds %s %.4g: it is replaced only by a better validation score",
-                        solver.metric_names[0], kept)
+            # a run resumed from an older epoch branches in the folder: best.pt stays the folder's best
+            logger.info("best.pt holds %s %.4g, better than this checkpoint's best: it is replaced only by a better "
+                        "validation score; last.pt, results.csv, TensorBoard and the epoch_<k>.pt from here on are "
+                        "this run's", solver.metric_names[0], kept)
             progress.best_score = kept
     if main_process:
         atomic_write_json(os.path.join(exp_dir, "config.json"), args)

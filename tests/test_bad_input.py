@@ -6,7 +6,9 @@ import importlib
 import json
 import os
 import re
+import select
 import shutil
+import signal
 
 import pytest
 import torch
@@ -120,14 +122,20 @@ def error_of_unprivileged_read(dataset) -> str:
                 dataset[0]
         except UserError as error:
             message = str(error)
+        except BaseException as error:  # reported to the parent, whatever it is
+            message = f"{type(error).__name__}: {error}"
         finally:
             os.write(writer, message.encode())
             os._exit(0)
     os.close(writer)
-    with os.fdopen(reader) as pipe:
-        message = pipe.read()
-    os.waitpid(child, 0)
-    return message
+    try:
+        if not select.select([reader], [], [], 60)[0]:
+            os.kill(child, signal.SIGKILL)
+            return "the child process did not answer in 60 s"
+        with os.fdopen(reader) as pipe:
+            return pipe.read()
+    finally:
+        os.waitpid(child, 0)
 
 
 def test_unreadable_image_file(dataset_copy, make_args):

@@ -15,12 +15,15 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
+import helper
 import test as test_script
 import train
+from argumentparser import build_parser
 from dataset.NuscenesDataset.cache import file_lock, write_arrays
 from tests.conftest import PROJECT_ROOT, data_flags, tiny_flags
 from utils import io
 from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.config import merge_config
 from utils.errors import UserError
 from utils.plots import save_figure
 
@@ -100,11 +103,12 @@ def test_a_run_resumed_from_an_older_epoch_keeps_the_better_best_pt_and_its_own_
     best["best_score"] = 0.99  # a score no branch of this tiny run reaches
     torch.save(best, exp / "best.pt")
     before = (exp / "best.pt").read_bytes()
-    time.sleep(0.05)  # the branch's files are newer, also on file systems with coarse modification times
+    for name in os.listdir(exp):  # written a minute ago: the branch's files are newer on any file system's clock
+        os.utime(exp / name, (time.time() - 60, time.time() - 60))
     train.main(tiny_run("exp", "--num_epochs", "3", "--save_every", "1", "--max_num_chkpts", "1",
                         "--load_pretrained", "1", "--start_epoch", "2"))
     assert (exp / "best.pt").read_bytes() == before
-    assert "best.pt holds mAP 0.99: it is replaced only by a better validation score" in caplog.text
+    assert "best.pt holds mAP 0.99, better than this checkpoint's best: it is replaced only by a better" in caplog.text
     assert sorted(name for name in os.listdir(exp) if name.startswith("epoch_")) == ["epoch_3.pt"]
     assert load_checkpoint(str(exp / "epoch_3.pt"))["global_step"] == load_checkpoint(str(exp / "last.pt"))[
         "global_step"]  # the branch's, not the older run's
@@ -129,6 +133,35 @@ def test_a_checkpoint_chooses_neither_the_code_imported_nor_the_paths(trained_co
     assert not elsewhere.exists()
     assert f"warning: checkpoint {exp / 'best.pt'} was trained on {elsewhere / 'data'} (../../v1.0-mini)" in (
         captured.err)
+
+
+def test_test_py_refuses_other_data_than_the_checkpoints_unless_the_command_names_it(trained_copy, capsys):
+    """Trained on the session's dataset; test.py with neither --dataset_dir nor a version of its own would read
+    config/data.json's (the project's embedded dataset): one line naming both, before any data is read."""
+    exp, _ = trained_copy
+    with pytest.raises(SystemExit) as failed:
+        test_script.main(["--save_dir", str(exp), "--num_cores", "0"])
+    stderr = capsys.readouterr().err.strip()
+    assert failed.value.code == 2 and "\n" not in stderr and "give --dataset_dir " in stderr
+    assert f"checkpoint {exp / 'best.pt'} was trained on " in stderr and not (exp / "test").exists()
+
+
+def test_a_checkpoint_and_a_resume_read_no_imagenet_weights(trained_copy, monkeypatch, tmp_path):
+    """Its weights replace them: the configuration to evaluate a checkpoint with, and a resumed run's solver, have
+    pretrained_backbone off, so that no weights file is read (nor needs to exist)."""
+    exp, flags = trained_copy
+    state = load_checkpoint(str(exp / "best.pt"))
+    state["config"]["model"]["Yolo"].update(pretrained_backbone=True)
+    checkout = merge_config({**vars(build_parser().parse_args([])), "cfg": []}, str(PROJECT_ROOT / "config"))
+    run = helper.checkpoint_configuration(str(exp / "best.pt"), state, {"cfg": []}, checkout)
+    assert run["model"]["Yolo"]["pretrained_backbone"] is False
+    assert state["config"]["model"]["Yolo"]["pretrained_backbone"] is True  # the checkpoint's is left as it was
+    built = []
+    real_load_solver = helper.load_solver
+    monkeypatch.setattr(helper, "load_solver", lambda args, **kwargs: built.append(args) or real_load_solver(
+        args, **kwargs))
+    train.main(flags("--load_pretrained", "1", "--num_epochs", "3", "--cfg", "model.Yolo.pretrained_backbone=true"))
+    assert built[-1]["model"]["Yolo"]["pretrained_backbone"] is False
 
 
 def test_an_atomic_write_reaches_the_disk_before_the_rename(tmp_path, monkeypatch):
@@ -156,19 +189,26 @@ def full_disk(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+def full_disk_in_torch_save(*args, **kwargs):  # how torch.save's zip writer reports it
+    raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: "
+                       "file write failed, No space left on device")
+
+
 @pytest.mark.parametrize("writer, patch", [
     (lambda path: io.write_csv(path, [{"epoch": 2}]), "csv.DictWriter.writerows"),
     (lambda path: io.atomic_write_json(path, {"epoch": 2}), "json.dump"),
     (lambda path: write_arrays(path, {"epoch": np.array(2)}), "numpy.savez"),
     (lambda path: save_figure(Figure(), path), "matplotlib.figure.Figure.savefig"),
     (lambda path: save_checkpoint(path, {"epoch": 2}), "torch.save"),
-], ids=["results_csv", "json", "label_cache", "plot", "checkpoint"])
+    (lambda path: save_checkpoint(path, {"epoch": 2}), "torch.save (RuntimeError)"),
+], ids=["results_csv", "json", "label_cache", "plot", "checkpoint", "checkpoint_stream_writer"])
 def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_earlier_one(tmp_path, monkeypatch, writer, patch):
     path = str(tmp_path / "result")
     with open(path, "w") as f:
         f.write("the earlier file")
-    monkeypatch.setattr(patch, full_disk)
-    with pytest.raises(UserError, match=f"cannot write {path} .*No space left on device.* the previous file is "
+    # torch.save's zip writer reports a full disk as a RuntimeError, the others as an OSError
+    monkeypatch.setattr(patch.split()[0], full_disk_in_torch_save if patch.endswith("(RuntimeError)") else full_disk)
+    with pytest.raises(UserError, match=f"cannot write .*{path} .*No space left on device.* the previous file is "
                                         f"unchanged") as raised:
         writer(path)
     assert "\n" not in str(raised.value)
@@ -191,7 +231,10 @@ def test_a_checkpoint_killed_while_it_is_written_leaves_the_earlier_one_whole(tm
          "    state['epoch'] += 1\n"], stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "saved"
-        time.sleep(0.3)  # inside a later write
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]:
+            time.sleep(0.001)  # until a later write is under way
+        assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
     finally:
         writer.kill()
         writer.wait()
@@ -204,6 +247,6 @@ def test_a_file_system_without_locks_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fcntl, "lockf", no_locks)
     path = str(tmp_path / "labels.npz.lock")
-    message = f"cannot lock {path}: its file system does not support locks .*local folder"
+    message = f"cannot lock {path}: its file system does not support locks .*local disk"
     with pytest.raises(UserError, match=message), file_lock(path, "the 2D labels"):
         pass

@@ -382,6 +382,11 @@ def test_train_py_as_a_program_ends_a_bad_name_with_one_line_and_status_2(tmp_pa
     (["--cfg", "loss.Yolo.aligned.topk=0"], "Yolo.aligned.topk = 0 in config/loss.json"),
     (["--cfg", "model.LiftBEV.threshold=0.505", "--app_mode", "BEVSeg", "--model_name", "LiftBEV"],
      "LiftBEV.threshold = 0.505 in config/model.json"),
+    (["--cfg", 'data.2DObjDet.splits={"v1.0-mini":"mini_train"}'],
+     '--cfg data.2DObjDet.splits={"v1.0-mini":"mini_train"}: expected a value of type dict like'),
+    (["--cfg", "data.2DObjDet.augmentation.min_box_size=0"],
+     "2DObjDet.augmentation.min_box_size = 0.0 in config/data.json (or --cfg data.2DObjDet.augmentation.min_box_size="
+     "...): must be a number >= 1"),
 ])
 def test_bad_values_fail_before_any_work(flags, message, tmp_path, capsys):
     """Every flag and config value out of its range is one line before the experiment folder is touched."""

@@ -182,9 +182,10 @@ def test_the_compiled_model_trains_like_the_eager_one(monkeypatch):
 
 def test_the_ema_follows_its_warm_up_as_computed_by_hand():
     """ema_n = d_n ema_(n-1) + (1 - d_n) w_n with d_n = min(ema_decay, (1 + n) / (10 + n)) for the n-th update
-    after the first, which copies the weights: a one-weight model set to 1, 3, -2, 5 before updates 0-3, decay 0.5.
-    By hand: 1; 2/11 * 1 + 9/11 * 3 = 29/11; 1/4 * 29/11 + 3/4 * -2 = -37/44; 4/13 * -37/44 + 9/13 * 5 = 458/143."""
-    solver = BaseSolver(torch.nn.Linear(1, 1, bias=False), solver_args("--cfg", "config.solver.ema_decay=0.5"),
+    after the first, which copies the weights: a one-weight model set to 1, 3, -2, 5 before updates 0-3, decay 0.2,
+    which the warm-up reaches at the second update. By hand: 1; 2/11 * 1 + 9/11 * 3 = 29/11 (warm-up);
+    1/5 * 29/11 - 4/5 * 2 = -59/55 (the decay); 1/5 * -59/55 + 4/5 * 5 = 1041/275."""
+    solver = BaseSolver(torch.nn.Linear(1, 1, bias=False), solver_args("--cfg", "config.solver.ema_decay=0.2"),
                         torch.device("cpu"), steps_per_epoch=1)
     averaged = []
     for weight in (1.0, 3.0, -2.0, 5.0):
@@ -192,7 +193,7 @@ def test_the_ema_follows_its_warm_up_as_computed_by_hand():
             solver.model.weight.fill_(weight)
         solver.update_ema()
         averaged.append(solver.ema.module.weight.item())
-    assert averaged == pytest.approx([1.0, 29 / 11, -37 / 44, 458 / 143], rel=1e-6)
+    assert averaged == pytest.approx([1.0, 29 / 11, -59 / 55, 1041 / 275], rel=1e-6)
     assert solver.evaluated_model() is solver.ema.module
 
 
@@ -211,6 +212,7 @@ def test_a_mixed_precision_step_moves_the_weights_as_a_float32_step_does():
                                              zip(solver.model.parameters(), before, strict=True)])
                                   for solver in (plain, mixed))
     assert plain_update.norm() > 0 and 0.8 < mixed_update.norm() / plain_update.norm() < 1.25
+    assert not torch.equal(plain_update, mixed_update)  # autocast was on
     assert torch.nn.functional.cosine_similarity(plain_update, mixed_update, dim=0) > 0.8  # 0.94 measured
 
 

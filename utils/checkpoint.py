@@ -33,10 +33,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write `state` to `path` atomically; a failed write (a full disk) is one line and leaves `path` as it was."""
+    """Write `state` to `path` atomically; a failed write (a full disk) is one line and leaves `path` as it was
+    (atomic_write says so of an OSError; torch.save's writer raises RuntimeError on a full disk)."""
     try:
         atomic_write(path, lambda tmp_path: torch.save(state, tmp_path))
-    except (OSError, RuntimeError) as error:
+    except RuntimeError as error:
         raise UserError(f"cannot write checkpoint {path} ({str(error).splitlines()[0][:200]}): check the free space "
                         f"and permissions there; the previous file is unchanged") from None
 

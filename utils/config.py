@@ -25,39 +25,35 @@ def load_json(path: str):
                         f"{error.colno}") from None
 
 
-JSON_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+JSON_KINDS = {bool: "true or false", int: "a number", float: "a number", str: "a string", list: "a list",
               dict: "a dict", type(None): "null"}  # how a value of each JSON type is named in errors
+# dicts whose keys are data, not settings: any keys, each value of the shape of the default's values ("splits" by
+# version, BEVSeg's "classes" by class name, "loaders" by dataset type and then by app mode)
+USER_KEYED = ("splits", "classes", "loaders")
 
 
-def shape_difference(value, default, where: str = "") -> str | None:
-    """Where `value` (a parsed JSON value) differs in type or shape from `default`, the JSON value it replaces, as
-    "<where> = <value> is not <what>" (where: the subscripts from the top, e.g. ["v1.0-mini"][0]); None if it has
-    the default's shape. The rule, recursively:
-    - a bool is true or false; an int an integer (not 1.5); a float any number (2 where 2.0 is); a string a string;
-    - a list is a list of any length (cameras), each element of the shape of one of the default's elements (of any
-      shape if the default is empty);
-    - a dict whose default's values are all dicts, or all lists, of one shape is keyed by user data ("splits" by
-      version, BEVSeg's "classes" by class name, "loaders" by dataset type): any keys, each value of that shape.
-      Any other dict has fixed keys: exactly the default's, each value of its own default's shape. A fixed-key dict
-      whose values happen to share one such shape (data.json "normalize": mean and std) is taken as keyed by user
-      data; the checks that read its keys (check_values) name a missing one."""
-    if isinstance(default, float):
-        fits = isinstance(value, int | float) and not isinstance(value, bool)
-    else:
-        fits = type(value) is type(default)
-    if not fits:
+def shape_difference(value, default, key: str, where: str = "") -> str | None:
+    """Where `value` (a parsed JSON value) differs in type or shape from `default`, the JSON value it replaces at the
+    dotted `key`, as "<where> = <value> is not <what>" (where: the subscripts from the top, e.g. ["v1.0-mini"][0]);
+    None if it has the default's shape. The rule, recursively: a number is a number (whether an int is needed is the
+    range checks' to say: check_values), a bool a bool, a string a string; a list a list of any length (cameras),
+    each element of the shape of one of the default's (of any shape if the default is empty); a dict of USER_KEYED
+    (and a dict inside "loaders") has any keys, each value of the shape of the default's values; any other dict has
+    exactly the default's keys, each value of its own default's shape."""
+    def number(item) -> bool:
+        return isinstance(item, int | float) and not isinstance(item, bool)
+
+    if not (number(value) and number(default)) and type(value) is not type(default):
         return (f"{where or 'the value'} = {json.dumps(value)} is not {JSON_KINDS[type(default)]} like "
                 f"{json.dumps(default)}")
     if isinstance(default, list):
         for index, element in enumerate(value):
-            differences = [shape_difference(element, option, f"{where}[{index}]") for option in default]
+            differences = [shape_difference(element, option, key, f"{where}[{index}]") for option in default]
             if default and None not in differences:
                 return differences[0]
     elif isinstance(default, dict):
-        values = list(default.values())
-        keyed_by_data = bool(values) and isinstance(values[0], dict | list) and all(
-            shape_difference(other, values[0]) is None and shape_difference(values[0], other) is None
-            for other in values)
+        names = key.split(".")
+        keyed_by_data = names[-1] in USER_KEYED or (len(names) > 1 and names[-2] == "loaders")
         if not keyed_by_data:
             missing, unknown = [k for k in default if k not in value], [k for k in value if k not in default]
             if missing or unknown:
@@ -65,10 +61,11 @@ def shape_difference(value, default, where: str = "") -> str | None:
                          else f"has the unknown key {json.dumps(unknown[0])}")
                 return f"{where or 'the dict'} {wrong} (keys there: {', '.join(map(json.dumps, default))})"
         for name, element in value.items():
-            difference = shape_difference(element, values[0] if keyed_by_data else default[name],
-                                          f"{where}[{json.dumps(name)}]")
-            if difference:
-                return difference
+            options = list(default.values()) if keyed_by_data else [default[name]]
+            differences = [shape_difference(element, option, f"{key}.{name}", f"{where}[{json.dumps(name)}]")
+                           for option in options]
+            if options and None not in differences:
+                return differences[0]
     return None
 
 
@@ -92,7 +89,7 @@ def parse_value(text: str, old, key: str):
         raise UserError(expected) from None
     if type(value) is not type(old):
         raise UserError(expected)
-    difference = shape_difference(value, old)
+    difference = shape_difference(value, old, key)
     if difference:
         raise UserError(f"{expected}: {difference}")
     return value

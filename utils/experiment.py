@@ -27,6 +27,33 @@ def checkpoint_names(folder: str) -> list:
     return sorted(name for name in os.listdir(folder) if name.endswith(".pt") and not name.startswith(TEMPORARY_PREFIX))
 
 
+def holder_of(folder: str) -> str | None:
+    """The run that holds the experiment folder (its description, "the run of process P on H"), or None: probes its
+    lock without keeping it, so that a second run says so before it reads or refuses anything there. Not for the
+    process that holds it (a POSIX lock is the process's: closing this descriptor would release it)."""
+    path = os.path.join(folder, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:  # no lock file: no run has held the folder
+        return None
+    try:
+        if lock_file(fd, path, wait=False, remedy=LOCK_REMEDY):
+            return None
+        with open(path) as f:
+            return f.read().strip() or "another run"
+    finally:
+        os.close(fd)
+
+
+LOCK_NAME = ".lock"  # in an experiment folder: held by the run that writes there
+LOCK_REMEDY = "choose a --save_dir on a local disk"
+
+
+def in_use(folder: str, holder: str) -> UserError:
+    return UserError(f"experiment folder {folder} is in use by {holder}: wait for that run to end, or train into "
+                     f"another --exp_id (or --save_dir)")
+
+
 @contextmanager
 def experiment_folder(args: dict, project_root, fresh: bool, hold: bool):
     """The experiment folder (experiment_path), created if missing, for the block. A fresh run refuses a folder that
@@ -49,14 +76,12 @@ def experiment_folder(args: dict, project_root, fresh: bool, hold: bool):
     if not hold:
         yield folder
         return
-    path = os.path.join(folder, ".lock")
+    path = os.path.join(folder, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        if not lock_file(fd, path, wait=False, remedy="choose a --save_dir on a local disk"):
+        if not lock_file(fd, path, wait=False, remedy=LOCK_REMEDY):  # taken since holder_of looked
             with open(path) as f:
-                holder = f.read().strip() or "another run"
-            raise UserError(f"experiment folder {folder} is in use by {holder}: wait for that run to end, or train "
-                            f"into another --exp_id (or --save_dir)")
+                raise in_use(folder, f.read().strip() or "another run")
         os.ftruncate(fd, 0)
         os.write(fd, f"the run of process {os.getpid()} on {socket.gethostname()}".encode())
         remove_stale_temporaries(folder)

@@ -2,6 +2,7 @@
 leaves the previous one, and after a crash or power loss the file is the old one or the whole new one), and locks
 that die with their process."""
 
+import contextlib
 import csv
 import ctypes
 import errno
@@ -43,19 +44,25 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         write(tmp_path)
         fsync(tmp_path)
         os.replace(tmp_path, path)
-        fsync(folder)
     except BaseException as error:
-        if tmp_path is not None and os.path.exists(tmp_path):
-            os.remove(tmp_path)
+        if tmp_path is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp_path)
         if isinstance(error, OSError):
             raise UserError(f"cannot write {path} ({error.strerror or error}): check the free space and permissions "
                             f"there; the previous file is unchanged") from None
         raise
+    try:
+        fsync(folder)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS):  # file systems that flush no folder
+            raise UserError(f"wrote {path}, but cannot flush its folder to the disk ({error.strerror}): a crash "
+                            f"now could undo the write; check the file system there") from None
 
 
 def remove_stale_temporaries(folder: str) -> None:
     """Delete the temporary files that writes killed before their rename left in `folder`. Only for a folder no
-    other process writes to (one held with experiment_lock)."""
+    other process writes to (an experiment folder its run holds: utils.experiment.experiment_folder)."""
     for name in sorted(os.listdir(folder)):
         if name.startswith(TEMPORARY_PREFIX):
             os.remove(os.path.join(folder, name))
@@ -78,7 +85,8 @@ def lock_file(fd: int, path: str, wait: bool, remedy: str) -> bool:
     another process holds it and not `wait`. A POSIX lock belongs to the process that takes it: the children it
     forks (pool and DataLoader workers) do not hold it, and the kernel releases it when the process ends, however it
     ends, even while such children live on (flock's lock is shared with them: a killed process's orphaned workers
-    kept it). A file system without locks (NFS mounted nolock, Lustre without -o flock) is one line with `remedy`."""
+    kept it). A file system without locks (Lustre without -o flock or -o localflock, some FUSE mounts) is one line
+    with `remedy`; NFS mounted nolock takes the lock, but only among the processes of one node."""
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:

@@ -77,8 +77,8 @@ def file_lock(path: str, what: str):
     except OSError as error:
         raise UserError(f"cannot create {path} ({error.strerror}): make its folder writable, or set "
                         f"'label_cache_dir' in config/data.json to a writable folder") from None
-    remedy = ("set 'label_cache_dir' in config/data.json to a local folder, or build the caches first with python -m "
-              "dataset.NuscenesDataset.prepare")
+    remedy = ("keep the dataset and 'label_cache_dir' of config/data.json on a local disk, or make them first with "
+              "python -m dataset.NuscenesDataset.prepare")
     try:
         if not lock_file(fd, path, wait=False, remedy=remedy):
             logger.info("another process is building %s: waiting for it (lock %s)", what, path)

@@ -25,6 +25,7 @@ MODES = ("train", "val", "test")
 VAL_SPLIT_SEED = 0  # fixed, so that the train/val scene split never depends on the run's --seed
 REDUCED_DECODING = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
                     (2, cv2.IMREAD_REDUCED_COLOR_2), (1, cv2.IMREAD_COLOR))  # (scale divisor, cv2 flag)
+MAX_IMAGE_BYTES = 512 << 20  # a photo's file is far smaller; cv2.imdecode refuses 2 GiB and more
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of an image's orientation (1: as stored; 5-8: turned by 90 degrees)
 
 # config/data.json values that every nuScenes loader reads (keys within data.<app_mode>): its check_config checks them
@@ -204,14 +205,17 @@ def read_image_file(path: str, size: tuple) -> tuple:
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         pass  # not a JPEG that Pillow reads the header of: OpenCV decodes it, or names it unreadable
     # OpenCV decodes the file's bytes, not its name: cv2.imread crashes the process (SIGSEGV) on a name that is not
-    # UTF-8, which Python holds as surrogates. Mapped, not read: a large file that is not an image (a video in the
-    # folder) costs only the pages of its header.
+    # UTF-8, which Python holds as surrogates. Read, not mapped: a mapped file that shrinks while it is decoded kills
+    # the process (SIGBUS). A file over MAX_IMAGE_BYTES (a video in the folder) is not read.
     try:
-        image = cv2.imdecode(np.memmap(path, dtype=np.uint8, mode="r"), cv2.IMREAD_COLOR)
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > MAX_IMAGE_BYTES:
+                raise UserError(f"cannot read image {path} (larger than {MAX_IMAGE_BYTES >> 20} MB: not an image "
+                                f"file this reads)")
+            data = f.read()
     except OSError as error:
         raise UserError(f"cannot read image {path} ({error.strerror or error})") from None
-    except (ValueError, cv2.error):  # ValueError: an empty file; cv2.error: one of 2 GiB or more (cv2.imdecode's limit)
-        image = None
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
     if image is None:
         raise UserError(f"cannot read image {path} (not an image file that OpenCV decodes)")
     full_size = (image.shape[1], image.shape[0])

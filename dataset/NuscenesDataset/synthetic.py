@@ -37,6 +37,7 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import socket
@@ -757,8 +758,9 @@ def generate(out: str, samples_per_scene: int = 10, width: int = 800, height: in
         jobs = [{"seed": seed, "scene_index": i, "scene_name": name, "width": width, "height": height,
                  "samples_per_scene": samples_per_scene, "root": tmp_root, "image_mode": image_mode,
                  "sweeps": sweeps, "templates": {}} for i, name in enumerate(scene_names) if name in selected]
+        # forked (end_with_parent checks the parent's PID; a forkserver's workers have another parent)
         with ProcessPoolExecutor(max_workers=num_workers or os.cpu_count(), initializer=end_with_parent,
-                                 initargs=(os.getpid(),)) as pool:
+                                 initargs=(os.getpid(),), mp_context=multiprocessing.get_context("fork")) as pool:
             per_scene = []  # {table name: JSON text of the scene's records} of each scene
             if image_mode == "linked":  # the first scene renders the templates that all other scenes link to
                 per_scene.append(pool.submit(scene_json, jobs[0]).result())
@@ -783,17 +785,19 @@ def generate(out: str, samples_per_scene: int = 10, width: int = 800, height: in
 
 
 def remove_killed_generations(out: str) -> None:
-    """Remove the temporary folders `<out>.partial-<host>-<pid>` of generations on this host whose process is gone
-    (killed before its rename; its workers end with it: utils.io.end_with_parent), saying so in one line."""
+    """Remove the temporary folders `<out>.partial-<host>-<pid>` (or `<out>.partial-<pid>`, as older versions named
+    them) of generations on this host whose process is gone (killed before its rename; its workers end with it:
+    utils.io.end_with_parent), saying so in one line."""
     host = socket.gethostname()
     for folder in glob.glob(f"{glob.escape(out)}.partial-*"):
         owner_host, _, pid = folder.rsplit(".partial-", 1)[1].rpartition("-")
-        if owner_host == host and pid.isdigit() and not process_alive(int(pid)):
+        if owner_host in (host, "") and pid.isdigit() and not process_alive(int(pid)):
             logger.warning("removing %s, left by a generation that was killed, and generating again", folder)
             shutil.rmtree(folder, ignore_errors=True)
 
 
 def process_alive(pid: int) -> bool:
+    """Whether a process of this host has the PID `pid`."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
