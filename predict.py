@@ -61,7 +61,8 @@ def build_predict_parser():
 
 
 def source_inputs(source: str, loader, run: dict, outputs: str) -> list:
-    """The inputs of --source: a list of (sample token or None, [(camera or None, image path)]). `outputs`, the
+    """The inputs of --source: a list of (sample token or None, [(camera or None, image path[, extras])]), extras
+    being what the loader's sample_files gives of a camera beside its image (its intrinsics, say). `outputs`, the
     experiment's predict folder, is never read: predicting on earlier runs' drawings would feed predict.py its own
     output, and a folder that holds the experiment holds them."""
     if not os.path.exists(source):
@@ -111,8 +112,9 @@ def source_inputs(source: str, loader, run: dict, outputs: str) -> list:
 
 class SourceImages(Dataset):
     """The inputs of --source read as the dataset's loader reads its images: item i is (sample token or None,
-    [(camera or None, path, (1, 3, H, W) uint8 at the model's input size, original (W, H))] of the readable images,
-    [one message per unreadable file]); the messages are logged by the main process, in input order."""
+    [(camera or None, path, (1, 3, H, W) uint8 at the model's input size, original (W, H), the loader's extras or
+    None)] of the readable images, [one message per unreadable file]); the messages are logged by the main process,
+    in input order."""
 
     def __init__(self, inputs: list, loader, run: dict):
         self.inputs, self.loader, self.run = inputs, loader, run
@@ -123,9 +125,9 @@ class SourceImages(Dataset):
     def __getitem__(self, index: int) -> tuple:
         token, cameras = self.inputs[index]
         read, skipped = [], []
-        for camera, path in cameras:
+        for camera, path, *extras in cameras:
             try:
-                read.append((camera, path, *self.loader.image_file(self.run, path)))
+                read.append((camera, path, *self.loader.image_file(self.run, path), extras[0] if extras else None))
             except UserError as error:
                 skipped.append(str(error))
         return token, read, skipped
@@ -208,6 +210,9 @@ def main(argv=None) -> None:
         raise UserError(f"--model_name {run['model_name']} with --app_mode {run['app_mode']} does not predict on "
                         f"image files (its loader needs image_file, its solver predict; see docs/task_reference.md)")
     token_source = args["source"].endswith(".txt") and not os.path.isdir(args["source"])
+    if getattr(loader, "samples_only", False) and not token_source:
+        raise UserError(f"--source {args['source']}: --app_mode {run['app_mode']} predicts on dataset samples only (a "
+                        f"plain image has no camera intrinsics and pose); give a .txt file of sample tokens")
     if token_source:  # the samples are read from the dataset: the command's, not the checkpoint's
         helper.check_data_of(checkpoint, state, run, vars(build_predict_parser().parse_args(argv)))
     predict_dir = os.path.join(exp_dir, "predict")
@@ -234,8 +239,10 @@ def main(argv=None) -> None:
                 logger.warning("skipped: %s", message)
         readable = [(token, read) for token, read, _ in batch if read]
         if readable:
-            predictions = solver.predict(torch.cat([images for _, read in readable for _, _, images, _ in read]),
-                                         [size for _, read in readable for *_, size in read], threshold)
+            extras = [extra for _, read in readable for *_, extra in read]
+            predictions = solver.predict(torch.cat([images for _, read in readable for _, _, images, _, _ in read]),
+                                         [size for _, read in readable for _, _, _, size, _ in read], threshold,
+                                         **({"extras": extras} if any(extra is not None for extra in extras) else {}))
             entries += predicted_entries(readable, predictions, solver, args, out_dir)
         bar.update(len(batch))
     bar.close()

@@ -241,7 +241,7 @@ def test_ddp_training_and_evaluation(embedded_dir, tmp_path):
     (["--model_name", "Yolo"], "--model_name Yolo is for --app_mode 2DObjDet, not BEVSeg: use --model_name LiftBEV"),
     (["--cfg", "data.BEVSeg.bev.cell_m=0.7"], "x_range_m [-20.0, 20.0] must be [low, high] with high > low, a whole"),
     (["--cfg", "data.BEVSeg.bev.x_range_m=[-20.0, 21.0]"], "BEV grid 41x40 cells"),
-    (["--cfg", "data.BEVSeg.ego_pose_channel=LIDAR_TOP"], "has no LIDAR_TOP data: set 'ego_pose_channel'"),
+    (["--cfg", "data.BEVSeg.ego_pose_channel=RADAR_FRONT"], "has no RADAR_FRONT data: set 'ego_pose_channel'"),
     (["--cfg", "model.LiftBEV.threshold=0.555"], "LiftBEV.threshold = 0.555 in config/model.json (or --cfg "
                                                  "model.LiftBEV.threshold=...): must be a multiple of 0.01"),
 ])

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image, UnidentifiedImageError
+from pyquaternion import Quaternion
 
 from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.cache import file_lock
@@ -47,6 +48,9 @@ COMMON_RULES = {
     "augmentation.saturation": number(0),
     "augmentation.hue": number(0, 0.5),
 }
+# data.json's lists of the visibility tokens of the annotations a loader keeps
+VISIBILITIES = Rule(lambda value: isinstance(value, list) and len(value) > 0 and set(value) <= {"", "1", "2", "3", "4"},
+                    'a list of one or more of the visibility tokens "", "1", "2", "3", "4"')
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +79,14 @@ def resolve_dataroot(args: dict, cfg: dict) -> str:
                 synthetic.generate(dataroot, embedded["samples_per_scene"], embedded["width"], embedded["height"],
                                    embedded["seed"])
     return dataroot
+
+
+def rigid_transform(record: dict) -> np.ndarray:
+    """4x4 matrix of a devkit ego_pose or calibrated_sensor record: its frame -> the parent frame."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = Quaternion(record["rotation"]).rotation_matrix
+    matrix[:3, 3] = record["translation"]
+    return matrix
 
 
 def version_split(cfg: dict, mode: str) -> tuple:
@@ -188,6 +200,17 @@ def decode_image(path: str, size: tuple, full_size: tuple) -> np.ndarray:
 def read_image(path: str, size: tuple, full_size: tuple) -> torch.Tensor:
     """decode_image as a (3, H, W) uint8 tensor."""
     return torch.from_numpy(decode_image(path, size, full_size)).permute(2, 0, 1)
+
+
+def read_sample_images(dataroot: str, files: np.ndarray, sizes: np.ndarray, size: tuple, augmentation=None
+                       ) -> torch.Tensor:
+    """(N_cam, 3, H, W) uint8: a sample's camera images (files (N_cam,) bytes relative to the dataroot, original
+    sizes (N_cam, 2)) read at size = (W, H), each through `augmentation` (a photometric transform) if given."""
+    images = []
+    for name, full_size in zip(files, sizes.tolist(), strict=True):
+        pixels = read_image(os.path.join(dataroot, name.decode()), size, tuple(full_size))
+        images.append(pixels if augmentation is None else augmentation(pixels))
+    return torch.stack(images)
 
 
 def read_image_file(path: str, size: tuple) -> tuple:

@@ -34,6 +34,7 @@ import multiprocessing
 import os
 import shutil
 from contextlib import nullcontext
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -207,35 +208,34 @@ def scene_labels(nusc: NuScenes, scene_name: str, visibilities: list, min_box_si
     }
 
 
-_WORKER_NUSC = None  # the devkit database, inherited by the forked label workers
+_WORKER = {}  # the devkit database and the function of one scene, inherited by the forked label workers
 
 
-def _worker_scene_labels(job: tuple) -> dict:
-    scene_name, visibilities, min_box_size = job
-    return scene_labels(_WORKER_NUSC, scene_name, visibilities, min_box_size)
+def _worker_scene(scene_name: str) -> dict:
+    return _WORKER["scene_fn"](_WORKER["nusc"], scene_name)
 
 
-def build_labels(nusc: NuScenes, scene_names: list, visibilities: list, min_box_size: float, workers: int,
-                 parts_dir: str) -> dict:
-    """The label arrays of `scene_names` (in that order), one job per scene over `workers` processes (forked, so
-    that they share the loaded database). Each finished scene is kept in `parts_dir` until the whole build is
-    written, so a build that was killed resumes from the scenes it had finished."""
-    global _WORKER_NUSC
+def build_labels(nusc: NuScenes, scene_names: list, scene_fn, workers: int, parts_dir: str,
+                 what: str = "2D labels") -> dict:
+    """The label arrays of `scene_names` (in that order): scene_fn(nusc, scene name) gives one scene's, with
+    image_file (one per image) and box_image (indices local to the scene), run as one job per scene over `workers`
+    processes (forked, so that they share the loaded database; scene_fn need not pickle). Each finished scene is
+    kept in `parts_dir` until the whole build is written, so a build that was killed resumes from the scenes it had
+    finished. Adds image_scene and scene_names (see the module docstring)."""
     os.makedirs(parts_dir, exist_ok=True)
     parts = {name: os.path.join(parts_dir, f"{name}.npz") for name in scene_names}
     todo = [name for name in scene_names if not os.path.exists(parts[name])]
-    jobs = [(name, visibilities, min_box_size) for name in todo]
-    _WORKER_NUSC = nusc
+    _WORKER.update(nusc=nusc, scene_fn=scene_fn)
     try:
         with (multiprocessing.get_context("fork").Pool(workers, end_with_parent, (os.getpid(),))
               if workers > 1 and len(todo) > 1 else
               nullcontext()) as pool:
-            results = pool.imap(_worker_scene_labels, jobs) if pool is not None else map(_worker_scene_labels, jobs)
-            for name, arrays in tqdm(zip(todo, results, strict=True), desc="2D labels", unit="scene",
+            results = pool.imap(_worker_scene, todo) if pool is not None else map(_worker_scene, todo)
+            for name, arrays in tqdm(zip(todo, results, strict=True), desc=what, unit="scene",
                                      total=len(todo), initial=len(scene_names) - len(todo)):
                 write_arrays(parts[name], arrays)
     finally:
-        _WORKER_NUSC = None
+        _WORKER.clear()
     scenes = [read_arrays(parts[name]) for name in scene_names]
     image_counts = [len(scene["image_file"]) for scene in scenes]
     offsets = np.cumsum([0, *image_counts[:-1]])
@@ -273,8 +273,9 @@ def label_arrays(dataroot: str, version: str, split: str, label_cfg: dict, cache
             if stale != parts_dir:
                 shutil.rmtree(stale, ignore_errors=True)
         nusc = load_nuscenes(dataroot, version)
-        return build_labels(nusc, split_scene_names(nusc, split), label_cfg["visibilities"],
-                            label_cfg["min_box_size"], workers or os.cpu_count() or 1, parts_dir)
+        return build_labels(nusc, split_scene_names(nusc, split),
+                            partial(scene_labels, visibilities=label_cfg["visibilities"],
+                                    min_box_size=label_cfg["min_box_size"]), workers or os.cpu_count() or 1, parts_dir)
 
     labels = cached_arrays(path, key, build, f"the {version} {split} label cache")
     shutil.rmtree(parts_dir, ignore_errors=True)  # the scenes of a finished build, once the cache is written

@@ -33,6 +33,7 @@ from torchvision.transforms.v2 import functional as F
 from dataset.NuscenesDataset.collate_2d import collate_detection
 from dataset.NuscenesDataset.common import (
     COMMON_RULES,
+    VISIBILITIES,
     check_images_exist,
     decode_image,
     decode_jpeg,
@@ -205,9 +206,7 @@ class DatasetLoader(Dataset):
         check_values(args, {
             **COMMON_RULES,
             "label_cache_dir": TEXT,
-            "labels.visibilities": Rule(lambda value: isinstance(value, list) and len(value) > 0
-                                        and set(value) <= {"", "1", "2", "3", "4"},
-                                        'a list of one or more of the visibility tokens "", "1", "2", "3", "4"'),
+            "labels.visibilities": VISIBILITIES,
             "labels.min_box_size": number(0),
             "augmentation.hflip_prob": number(0, 1),
             "augmentation.scale": Rule(lambda value: NUMBER_RANGE.check(value) and value[0] > 0,

@@ -38,11 +38,13 @@ from torchvision.transforms import v2
 from dataset.NuscenesDataset.cache import cache_key, cached_arrays, tables_key
 from dataset.NuscenesDataset.common import (
     COMMON_RULES,
+    VISIBILITIES,
     check_images_exist,
     mode_scenes,
     project_path,
-    read_image,
+    read_sample_images,
     resolve_dataroot,
+    rigid_transform,
     scene_samples,
     version_split,
 )
@@ -69,14 +71,6 @@ def grid_shape(bev: dict) -> tuple:
                             f"whole number of cells of cell_m {cell} m")
         shape.append(round(cells))
     return tuple(shape)
-
-
-def rigid_transform(record: dict) -> np.ndarray:
-    """4x4 matrix of a devkit ego_pose or calibrated_sensor record: its frame -> the parent frame."""
-    matrix = np.eye(4)
-    matrix[:3, :3] = Quaternion(record["rotation"]).rotation_matrix
-    matrix[:3, 3] = record["translation"]
-    return matrix
 
 
 def bev_samples(dataroot: str, version: str, split: str, cfg: dict, cache_dir: str) -> dict:
@@ -178,9 +172,7 @@ class DatasetLoader(Dataset):
             "classes": Rule(lambda value: isinstance(value, dict) and len(value) > 0
                             and all(list_of(TEXT).check(prefixes) for prefixes in value.values()),
                             'a dict of one or more {class name: [category prefixes]}, e.g. {"vehicle": ["vehicle."]}'),
-            "visibilities": Rule(lambda value: isinstance(value, list) and len(value) > 0
-                                 and set(value) <= {"", "1", "2", "3", "4"},
-                                 'a list of one or more of the visibility tokens "", "1", "2", "3", "4"'),
+            "visibilities": VISIBILITIES,
         }, f"data.{args['app_mode']}")
 
     def __init__(self, args: dict, world_size: int = 1, rank: int = 0, mode: str = "train"):
@@ -249,11 +241,7 @@ class DatasetLoader(Dataset):
         return len(self.sample_tokens)
 
     def __getitem__(self, index: int) -> dict:
-        images = []
-        for name, full_size in zip(self.image_files[index], self.image_sizes[index].tolist(), strict=True):
-            pixels = read_image(os.path.join(self.dataroot, name.decode()), self.input_size, tuple(full_size))
-            if self.augmentation is not None:
-                pixels = self.augmentation(pixels)
-            images.append(pixels)
-        return {"images": torch.stack(images), "projections": self.projections[index],
+        images = read_sample_images(self.dataroot, self.image_files[index], self.image_sizes[index], self.input_size,
+                                    self.augmentation)
+        return {"images": images, "projections": self.projections[index],
                 "target": self.rasterize(index), "index": torch.tensor(index)}

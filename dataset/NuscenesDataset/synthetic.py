@@ -4,7 +4,9 @@
         [--samples_per_scene N] [--width W --height H] [--seed S] [--image_mode rendered|linked] [--sweeps]
 
 The devkit's own `NuScenes(version=VERSION, dataroot=DIR)` loads the result unchanged: the 13 tables in DIR/VERSION/,
-map masks in DIR/maps/ and the camera keyframes in DIR/samples/CAM_*/. The scenes carry the names of the official
+map masks in DIR/maps/, the camera keyframes in DIR/samples/CAM_*/ and a LIDAR_TOP keyframe per sample in
+DIR/samples/LIDAR_TOP/ (its ego pose at the sample's timestamp, as the devkit's detection evaluation reads it; the
+point-cloud files are empty). The scenes carry the names of the official
 scenes of the version, so `create_splits_scenes()` selects them: v1.0-mini (the default) has 10 scenes, 8 in
 'mini_train' and 2 in 'mini_val'; v1.0-trainval has 850, 700 in 'train' and 150 in 'val'. --scenes N keeps the first
 N scene names in sorted order (a prefix of trainval holds train and val scenes); each scene is the same whichever
@@ -61,6 +63,9 @@ KEYFRAME_PERIOD_US = 500_000  # nuScenes keyframes come at 2 Hz
 CAMERA_SWEEPS_PER_KEYFRAME = 5  # nuScenes cameras run at 12 Hz: 6 frames per keyframe period, one of them the keyframe
 COUNT_SCALE, COUNT_MIN_SIZE = 8, (64, 36)  # linked mode counts visible pixels at 1/8 of the size, at least 64x36
 NEAR_PLANE_M = 0.1  # polygons are clipped to camera z >= this before projection
+# The top lidar, as placed in nuScenes (x to the right of the car): its keyframes carry each sample's ego pose,
+# which the devkit's detection evaluation reads for every box's distance to the ego car. No points are simulated.
+LIDAR_CHANNEL, LIDAR_TRANSLATION, LIDAR_YAW = "LIDAR_TOP", (0.94, 0.0, 1.84), -math.pi / 2
 
 # channel: (yaw of the optical axis in the ego frame in degrees, position in the ego frame in m,
 #           focal length in px at 1600x900, capture delay after the keyframe timestamp in us)
@@ -586,6 +591,10 @@ def generate_scene(job: dict) -> dict:
     annotation_tokens = [[token("annotation", i, k) for k in range(n_samples)] for i in range(len(objects))]
     image_source = dict(job["templates"])  # channel: the image file the camera's next linked file links to
     sweep_tables = {"sample_data": [], "ego_pose": []}  # after the keyframes' records, which stay as without sweeps
+    # after the cameras' records (the images' noise is seeded by the ego_pose count), which stay as without them
+    lidar_tables = {"sample_data": [], "ego_pose": [], "calibrated_sensor": [{
+        "token": token("calibrated_sensor", LIDAR_CHANNEL), "sensor_token": make_token(seed, "sensor", LIDAR_CHANNEL),
+        "translation": list(LIDAR_TRANSLATION), "rotation": yaw_rotation(LIDAR_YAW), "camera_intrinsic": []}]}
     per_sample = []  # (ego xy (2,), object states, visible px (n,), silhouette px (n,)) of each keyframe
     for k, t_s in enumerate(sample_times):
         timestamp = start_us + k * KEYFRAME_PERIOD_US
@@ -593,6 +602,17 @@ def generate_scene(job: dict) -> dict:
                                  "prev": sample_tokens[k - 1] if k > 0 else "",
                                  "next": sample_tokens[k + 1] if k + 1 < n_samples else "",
                                  "scene_token": token("scene")})
+        # the LIDAR_TOP keyframe: at the sample's timestamp, as in nuScenes; its file holds no points
+        lidar_token = token("sample_data", LIDAR_CHANNEL, k)
+        lidar_filename = f"samples/{LIDAR_CHANNEL}/{logfile}__{LIDAR_CHANNEL}__{timestamp}.pcd.bin"
+        open(os.path.join(root, lidar_filename), "wb").close()
+        lidar_tables["ego_pose"].append(pose_record(lidar_token, timestamp, *ego_at(timestamp)))
+        lidar_tables["sample_data"].append({
+            "token": lidar_token, "sample_token": sample_tokens[k], "ego_pose_token": lidar_token,
+            "calibrated_sensor_token": lidar_tables["calibrated_sensor"][0]["token"], "timestamp": timestamp,
+            "fileformat": "pcd", "is_key_frame": True, "height": 0, "width": 0, "filename": lidar_filename,
+            "prev": token("sample_data", LIDAR_CHANNEL, k - 1) if k > 0 else "",
+            "next": token("sample_data", LIDAR_CHANNEL, k + 1) if k + 1 < n_samples else ""})
         centers, yaws = object_states(road, objects, t_s)
         states = list(zip(centers, yaws, strict=True))
         objects_now = [(obj["size"], center, yaw, obj["color"], CATEGORIES[obj["category"]][6])
@@ -640,7 +660,7 @@ def generate_scene(job: dict) -> dict:
                     "timestamp": sweep_timestamp, "fileformat": "jpg", "is_key_frame": False, "height": height,
                     "width": width, "filename": sweep_filename, **chain(channel, k, j)})
         per_sample.append((road.point(ego_speed * t_s, 0.0), states, visible_pixels, silhouette_area))
-    for name, records in sweep_tables.items():
+    for name, records in (*sweep_tables.items(), *lidar_tables.items()):
         tables[name] += records
 
     # As in nuScenes, an object is annotated only while some sensor sees it: from the first to the last keyframe
@@ -713,8 +733,9 @@ def shared_tables(seed: int, logs: list) -> dict:
         "visibility": [{"token": token, "level": level,
                         "description": f"visibility of whole object is between {level[1:].replace('-', ' and ')}%"}
                        for token, level, _ in VISIBILITY_LEVELS],
-        "sensor": [{"token": make_token(seed, "sensor", channel), "channel": channel, "modality": "camera"}
-                   for channel in CAMERAS],
+        "sensor": [*({"token": make_token(seed, "sensor", channel), "channel": channel, "modality": "camera"}
+                     for channel in CAMERAS),
+                   {"token": make_token(seed, "sensor", LIDAR_CHANNEL), "channel": LIDAR_CHANNEL, "modality": "lidar"}],
         "map": [{"token": make_token(seed, "map", location), "log_tokens": log_tokens, "category": "semantic_prior",
                  "filename": f"maps/{make_token(seed, 'map', location)}.png"} for location, log_tokens in maps.items()],
     }
@@ -753,6 +774,7 @@ def generate(out: str, samples_per_scene: int = 10, width: int = 800, height: in
         for folder in ("samples", "sweeps") if sweeps else ("samples",):
             for channel in CAMERAS:
                 os.makedirs(os.path.join(tmp_root, folder, channel))
+        os.makedirs(os.path.join(tmp_root, "samples", LIDAR_CHANNEL))
         os.makedirs(os.path.join(tmp_root, "maps"))
         os.makedirs(os.path.join(tmp_root, version))
         jobs = [{"seed": seed, "scene_index": i, "scene_name": name, "width": width, "height": height,
