@@ -1,9 +1,11 @@
 """Camera 3D detection on the embedded dataset, scored by the devkit (NDS, mAP, true-positive errors) against two
 references on the same test split (mini_val): the ground truth itself, and a naive lift of the true 2D boxes.
 
-    python -m bench.mono3d [--num_epochs N] [--work_dir DIR] [--results_dir bench/results] [--flags ...]
+    python -m bench.mono3d [--num_epochs N] [--samples_per_scene N] [--jpeg_size WxH] [--work_dir DIR]
+                           [--results_dir bench/results] [--flags train.py flags ...]
 
-Steps, each timed on the wall clock: the embedded dataset (data.json "3DObjDet" "embedded" settings) in
+Steps, each timed on the wall clock: the embedded dataset (data.json "3DObjDet" "embedded" settings, or
+--samples_per_scene and --jpeg_size) in
 DIR/nuscenes; `python train.py --app_mode 3DObjDet --model_name Mono3D --num_epochs N` (default 30) in DIR/exp;
 `python test.py` with the same flags. Then, in this process, the references through the same scoring
 (dataset/NuscenesDataset/detection_eval.py):
@@ -29,6 +31,7 @@ import tempfile
 import numpy as np
 import torch
 
+from bench.loader import jpeg_size
 from bench.recipes import timed
 from bench.results import PROJECT_ROOT, add_results_dir, recorded
 from dataset.NuscenesDataset.detection_eval import (
@@ -83,13 +86,14 @@ def run(options, work_dir: str) -> None:
     with open(PROJECT_ROOT / "config" / "data.json") as f:
         cfg = json.load(f)["3DObjDet"]
     embedded = cfg["embedded"]
+    width, height = options.jpeg_size or (embedded["width"], embedded["height"])
     dataset, cache, exp = (os.path.join(work_dir, name) for name in ("nuscenes", "cache", "exp"))
     task = ["--app_mode", "3DObjDet", "--model_name", "Mono3D"]
     data = ["--dataset_dir", dataset, "--cfg", f"data.3DObjDet.label_cache_dir={cache}"]
     commands = {
         "dataset": ["-m", "dataset.NuscenesDataset.synthetic", "--out", dataset, "--samples_per_scene",
-                    str(embedded["samples_per_scene"]), "--width", str(embedded["width"]), "--height",
-                    str(embedded["height"]), "--seed", str(embedded["seed"])],
+                    str(options.samples_per_scene or embedded["samples_per_scene"]), "--width", str(width), "--height",
+                    str(height), "--seed", str(embedded["seed"])],
         "train": ["train.py", *task, "--exp_id", "0", "--gpu_num", "0", *data, "--save_dir", exp, "--num_epochs",
                   str(options.num_epochs), *options.flags],
         "test": ["test.py", *task, "--save_dir", exp, *data]}
@@ -133,6 +137,10 @@ def run(options, work_dir: str) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num_epochs", type=int, default=30, help="train.py's --num_epochs")
+    parser.add_argument("--samples_per_scene", type=int, default=None,
+                        help="keyframes per scene of the dataset (default: data.json's embedded setting)")
+    parser.add_argument("--jpeg_size", type=jpeg_size, default=None,
+                        help="the dataset's image WxH in px (default: data.json's embedded setting)")
     parser.add_argument("--work_dir", default=None, help="a new or empty folder, kept (default: a temporary one)")
     add_results_dir(parser)
     parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="more train.py flags, added last")

@@ -16,7 +16,7 @@ import torch
 
 import test as test_script
 import train
-from bench import ddp, overhead, quality, recipes, results, suite, throughput
+from bench import ddp, mono3d, overhead, quality, recipes, results, suite, throughput
 from bench import eval as eval_bench
 from bench import loader as loader_bench
 from dataset.NuscenesDataset import synthetic
@@ -352,3 +352,21 @@ def test_commit_says_dirty_for_changed_tracked_files_only(tmp_path, monkeypatch)
     assert results.commit() == head.stdout.strip()
     (tmp_path / "tracked.txt").write_text("2")
     assert results.commit() == f"{head.stdout.strip()} (dirty)"
+
+
+@pytest.mark.bench
+def test_mono3d_bench_scores_mono3d_and_its_references(tmp_path, capsys, monkeypatch):
+    """Dataset, train.py and test.py of the 3D task, then the devkit's scores of the ground truth, the two naive
+    lifts and Mono3D, its AP per class and its training curve."""
+    monkeypatch.setattr(mono3d, "timed", in_process)
+    argv = [*RECIPE_TINY, "--work_dir", str(tmp_path / "work"), "--results_dir", str(tmp_path / "results"),
+            *[flag.replace("2DObjDet", "3DObjDet") for flag in RECIPE_TINY_FLAGS]]
+    mono3d.main(argv)
+    out = capsys.readouterr().out
+    truth = re.search(r"^\| ground truth \| ([\d.]+) \| ([\d.]+) \|", out, re.MULTILINE)
+    assert truth and 0 < float(truth.group(2)) <= 1.0
+    for row in ("true 2D boxes, class-mean depth and size", "true 2D boxes, depth from their height",
+                "Mono3D (best.pt, epoch 1)"):
+        assert re.search(rf"^\| {re.escape(row)}.* \| [\d.]+ \| [\d.]+ \|", out, re.MULTILINE), row
+    assert re.search(r"^\| 1 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out, re.MULTILINE)
+    assert "car" in out and "train.py --app_mode 3DObjDet" in recorded_text(tmp_path / "results", "mono3d", argv)

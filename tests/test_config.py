@@ -92,4 +92,4 @@ def test_a_non_string_inherit_is_one_line_naming_the_file_and_section(tmp_path):
     with pytest.raises(UserError) as failed:
         merge_config({}, str(config_dir))
     assert str(failed.value) == (f'config file {config_dir / "data.json"}: Counting.inherit = ["2DObjDet"] is not a '
-                                 f'section name: write one name as a string, one of "2DObjDet", "BEVSeg"')
+                                 f'section name: write one name as a string, one of "2DObjDet", "BEVSeg", "3DObjDet"')

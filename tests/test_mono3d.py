@@ -159,6 +159,43 @@ def test_3d_to_image_to_3d_round_trip(embedded_dir, tmp_path):
     np.testing.assert_allclose(turned[known], devkit[known], atol=1e-4)
 
 
+def test_a_flipped_camera_is_the_same_scene_mirrored(embedded_dir, tmp_path):
+    """With hflip_prob 1 every camera image is mirrored and its labels, intrinsics and pose with it: its boxes lift
+    to the same global centres and yaws as the unflipped item's, the velocity turns into the same global one, and the
+    2D boxes are mirrored; with 0.5 some cameras are flipped and some not."""
+    no_jitter = {"brightness": 0, "contrast": 0, "saturation": 0, "hue": 0}
+    args = task_args("3DObjDet", embedded_dir, tmp_path, {"image": {"w": 192, "h": 96},
+                                                          "augmentation": {**no_jitter, "hflip_prob": 1.0}})
+    plain = DatasetLoader(args, mode="train")[3]
+    flipped = DatasetLoader({**args, "bool_apply_img_aug": 1}, mode="train")[3]
+    assert torch.equal(flipped["images"], plain["images"].flip(-1)) and len(plain["targets"]) > 5
+
+    def lifted(item):
+        image = torch.repeat_interleave(torch.arange(len(item["counts"])), item["counts"])
+        targets = item["targets"]
+        center, yaw = lift_boxes(targets[:, [COLUMN["u"], COLUMN["v"]]], targets[:, COLUMN["depth"]],
+                                 targets[:, COLUMN["alpha"]], item["intrinsics"][image], item["cam_to_global"][image])
+        velocity = targets[:, [COLUMN["vx"], COLUMN["vz"]]].double()
+        turned = (item["cam_to_global"][image][:, :3][:, :, [0, 2]] @ velocity[:, :, None])[..., 0]
+        return center, yaw, turned
+
+    (center, yaw, velocity), (flipped_center, flipped_yaw, flipped_velocity) = lifted(plain), lifted(flipped)
+    np.testing.assert_allclose(flipped_center.numpy(), center.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.angle(np.exp(1j * (flipped_yaw - yaw).numpy())), 0, atol=1e-5)
+    assert not velocity.isnan().all()
+    np.testing.assert_allclose(flipped_velocity.numpy(), velocity.numpy(), atol=1e-5)  # NaN where unknown in both
+    mirrored = 192 - plain["targets"][:, [COLUMN["x2"], COLUMN["x1"]]]
+    assert torch.allclose(flipped["targets"][:, [COLUMN["x1"], COLUMN["x2"]]], mirrored)
+    unchanged = [COLUMN[name] for name in ("v", "depth", "w", "l", "h", "attribute", "class", "y1", "y2")]
+    assert torch.equal(flipped["targets"][:, unchanged], plain["targets"][:, unchanged])
+
+    args["data"]["3DObjDet"]["augmentation"]["hflip_prob"] = 0.5
+    torch.manual_seed(0)
+    half = DatasetLoader({**args, "bool_apply_img_aug": 1}, mode="train")[3]["images"]
+    same = [torch.equal(half[k], plain["images"][k]) for k in range(len(half))]
+    assert any(same) and not all(same)
+
+
 def test_the_model_fits_a_sample(embedded_dir, tmp_path):
     """200 steps on one sample's front and back cameras at 256x128: the loss falls 10-fold, and every box at least
     16 px long in the image is found again with its class, within 1 m or 5 % of its depth of its centre (global

@@ -334,7 +334,7 @@ def test_bad_flags_are_one_line(flags, message, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--model_name", "Detr"], "--model_name Detr: no optimization/Detr_solver.py; available: "),
     (["--dataset_type", "kitti"], "--dataset_type kitti: not in 'loaders' of config/config.json; available: nuscenes"),
-    (["--app_mode", "3DObjDet"], "--app_mode 3DObjDet: no loader for it with --dataset_type nuscenes"),
+    (["--app_mode", "Tracking"], "--app_mode Tracking: no loader for it with --dataset_type nuscenes"),
     (["--cfg", "model.Yolo.backbone_name=resnet34"], "unknown key 'model.Yolo.backbone_name'"),
     (["--cfg", "data.2DObjDet.image.h=tall"], "--cfg data.2DObjDet.image.h=tall: expected a value of type int"),
 ])

@@ -60,14 +60,19 @@ def test_a_yolo_step_reads_nothing_on_the_host(flags):
     assert solver.ema_updates == 3 and int(solver.ema.n_averaged) == 3
 
 
-def test_a_liftbev_step_reads_nothing_on_the_host(embedded_dir, tmp_path):
-    args = solver_args("--app_mode", "BEVSeg", "--model_name", "LiftBEV", "--dataset_dir", embedded_dir,
-                       "--batch_size", "2", "--cfg", "data.BEVSeg.image.w=96", "--cfg", "data.BEVSeg.image.h=64",
-                       "--cfg", 'data.BEVSeg.cameras=["CAM_FRONT", "CAM_BACK"]',
-                       "--cfg", "data.BEVSeg.bev.x_range_m=[-20.0, 20.0]",
-                       "--cfg", "data.BEVSeg.bev.y_range_m=[-20.0, 20.0]", "--cfg", "data.BEVSeg.bev.cell_m=1.0",
-                       "--cfg", "model.LiftBEV.image_channels=16", "--cfg", "model.LiftBEV.bev_channels=32",
-                       "--cfg", "model.LiftBEV.bev_blocks=1", "--cfg", f"data.BEVSeg.label_cache_dir={tmp_path}")
+@pytest.mark.parametrize("app_mode, model_name, task_flags", [
+    ("BEVSeg", "LiftBEV", ["--cfg", "data.BEVSeg.bev.x_range_m=[-20.0, 20.0]",
+                           "--cfg", "data.BEVSeg.bev.y_range_m=[-20.0, 20.0]", "--cfg", "data.BEVSeg.bev.cell_m=1.0",
+                           "--cfg", "model.LiftBEV.image_channels=16", "--cfg", "model.LiftBEV.bev_channels=32",
+                           "--cfg", "model.LiftBEV.bev_blocks=1"]),
+    ("3DObjDet", "Mono3D", []),
+])
+def test_a_multi_camera_step_reads_nothing_on_the_host(app_mode, model_name, task_flags, embedded_dir, tmp_path):
+    args = solver_args("--app_mode", app_mode, "--model_name", model_name, "--dataset_dir", embedded_dir,
+                       "--batch_size", "2", "--cfg", f"data.{app_mode}.image.w=96",
+                       "--cfg", f"data.{app_mode}.image.h=64",
+                       "--cfg", f'data.{app_mode}.cameras=["CAM_FRONT", "CAM_BACK"]',
+                       "--cfg", f"data.{app_mode}.label_cache_dir={tmp_path}", *task_flags)
     dataset, loader = helper.load_datasetloader(args, 1, 0, "train")
     solver = helper.load_solver(args, device=torch.device("cpu"), class_names=dataset.class_names,
                                 steps_per_epoch=len(loader))

@@ -87,6 +87,8 @@ def test_all_classes_unmapped_categories_and_visibilities(nusc):
 def test_border_straddling_and_behind_camera_objects(nusc):
     straddling = behind = 0
     for sd in nusc.sample_data:
+        if sd["sensor_modality"] != "camera":
+            continue
         for ann, (x1, _, x2, _) in camera_boxes_2d(nusc, sd["token"], ["1", "2", "3", "4"]):
             straddling += x1 == 0 or x2 == sd["width"]
             box = nusc.get_box(ann["token"])
@@ -175,14 +177,15 @@ def test_trainval_prefix_has_train_and_val_scenes(trainval_dir, trainval):
     assert names == sorted(splits["train"] + splits["val"])[:4] == ["scene-0001", "scene-0002", "scene-0003",
                                                                     "scene-0004"]
     assert set(names) & set(splits["val"]) == {"scene-0003"} and len(set(names) & set(splits["train"])) == 3
-    assert len(trainval.sample) == 12 and all(len(sample["data"]) == 6 for sample in trainval.sample)
+    assert len(trainval.sample) == 12 and all(len(sample["data"]) == 7 for sample in trainval.sample)  # cameras, lidar
     assert {ann["visibility_token"] for ann in trainval.sample_annotation} >= {"1", "4"}
 
 
 def test_linked_images_are_hard_links_to_one_rendered_image_per_camera(trainval_dir, trainval):
     inodes = {}
     for sd in trainval.sample_data:
-        inodes.setdefault(sd["channel"], set()).add(os.stat(os.path.join(trainval_dir, sd["filename"])).st_ino)
+        if sd["channel"].startswith("CAM_"):
+            inodes.setdefault(sd["channel"], set()).add(os.stat(os.path.join(trainval_dir, sd["filename"])).st_ino)
     assert len(inodes) == 6 and all(len(channel_inodes) == 1 for channel_inodes in inodes.values())
     assert len(set.union(*inodes.values())) == 6
     image = cv2.imread(os.path.join(trainval_dir, trainval.sample_data[0]["filename"]))
@@ -195,6 +198,7 @@ def test_sweeps_chain_with_the_keyframes_of_their_camera(trainval_dir, trainval)
     for scene in trainval.scene:
         first = trainval.get("sample", scene["first_sample_token"])
         for channel, token in first["data"].items():
+            sweeps_between = 5 if channel.startswith("CAM_") else 0  # the lidar has keyframes only
             chain, previous = [], ""
             while token:
                 sd = trainval.get("sample_data", token)
@@ -207,9 +211,10 @@ def test_sweeps_chain_with_the_keyframes_of_their_camera(trainval_dir, trainval)
                 assert abs(sample["timestamp"] - sd["timestamp"]) <= 250_000  # the sample nearer in time
                 chain.append(sd)
                 previous, token = token, sd["next"]
-            assert [sd["is_key_frame"] for sd in chain] == [True] + [False] * 5 + [True] + [False] * 5 + [True]
+            assert [sd["is_key_frame"] for sd in chain] == ([True] + [False] * sweeps_between) * 2 + [True]
             times = np.diff([sd["timestamp"] for sd in chain])
-            assert times.min() >= 83_333 and times.max() <= 83_334  # 12 Hz
+            if sweeps_between:
+                assert times.min() >= 83_333 and times.max() <= 83_334  # 12 Hz
 
 
 def test_sweeps_leave_keyframes_and_images_as_they_are(tmp_path):
@@ -221,7 +226,7 @@ def test_sweeps_leave_keyframes_and_images_as_they_are(tmp_path):
         assert tables[True][name] == tables[False][name]
     keyframes = {sd["token"]: sd for sd in tables[True]["sample_data"] if sd["is_key_frame"]}
     poses = {pose["token"]: pose for pose in tables[True]["ego_pose"]}
-    assert len(keyframes) == 12 and len(tables[True]["sample_data"]) == len(poses) == 12 + 6 * 5
+    assert len(keyframes) == 14 and len(tables[True]["sample_data"]) == len(poses) == 14 + 6 * 5  # 2 x (6 cams, lidar)
     for sd in tables[False]["sample_data"]:
         chained = keyframes[sd["token"]]
         assert {**chained, "prev": sd["prev"], "next": sd["next"]} == sd

@@ -34,7 +34,6 @@ import multiprocessing
 import os
 import shutil
 from contextlib import nullcontext
-from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -273,9 +272,10 @@ def label_arrays(dataroot: str, version: str, split: str, label_cfg: dict, cache
             if stale != parts_dir:
                 shutil.rmtree(stale, ignore_errors=True)
         nusc = load_nuscenes(dataroot, version)
-        return build_labels(nusc, split_scene_names(nusc, split),
-                            partial(scene_labels, visibilities=label_cfg["visibilities"],
-                                    min_box_size=label_cfg["min_box_size"]), workers or os.cpu_count() or 1, parts_dir)
+        return build_labels(nusc, split_scene_names(nusc, split), one_scene, workers or os.cpu_count() or 1, parts_dir)
+
+    def one_scene(nusc: NuScenes, scene_name: str) -> dict:
+        return scene_labels(nusc, scene_name, label_cfg["visibilities"], label_cfg["min_box_size"])
 
     labels = cached_arrays(path, key, build, f"the {version} {split} label cache")
     shutil.rmtree(parts_dir, ignore_errors=True)  # the scenes of a finished build, once the cache is written

@@ -21,8 +21,7 @@ angle of the ray to the centre, atan2(x, z): boxes that look alike in the image 
 are. Velocity: the devkit's global velocity (x, y) turned into the camera frame, its x and z kept.
 
 An item is a dict:
-    images        (N_cam, 3, H, W) uint8 RGB at data.json "image" (photometric augmentation only: a geometric
-                  one would have to move the intrinsics with it)
+    images        (N_cam, 3, H, W) uint8 RGB at data.json "image"
     intrinsics    (N_cam, 3, 3) float32: intrinsics scaled to the input size (input px)
     cam_to_global (N_cam, 4, 4) float64: camera -> global
     targets       (M, len(TARGET_COLUMNS)) float32, the cameras' boxes one after another, columns TARGET_COLUMNS:
@@ -32,9 +31,16 @@ An item is a dict:
     counts        (N_cam,) int64 boxes of each camera
     index         () int64 the sample's position (sample_tokens[index])
 `collate_3d` batches items.
+
+Training augmentation, per camera image: colour jitter, and with probability data.json "augmentation.hflip_prob" a
+horizontal flip, which mirrors the camera frame (x -> -x) with it: u -> W - u, the 2D box's x1, x2 -> W - x2, W - x1,
+alpha -> pi - alpha, vx -> -vx, the intrinsics' cx -> W - cx and cam_to_global -> cam_to_global @ diag(-1, 1, 1, 1),
+so that the item stays one camera's consistent view (tested: its boxes lift to the unflipped ones, mirrored).
 """
 
+import glob
 import os
+import shutil
 from functools import partial
 
 import numpy as np
@@ -65,7 +71,7 @@ from dataset.NuscenesDataset.labels import (
     load_nuscenes,
     split_scene_names,
 )
-from utils.config import TEXT, check_values
+from utils.config import TEXT, check_values, number
 from utils.errors import UserError
 
 LABEL_FORMAT = 1  # bump when the label computation changes, so that old caches are rebuilt
@@ -138,7 +144,8 @@ def scene_boxes_3d(nusc, scene_name: str, cameras: list, visibilities: list) -> 
 
 def labels_3d(dataroot: str, version: str, split: str, cfg: dict, cache_dir: str, workers: int | None = None) -> dict:
     """The 3D label arrays of `split` (module docstring), from the cache in `cache_dir`, built there over `workers`
-    processes (default: all cores) when missing or when any input or setting changed."""
+    processes (default: all cores) when missing or when any input or setting changed; a killed build resumes from
+    the scenes it had finished (labels.build_labels)."""
     dataroot = os.path.abspath(dataroot)
     check_dataroot(dataroot, version)
     settings = {"format": LABEL_FORMAT, "dataroot": dataroot, "version": version, "split": split,
@@ -146,13 +153,20 @@ def labels_3d(dataroot: str, version: str, split: str, cfg: dict, cache_dir: str
     key = cache_key({**settings, "tables": tables_key(os.path.join(dataroot, version))})
     path = os.path.join(os.path.abspath(cache_dir), f"3d_{version}_{split}_{cache_key(settings)[:16]}.npz")
 
+    parts_dir = f"{path}.parts-{key[:16]}"
+
     def build() -> dict:
+        for stale in glob.glob(f"{glob.escape(path)}.parts-*"):  # a killed build of other inputs: useless now
+            if stale != parts_dir:
+                shutil.rmtree(stale, ignore_errors=True)
         nusc = load_nuscenes(dataroot, version)
         return build_labels(nusc, split_scene_names(nusc, split),
                             partial(scene_boxes_3d, cameras=cfg["cameras"], visibilities=cfg["labels"]["visibilities"]),
-                            workers or os.cpu_count() or 1, f"{path}.parts-{key[:16]}", "3D labels")
+                            workers or os.cpu_count() or 1, parts_dir, "3D labels")
 
-    return cached_arrays(path, key, build, f"the {version} {split} 3D label cache")
+    labels = cached_arrays(path, key, build, f"the {version} {split} 3D label cache")
+    shutil.rmtree(parts_dir, ignore_errors=True)  # the scenes of a finished build, once the cache is written
+    return labels
 
 
 def collate_3d(items: list) -> dict:
@@ -191,6 +205,7 @@ class DatasetLoader(Dataset):
             **COMMON_RULES,
             "label_cache_dir": TEXT,
             "labels.visibilities": VISIBILITIES,
+            "augmentation.hflip_prob": number(0, 1),
         }, f"data.{args['app_mode']}")
 
     def __init__(self, args: dict, world_size: int = 1, rank: int = 0, mode: str = "train"):
@@ -241,6 +256,7 @@ class DatasetLoader(Dataset):
         self.augmentation = (v2.ColorJitter(jitter["brightness"], jitter["contrast"], jitter["saturation"],
                                             jitter["hue"])
                              if mode == "train" and args["bool_apply_img_aug"] else None)
+        self.flip_prob = jitter["hflip_prob"] if self.augmentation is not None else 0.0
 
     @staticmethod
     def sample_files(args: dict, tokens: list) -> dict:
@@ -282,10 +298,32 @@ class DatasetLoader(Dataset):
         images = read_sample_images(self.dataroot, self.image_files[index], self.image_sizes[index], self.input_size,
                                     self.augmentation)
         first, last = index * len(images), (index + 1) * len(images)
-        return {"images": images, "intrinsics": self.intrinsics[index],
-                "cam_to_global": self.cam_to_global[index],
+        item = {"images": images, "intrinsics": self.intrinsics[index], "cam_to_global": self.cam_to_global[index],
                 "targets": self.targets[self.box_start[first]:self.box_start[last]],
                 "counts": torch.from_numpy(np.diff(self.box_start[first:last + 1])), "index": torch.tensor(index)}
+        if self.flip_prob:
+            item = flip_cameras(item, torch.rand(len(images)) < self.flip_prob)
+        return item
+
+
+def flip_cameras(item: dict, flipped: torch.Tensor) -> dict:
+    """The item with the cameras of `flipped` (N_cam,) bool mirrored left to right, camera frame and labels with
+    them (see the module's docstring)."""
+    width = item["images"].shape[-1]
+    images = torch.where(flipped[:, None, None, None], item["images"].flip(-1), item["images"])
+    intrinsics, cam_to_global = item["intrinsics"].clone(), item["cam_to_global"].clone()
+    intrinsics[flipped, 0, 2] = width - intrinsics[flipped, 0, 2]
+    cam_to_global[flipped, :, 0] *= -1
+    targets = item["targets"].clone()
+    column = {name: k for k, name in enumerate(TARGET_COLUMNS)}
+    box_flipped = flipped.repeat_interleave(item["counts"])
+    mirrored = targets[box_flipped]
+    mirrored[:, column["u"]] = width - mirrored[:, column["u"]]
+    mirrored[:, [column["x1"], column["x2"]]] = width - mirrored[:, [column["x2"], column["x1"]]]
+    mirrored[:, column["alpha"]] = torch.from_numpy(wrap_angle(np.pi - mirrored[:, column["alpha"]].numpy()))
+    mirrored[:, column["vx"]] = -mirrored[:, column["vx"]]
+    targets[box_flipped] = mirrored
+    return {**item, "images": images, "intrinsics": intrinsics, "cam_to_global": cam_to_global, "targets": targets}
 
 
 def wrap_angle(angle):

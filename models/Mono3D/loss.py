@@ -57,7 +57,7 @@ class Mono3DLoss(nn.Module):
         box_size = torch.maximum(targets[..., COLUMN["x2"]] - targets[..., COLUMN["x1"]],
                                  targets[..., COLUMN["y2"]] - targets[..., COLUMN["y1"]])  # (I, M) px
         ranges = torch.tensor(self.cfg["size_ranges"], dtype=box_size.dtype, device=box_size.device)
-        level = torch.searchsorted(torch.unique(strides), strides)  # (P,) 0, 1, 2
+        level = torch.log2(strides / strides.min()).round().long()  # (P,) 0, 1, 2 (no unique: a host read)
         low, high = ranges[level, 0][None, :, None], ranges[level, 1][None, :, None]
         candidate = near & valid[:, None] & (box_size[:, None] >= low) & (box_size[:, None] < high)
         depth = targets[..., COLUMN["depth"]][:, None].expand_as(candidate)
@@ -79,8 +79,9 @@ class Mono3DLoss(nn.Module):
         num_positive = loss_normalizer(positive.sum().float())
         weight_sum = loss_normalizer(centerness.sum())
 
-        class_target = F.one_hot(box[..., COLUMN["class"]].long(), class_logits.shape[-1]) * positive[..., None]
-        losses = {"cls_loss": sigmoid_focal_loss(class_logits, class_target.float(), self.cfg["focal_alpha"],
+        class_target = torch.zeros_like(class_logits).scatter_(-1, box[..., COLUMN["class"], None].long(), 1.0)
+        class_target = class_target * positive[..., None]
+        losses = {"cls_loss": sigmoid_focal_loss(class_logits, class_target, self.cfg["focal_alpha"],
                                                  self.cfg["focal_gamma"], reduction="sum") / num_positive,
                   "centerness_loss": (F.binary_cross_entropy_with_logits(
                       outputs["centerness_logits"].float(), centerness, reduction="none") * positive).sum()
