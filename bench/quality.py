@@ -1,44 +1,56 @@
-"""Detection quality at an equal CPU training budget, by a protocol that each contender's own experts would accept:
-DSTorch's Yolo (dstorch: the resnet_fpn architecture; dstorch_csp_pan: csp_pan), torchvision's FCOS and RetinaNet
-(resnet18-FPN, no weights) and Ultralytics YOLOv8n (from its yaml, no weights), each trained for the same wall-clock
-time with the same torch threads on the same data, then scored by the same COCO code on the test split, which none
-of them trained or was tuned on.
+"""Detection quality by a protocol that each contender's own experts would accept: DSTorch's Yolo (dstorch: the
+resnet_fpn architecture; dstorch_csp_pan: csp_pan), torchvision's FCOS and RetinaNet (resnet18-FPN, no weights) and
+Ultralytics YOLOv8n (from its yaml, no weights), each trained on the same data with the same torch threads, then
+scored by the same COCO code on the test split, which none of them trained or was tuned on.
 
     python -m bench.quality --setup_ultralytics   # once: .cache/venv-ultralytics (for its OpenCV)
-    python -m bench.quality --sweep               # each contender's learning rate and warm-up, picked on val
+    python -m bench.quality --sweep               # each contender's recipe picked on val, then the protocol
     python -m bench.quality                       # the protocol: budgets x seeds x contenders, interleaved
     python -m bench.quality --table               # the table of the runs done so far, without running any
-    python -m bench.quality --budgets 10 --seeds 0 --contenders dstorch_csp_pan,ablation_no_dfl  # an ablation
+    python -m bench.quality --epochs 14 --seeds 0 --contenders dstorch_csp_pan,ablation_no_dfl  # an ablation
 
 Each invocation writes what it prints (the setup's output aside; with --table, the table alone) to
 <results_dir>/quality.md (--results_dir, default bench/results), replacing the previous invocation's: after running
 the protocol in parts, `--table` writes the table of all of them.
 
-Every run writes its result (<work_dir>/runs/<budget>min/<contender>_seed<k>.json, sweep points under runs/sweep/)
-the moment it ends, and every invocation skips the runs whose results exist: stop at any time and run the same
-command again to go on. --contenders, --seeds and --budgets choose a part of the protocol. The ablations of csp_pan
-(ABLATIONS: one part changed each, by config) run only when --contenders names them.
+Every run writes its result (<work_dir>/runs/<budget>/<contender>_seed<k>.json, sweep points under runs/sweep/) the
+moment it ends, with its provenance (PROVENANCE), and every invocation skips the runs whose results exist and come
+from this commit: stop at any time and run the same command again to go on. A result of another commit is stale: it
+is run again, and the table leaves it out and names it. --contenders, --seeds, --epochs and --budgets choose a part
+of the protocol. The ablations of csp_pan (ABLATIONS: one part changed each, by config) run only when --contenders
+names them.
 
 Protocol:
 - Data: an embedded nuScenes set of --samples_per_scene keyframes per scene (generated once into --work_dir);
   train on the train split of mini_train as train.py splits it, sweep on its val split, score on mini_val;
-  input 320x192 (INPUT_SIZE; YOLOv8n: imgsz 320, letterboxed), all 6 cameras.
+  input 320x192 (INPUT_SIZE; YOLOv8n: imgsz 320, letterboxed squares in training), all 6 cameras.
+- Equal optimizer steps, the primary comparison (--epochs, default 14 and 42, the quick start's and 3x): the same
+  number of optimizer steps on batches of the same images (a DSTorch batch of --batch_size samples is that many x 6
+  images; YOLOv8n's batch is those images, nbs = batch), each schedule annealed over exactly those steps (PyTorch
+  contenders: OneCycle; YOLOv8n: epochs to match, cos_lr to lr0 x lrf), an EMA of the weights for all with one
+  update per step. Equal wall-clock time (--budgets, minutes, none by default) is a third view: the schedule is
+  planned from the step time and YOLOv8n trains with time=.
+- Speed: each run's training images/s; the runs of a seed are interleaved (the contenders in an order rotated by
+  the seed), so the images/s ratio of two contenders within a seed is measured in one run of the protocol.
 - Compute: the same torch threads (--threads, all cores by default) for everyone. DSTorch, FCOS and RetinaNet
   read through DSTorch's loader with --num_cores worker(s); Ultralytics with cache='ram' (it forces workers=0 on the
-  CPU). Each run logs its optimizer steps and training images/s.
-- Recipes: each contender starts from its own recipe for a short run (RECIPES) with an EMA of the weights for all;
-  --sweep tries the same grid around it for every contender (learning rate x --sweep_lr_scales, warm-up x
-  --sweep_warmup_scales, seed 0, --sweep_minutes each) and keeps the best mAP on val; the protocol uses the swept
-  recipe where the sweep is complete, the starting one otherwise (its table says which).
+  CPU).
+- Recipes: each contender starts from its own recipe (RECIPES); --sweep runs the same grid around it for every
+  contender at the first --epochs budget on val (learning rate x --sweep_lr_scales, warm-up x
+  --sweep_warmup_scales, seed 0), then for YOLOv8n mosaic (closed for the last 10 % of epochs) and rect training at
+  the best of that grid, and keeps the best val mAP; the protocol uses the swept recipe where the sweep is complete
+  and of this commit, the starting one otherwise (its table says which).
 - Scoring: detections scoring >= 0.001, at most 100 per image, for all; YOLOv8n through Ultralytics' own validator
-  (its multi-label NMS, boxes mapped back to original pixels), then everyone through utils.coco_eval on the same
-  ground truth.
-- Runs: --seeds (2 by default) per contender and --budgets (10 and 40 minutes), interleaved: budget by budget, seed
-  by seed, the contenders in an order rotated by the seed. The table reports mean ± half the range over seeds.
+  (its multi-label NMS, boxes mapped back to original pixels) at 320x192 (rect) and letterboxed (320x320), its log
+  searched for "NMS time limit"; then everyone through utils.coco_eval on the same ground truth, with the
+  detections per image reported.
+- The table: per budget, each seed's run of each contender, then mean ± half the range over the seeds, and the
+  images/s of each contender over the first contender's within each seed.
 """
 
 import argparse
 import copy
+import datetime
 import json
 import os
 import subprocess
@@ -52,7 +64,7 @@ import torchvision
 from torch.utils.data import DataLoader
 
 from bench.model import platform_args, torchvision_detector
-from bench.results import add_results_dir, recorded
+from bench.results import add_results_dir, commit, recorded
 from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
 from helper import load_solver
@@ -76,14 +88,16 @@ DSTORCH_VARIANTS = {"dstorch": ("model.Yolo.architecture=resnet_fpn", "model.Yol
                     "ablation_binary_class_targets": (*CSP_PAN, "loss.Yolo.aligned.iou_aware=false"),
                     "ablation_resnet18_backbone": (*CSP_PAN[:1], "model.Yolo.backbone=resnet18")}
 ABLATIONS = tuple(name for name in DSTORCH_VARIANTS if name.startswith("ablation_"))
-# Each contender's recipe for minutes of training on a CPU, before the sweep: peak learning rate (AdamW) and warm-up
-# (PyTorch contenders: OneCycle's share of the steps; YOLOv8n: epochs, Ultralytics' unit). DSTorch (both
+# Each contender's recipe before the sweep: peak learning rate (AdamW) and warm-up (PyTorch contenders: OneCycle's
+# share of the steps; YOLOv8n: epochs, Ultralytics' unit, which it stretches to at least 100 steps). DSTorch (both
 # architectures): its config defaults; FCOS and RetinaNet: AdamW at a from-scratch detector's usual rate with
-# DSTorch's schedule; YOLOv8n: AdamW lr0 0.002 and a 0.5-epoch warm-up, nbs = batch, mosaic off, scale 0.25
-# (quality_ultralytics.py).
+# DSTorch's schedule; YOLOv8n: AdamW lr0 0.002 and a 0.5-epoch warm-up, nbs = batch, mosaic and rect off, scale 0.25
+# (quality_ultralytics.py), lrf its default.
 RECIPES = {**{name: {"lr": 3e-3, "warmup": 0.15} for name in DSTORCH_VARIANTS},
            "fcos": {"lr": 1e-3, "warmup": 0.15}, "retinanet": {"lr": 1e-3, "warmup": 0.15},
-           "yolov8n": {"lr": 2e-3, "warmup": 0.5}}
+           "yolov8n": {"lr": 2e-3, "warmup": 0.5, "mosaic": False, "rect": False}}
+YOLO_LRF = 0.01  # Ultralytics' default final learning rate, x lr0
+CLOSE_MOSAIC_SHARE = 0.1  # mosaic off for the last 10 % of epochs: Ultralytics' close_mosaic 10 of its 100 epochs
 # The schedule's length is planned after step CALIBRATION_STEPS from the time of steps 3-10 (not the slow first
 # ones), so that it exists early, then planned again at each share of the budget in REPLAN_AT from the steps timed
 # since the previous point (REPLAN_FROM for the first, after the first epoch read the images from a cold page
@@ -95,6 +109,8 @@ REPLAN_FROM, REPLAN_AT, FULL_BUDGET = 0.05, (0.1, 0.3, 0.5, 0.7, 0.9), 0.95
 SCORE_THRESHOLD, MAX_DETECTIONS = 0.001, 100
 INPUT_SIZE = (320, 192)  # W, H px: the protocol's, whatever config/data.json's default (the quick start's) is
 METRICS = ("mAP", "AP50", "AP_small", "AP_medium", "AP_large")
+# what every run records beside its numbers, so that a table never mixes commits or days unseen
+PROVENANCE = ("commit", "clean", "date", "load_average", "threads", "steps", "images_per_s")
 
 
 def bench_args(dataroot: Path, work_dir: Path, extra: list) -> dict:
@@ -158,18 +174,18 @@ def recipe_args(args: dict, recipe: dict, seed: int) -> dict:
     return {**args, "learning_rate": recipe["lr"], "pct_start": recipe["warmup"], "seed": seed}
 
 
-def train_dstorch(args: dict, train_set, loader: DataLoader, budget_s: float) -> tuple:
-    """The Solver as train.py drives it (train step, then LR step, EMA); its schedule spans the steps that fit in
-    the budget. Returns (predict, steps, seconds)."""
+def train_dstorch(args: dict, train_set, loader: DataLoader, budget: dict) -> dict:
+    """The Solver as train.py drives it (train step, then LR step, EMA); its schedule spans the budget's steps.
+    Returns predictor_after's dict."""
     solver = load_solver(args, device=torch.device("cpu"), class_names=train_set.class_names, steps_per_epoch=1)
     solver.mode_selection(True)
-    return predictor_after(solver, lambda batch: solver.train(batch), loader, budget_s,
+    return predictor_after(solver, lambda batch: solver.train(batch), loader, budget,
                            lambda model: lambda images: model.predict(images[:, None]))
 
 
-def train_torchvision(kind: str, args: dict, train_set, loader: DataLoader, budget_s: float) -> tuple:
+def train_torchvision(kind: str, args: dict, train_set, loader: DataLoader, budget: dict) -> dict:
     """FCOS or RetinaNet trained by DSTorch's BaseSolver (AdamW, OneCycle, gradient clipping, EMA), through
-    torchvision's own losses. Returns (predict, steps, seconds)."""
+    torchvision's own losses. Returns predictor_after's dict."""
     width, height = train_set.input_size
     normalize = args["data"][args["app_mode"]]["normalize"]  # the detector's transform normalizes, as DSTorch's
     model = torchvision_detector(kind, width, height, sized_for_input=True, image_mean=normalize["mean"],
@@ -190,13 +206,14 @@ def train_torchvision(kind: str, args: dict, train_set, loader: DataLoader, budg
                     "image_index": torch.repeat_interleave(torch.arange(len(found)), counts)}
         return predict
 
-    return predictor_after(trainer, step, loader, budget_s, predict_with)
+    return predictor_after(trainer, step, loader, budget, predict_with)
 
 
-def predictor_after(trainer: BaseSolver, train_step, loader: DataLoader, budget_s: float, predict_with) -> tuple:
-    """Train with train_step(batch) for the budget, the OneCycle schedule built over the steps that fit once they
-    are known (before: the schedule built with the solver, not stepped, sets the starting learning rate). Returns
-    (predict_with(the EMA model in eval mode), steps, seconds)."""
+def predictor_after(trainer: BaseSolver, train_step, loader: DataLoader, budget: dict, predict_with) -> dict:
+    """Train with train_step(batch) for the budget: {"epochs": E} (E x len(loader) steps, the OneCycle schedule
+    built over exactly those) or {"minutes": M} (the schedule built over the steps that fit once they are known;
+    before, the schedule built with the solver, not stepped, sets the starting learning rate). Returns {predict:
+    predict_with(the EMA model in eval mode), steps, train_s, ema_updates}."""
     args = trainer.args
 
     def step(batch):
@@ -213,8 +230,26 @@ def predictor_after(trainer: BaseSolver, train_step, loader: DataLoader, budget_
             trainer.scheduler.step()
 
     schedule = {}
-    steps, seconds = train_within(budget_s, loader, step, on_length_known)
-    return predict_with(trainer.evaluated_model()), steps, seconds
+    if "epochs" in budget:
+        total_steps = round(budget["epochs"] * len(loader))
+        on_length_known(total_steps, 0)
+        steps, seconds = train_steps(total_steps, loader, step)
+    else:
+        steps, seconds = train_within(budget["minutes"] * 60, loader, step, on_length_known)
+    return {"predict": predict_with(trainer.evaluated_model()), "steps": steps, "train_s": seconds,
+            "ema_updates": trainer.ema_updates}
+
+
+def train_steps(total_steps: int, loader: DataLoader, step) -> tuple:
+    """Call step(batch) over epochs of `loader` for exactly total_steps steps. Returns (steps, seconds)."""
+    start, steps = time.monotonic(), 0
+    while steps < total_steps:
+        for batch in loader:
+            step(batch)
+            steps += 1
+            if steps == total_steps:
+                break
+    return steps, time.monotonic() - start
 
 
 @torch.no_grad()
@@ -256,10 +291,12 @@ def write_yolo_split(dataset, folder: Path) -> list:
     return paths
 
 
-def run_yolov8n(data: dict, recipe: dict, seed: int, budget_s: float, split: str, threads: int, run_dir: Path
+def run_yolov8n(data: dict, recipe: dict, seed: int, budget: dict, split: str, threads: int, run_dir: Path
                 ) -> dict:
-    """Train and validate in the Ultralytics environment (bench/quality_ultralytics.py); returns its report
-    {detections (COCO results of `split`), epochs, steps, train_s, images, ultralytics}."""
+    """Train and validate in the Ultralytics environment (bench/quality_ultralytics.py), its output kept in
+    run_dir/ultralytics.log; returns its report {detections, detections_letterboxed (COCO results of `split`),
+    epochs, steps, ema_updates, train_s, images, ultralytics, torch} and nms_time_limit: how often the log says
+    that the validator's NMS ran out of time (and dropped detections)."""
     python = VENV / "bin" / "python"
     if not python.exists():
         raise SystemExit(f"bench.quality: {VENV} is missing: run with --setup_ultralytics once (or leave yolov8n out "
@@ -272,33 +309,56 @@ def run_yolov8n(data: dict, recipe: dict, seed: int, budget_s: float, split: str
         (folder / "data.yaml").write_text(f"path: {folder}\ntrain: train/images\nval: val/images\ntest: test/images\n"
                                           f"names:\n{names}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec = {"data": str(folder / "data.yaml"), "budget_s": budget_s, "imgsz": max(data["train"].input_size),
-            "batch": data["batch_images"], "lr0": recipe["lr"], "warmup_epochs": recipe["warmup"], "seed": seed,
+    epochs = budget.get("epochs")
+    spec = {"data": str(folder / "data.yaml"), "epochs": epochs, "budget_s": budget.get("minutes", 0) * 60,
+            "imgsz": max(data["train"].input_size), "batch": data["batch_images"], "lr0": recipe["lr"],
+            "lrf": YOLO_LRF, "warmup_epochs": recipe["warmup"], "mosaic": recipe["mosaic"],
+            "close_mosaic": max(1, round(CLOSE_MOSAIC_SHARE * (epochs or 30))), "rect": recipe["rect"], "seed": seed,
             "threads": threads, "split": split, "conf": SCORE_THRESHOLD, "max_det": MAX_DETECTIONS,
             "project": str(run_dir), "out": str(run_dir / "report.json")}
     (run_dir / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(folder / "config")}
-    subprocess.run([str(python), str(PROJECT_ROOT / "bench" / "quality_ultralytics.py"), str(run_dir / "spec.json")],
-                   check=True, env=env, cwd=run_dir)
-    return json.loads((run_dir / "report.json").read_text())
+    log = run_dir / "ultralytics.log"
+    with open(log, "w") as output:
+        finished = subprocess.run([str(python), str(PROJECT_ROOT / "bench" / "quality_ultralytics.py"),
+                                   str(run_dir / "spec.json")], env=env, cwd=run_dir, stdout=output, stderr=output)
+    if finished.returncode:
+        raise SystemExit(f"bench.quality: YOLOv8n's run failed (exit status {finished.returncode}): see {log}")
+    return {**json.loads((run_dir / "report.json").read_text()), "nms_time_limit": log.read_text().count(
+        "NMS time limit")}
 
 
-def run_one(name: str, recipe: dict, seed: int, budget_s: float, split: str, data: dict, threads: int,
+def run_one(name: str, recipe: dict, seed: int, budget: dict, split: str, data: dict, threads: int,
             run_dir: Path) -> dict:
-    """One training run of a contender and its metrics on `split` (val or test), with the budget and whether the
-    training used at least FULL_BUDGET of it."""
-    result = contender_run(name, recipe, seed, budget_s, split, data, threads, run_dir)
-    return {**result, "budget_s": budget_s, "full_budget": result["train_s"] >= FULL_BUDGET * budget_s}
+    """One training run of a contender and its metrics on `split` (val or test), with the budget, whether an
+    equal-time run used at least FULL_BUDGET of it, and its provenance."""
+    load_before = os.getloadavg()[0]
+    result = contender_run(name, recipe, seed, budget, split, data, threads, run_dir)
+    full = "minutes" not in budget or result["train_s"] >= FULL_BUDGET * budget["minutes"] * 60
+    return {**result, "budget": budget, "full_budget": full, **provenance(load_before)}
 
 
-def contender_run(name: str, recipe: dict, seed: int, budget_s: float, split: str, data: dict, threads: int,
+def provenance(load_before: float) -> dict:
+    """The commit (short hash, " (dirty)" when tracked files differ from it), whether the tree was clean, the UTC
+    date and the 1-minute load average before and after the run."""
+    head = commit()
+    return {"commit": head, "clean": "dirty" not in head,
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+def contender_run(name: str, recipe: dict, seed: int, budget: dict, split: str, data: dict, threads: int,
                   run_dir: Path) -> dict:
+    images = len(data[split].image_ids)
     if name == "yolov8n":
-        report = run_yolov8n(data, recipe, seed, budget_s, split, threads, run_dir)
-        metrics = score(coco_results_array(report["detections"]), data[split])
-        return {"steps": report["steps"], "epochs": report["epochs"], "train_s": report["train_s"],
-                "images_per_s": report["images"] / max(report["train_s"], 1e-9), "threads": report["threads"],
-                "versions": {"ultralytics": report["ultralytics"], "torch": report["torch"]}, **metrics}
+        report = run_yolov8n(data, recipe, seed, budget, split, threads, run_dir)
+        letterboxed = score(coco_results_array(report["detections_letterboxed"]), data[split])
+        return {"steps": report["steps"], "ema_updates": report["ema_updates"], "epochs": report["epochs"],
+                "train_s": report["train_s"], "images_per_s": report["images"] / max(report["train_s"], 1e-9),
+                "threads": report["threads"], "detections_per_image": len(report["detections"]) / images,
+                "nms_time_limit": report["nms_time_limit"], "letterboxed": letterboxed,
+                "versions": {"ultralytics": report["ultralytics"], "torch": report["torch"]},
+                **score(coco_results_array(report["detections"]), data[split])}
     args = recipe_args(data["args"], recipe, seed)
     torch.manual_seed(seed)
     loader = DataLoader(data["train"], batch_size=args["batch_size"], shuffle=True, drop_last=True,
@@ -308,90 +368,158 @@ def contender_run(name: str, recipe: dict, seed: int, budget_s: float, split: st
         args = copy.deepcopy(args)
         for override in DSTORCH_VARIANTS[name]:
             apply_override(args, override, CONFIG_SECTIONS)
-        predict, steps, seconds = train_dstorch(args, data["train"], loader, budget_s)
+        trained = train_dstorch(args, data["train"], loader, budget)
     else:
-        predict, steps, seconds = train_torchvision(name, args, data["train"], loader, budget_s)
-    metrics = score(detections_of(predict, data[split]), data[split])
-    return {"steps": steps, "epochs": steps / len(loader), "train_s": seconds,
-            "images_per_s": steps * data["batch_images"] / seconds, "threads": torch.get_num_threads(),
-            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__}, **metrics}
+        trained = train_torchvision(name, args, data["train"], loader, budget)
+    detections = detections_of(trained["predict"], data[split])
+    return {"steps": trained["steps"], "ema_updates": trained["ema_updates"], "epochs": trained["steps"] / len(loader),
+            "train_s": trained["train_s"], "images_per_s": trained["steps"] * data["batch_images"] / trained["train_s"],
+            "threads": torch.get_num_threads(), "detections_per_image": len(detections) / images,
+            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
+            **score(detections, data[split])}
+
+
+def budget_label(budget: dict) -> str:
+    """A budget's folder name: "14ep" (equal steps: 14 epochs) or "10min" (equal time)."""
+    return f"{budget['epochs']:g}ep" if "epochs" in budget else f"{budget['minutes']:g}min"
+
+
+def budget_name(budget: dict) -> str:
+    return f"{budget['epochs']:g} epochs" if "epochs" in budget else f"{budget['minutes']:g} min"
+
+
+def stored(path: Path) -> dict | None:
+    """The result stored at `path` if it exists and comes from this commit, else None (to be run again)."""
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("commit") == commit() else None
 
 
 def sweep(contenders: list, data: dict, options) -> None:
-    """Every contender at every grid point around its recipe (seed 0, --sweep_minutes), scored on val; the best
-    mAP becomes <work_dir>/runs/sweep/<contender>.json once the contender's grid is complete."""
-    folder = data["work_dir"] / "runs" / "sweep"
+    """Every contender at every grid point around its recipe (seed 0, the first --epochs budget, or --sweep_minutes
+    of equal time without one), scored on val, then YOLOv8n with mosaic and with rect training at its best grid
+    point; the best val mAP becomes <work_dir>/runs/sweep/<contender>.json once the contender's points are done."""
+    budget = {"epochs": options.epochs[0]} if options.epochs else {"minutes": options.sweep_minutes}
     grid = [(lr, warmup) for lr in options.sweep_lr_scales for warmup in options.sweep_warmup_scales]
+    points = {name: [] for name in contenders}
     for lr_scale, warmup_scale in grid:  # grid point by grid point, every contender in turn
         for name in contenders:
-            recipe = {"lr": RECIPES[name]["lr"] * lr_scale, "warmup": RECIPES[name]["warmup"] * warmup_scale}
-            tag = f"{name}_lr{lr_scale:g}_warmup{warmup_scale:g}"
-            if not (folder / f"{tag}.json").exists():  # written at the end of the run: a killed one is run again
-                folder.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(str(folder / f"{tag}.json"), {"recipe": recipe, **run_one(
-                    name, recipe, 0, options.sweep_minutes * 60, "val", data, options.threads, folder / tag)})
-            result = json.loads((folder / f"{tag}.json").read_text())
-            print(f"sweep {tag}: val mAP {cell(result['mAP'])}", flush=True)
+            recipe = {**RECIPES[name], "lr": RECIPES[name]["lr"] * lr_scale,
+                      "warmup": RECIPES[name]["warmup"] * warmup_scale}
+            points[name].append(sweep_point(name, f"{name}_lr{lr_scale:g}_warmup{warmup_scale:g}", recipe, budget,
+                                            data, options))
+    if "yolov8n" in contenders:  # its augmentation choices, at its best learning rate and warm-up
+        best = max(points["yolov8n"], key=lambda point: point["mAP"] or 0.0)
+        for option in ("mosaic", "rect"):
+            points["yolov8n"].append(sweep_point("yolov8n", f"{best['tag']}_{option}", {**best["recipe"], option: True},
+                                                 budget, data, options))
     for name in contenders:
-        points = [json.loads((folder / f"{name}_lr{lr:g}_warmup{warmup:g}.json").read_text()) for lr, warmup in grid]
-        best = max(points, key=lambda point: point["mAP"] or 0.0)
-        atomic_write_json(str(folder / f"{name}.json"), {"recipe": best["recipe"], "val_mAP": best["mAP"],
-                                                         "minutes": options.sweep_minutes})
-        print(f"sweep {name}: lr {best['recipe']['lr']:g}, warm-up {best['recipe']['warmup']:g} (val mAP "
-              f"{cell(best['mAP'])})", flush=True)
+        best = max(points[name], key=lambda point: point["mAP"] or 0.0)
+        atomic_write_json(str(data["work_dir"] / "runs" / "sweep" / f"{name}.json"), {
+            "recipe": best["recipe"], "tag": best["tag"], "val_mAP": best["mAP"], "budget": budget, "commit": commit()})
+        print(f"sweep {name}: {best['tag']} (val mAP {cell(best['mAP'])})", flush=True)
+
+
+def sweep_point(name: str, tag: str, recipe: dict, budget: dict, data: dict, options) -> dict:
+    """One point of the sweep, run unless stored from this commit."""
+    path = data["work_dir"] / "runs" / "sweep" / f"{tag}.json"
+    result = stored(path)
+    if result is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result = {"recipe": recipe, "tag": tag, **run_one(name, recipe, 0, budget, "val", data, options.threads,
+                                                          path.with_suffix(""))}
+        atomic_write_json(str(path), result)
+    print(f"sweep {tag}: val mAP {cell(result['mAP'])}, {result['steps']} steps", flush=True)
+    return result
 
 
 def chosen_recipe(name: str, work_dir: Path) -> tuple:
-    """(recipe, where it comes from): the sweep's choice when the contender's sweep is complete, else RECIPES."""
-    path = work_dir / "runs" / "sweep" / f"{name}.json"
-    if path.exists():
-        return json.loads(path.read_text())["recipe"], "swept"
-    return RECIPES[name], "not swept"
+    """(recipe, where it comes from): the sweep's choice when the contender's sweep is complete and of this commit,
+    else RECIPES."""
+    choice = stored(work_dir / "runs" / "sweep" / f"{name}.json")
+    return (choice["recipe"], "swept") if choice else (RECIPES[name], "not swept")
+
+
+def budgets_of(options) -> list:
+    return [{"epochs": epochs} for epochs in options.epochs] + [{"minutes": minutes} for minutes in options.budgets]
 
 
 def protocol(contenders: list, data: dict, options) -> None:
-    """Budgets x seeds x contenders, interleaved, each run's result stored as it ends (done ones skipped)."""
-    for minutes in options.budgets:
+    """Budgets x seeds x contenders, interleaved, each run's result stored as it ends (those of this commit
+    skipped)."""
+    for budget in budgets_of(options):
         for seed in options.seeds:
             shift = seed % len(contenders)
             for name in contenders[shift:] + contenders[:shift]:  # no contender always runs first
                 recipe, source = chosen_recipe(name, data["work_dir"])
-                path = data["work_dir"] / "runs" / f"{minutes:g}min" / f"{name}_seed{seed}.json"
-                if not path.exists():  # written at the end of the run: a killed one is run again
+                path = data["work_dir"] / "runs" / budget_label(budget) / f"{name}_seed{seed}.json"
+                result = stored(path)
+                if result is None:  # written at the end of the run: a killed one is run again
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    atomic_write_json(str(path), {"recipe": recipe, "recipe_source": source, **run_one(
-                        name, recipe, seed, minutes * 60, "test", data, options.threads, path.with_suffix(""))})
-                result = json.loads(path.read_text())
-                print(f"{minutes:g} min, {name}, seed {seed}: {result['steps']} steps, "
+                    result = {"recipe": recipe, "recipe_source": source, **run_one(
+                        name, recipe, seed, budget, "test", data, options.threads, path.with_suffix(""))}
+                    atomic_write_json(str(path), result)
+                print(f"{budget_name(budget)}, {name}, seed {seed}: {result['steps']} steps, "
                       f"{result['images_per_s']:.1f} img/s, mAP {cell(result['mAP'])}{budget_flag(result)}",
                       flush=True)
 
 
 def table(contenders: list, work_dir: Path, budgets: list) -> None:
-    """Mean ± half the range over the seeds done, per budget and contender (in CONTENDERS' order: no ranking)."""
-    for minutes in budgets:
-        run_dir = work_dir / "runs" / f"{minutes:g}min"
-        print(f"\n{minutes:g} min of training each\n{'contender':<30}{'seeds':>6}{'recipe':>10}{'steps':>7}"
-              f"{'img/s':>7}{'threads':>8}" + "".join(f"{name:>16}" for name in METRICS))
-        for name in contenders:
-            results = [json.loads(path.read_text()) for path in sorted(run_dir.glob(f"{name}_seed*.json"))]
-            if not results:
+    """Per budget: each seed's run of each contender (this commit's only; the others are named as stale), their
+    images/s over the first contender's of the same seed, then mean ± half the range over the seeds, per contender
+    in CONTENDERS' order (no ranking)."""
+    head = commit()
+    for budget in budgets:
+        run_dir = work_dir / "runs" / budget_label(budget)
+        kind = "equal optimizer steps" if "epochs" in budget else "equal wall-clock time"
+        print(f"\n{budget_name(budget)} of training each ({kind}); test split; commit {head}\n"
+              f"{'contender':<30}{'seed':>5}{'recipe':>10}{'steps':>7}{'EMA n':>7}{'img/s':>7}{'ratio':>7}"
+              f"{'load':>11}{'det/img':>8}" + "".join(f"{name:>10}" for name in METRICS))
+        runs, stale = {}, []
+        for path in sorted(run_dir.glob("*_seed*.json")):
+            name, seed = path.stem.rsplit("_seed", 1)
+            result = json.loads(path.read_text())
+            if name not in contenders:
                 continue
-            columns = [f"{spread([r[key] for r in results]):>16}" for key in METRICS]
-            print(f"{name:<30}{len(results):>6}{results[0]['recipe_source']:>10}"
-                  f"{np.mean([r['steps'] for r in results]):>7.0f}{np.mean([r['images_per_s'] for r in results]):>7.1f}"
-                  f"{results[0]['threads']:>8}" + "".join(columns) + "".join(map(budget_flag, results)))
-        versions = {key: value for path in run_dir.glob("*.json") for key, value in
-                    json.loads(path.read_text())["versions"].items()} if run_dir.exists() else {}
+            if result.get("commit") != head:
+                stale.append(f"{path.name} ({result.get('commit', 'no commit recorded')})")
+            else:
+                runs.setdefault(name, {})[int(seed)] = result
+        reference = next((name for name in contenders if name in runs), None)
+        for name in (name for name in contenders if name in runs):
+            for seed, result in sorted(runs[name].items()):
+                base = runs[reference].get(seed)
+                ratio = f"{result['images_per_s'] / base['images_per_s']:.2f}" if base else "n/a"
+                load = "/".join(f"{value:.1f}" for value in result["load_average"])
+                print(f"{name:<30}{seed:>5}{result['recipe_source']:>10}{result['steps']:>7}{result['ema_updates']:>7}"
+                      f"{result['images_per_s']:>7.1f}{ratio:>7}{load:>11}{result['detections_per_image']:>8.1f}"
+                      + "".join(f"{cell(result[key]):>10}" for key in METRICS) + budget_flag(result)
+                      + ("" if result["clean"] else "  [tree not clean]"))
+            results = list(runs[name].values())
+            print(f"{name + ' (mean ± half range)':<45}" + "".join(f"  {key} {spread([r[key] for r in results])}"
+                                                              for key in METRICS[:3]))
+            if "letterboxed" in results[0]:
+                print(f"{name + ' scored letterboxed (squares)':<45}" + "".join(
+                    f"  {key} {spread([r['letterboxed'][key] for r in results])}" for key in METRICS[:3])
+                    + f"; 'NMS time limit' in its logs: {sum(r['nms_time_limit'] for r in results)} times")
+        steps = {result["steps"] for seeds in runs.values() for result in seeds.values()}
+        if "epochs" in budget and len(steps) > 1:
+            print(f"steps differ between the runs: {sorted(steps)}")
+        if reference:
+            print(f"ratio: images/s over {reference}'s in the same seed's run of the protocol")
+        if stale:
+            print("stale (another commit; left out, run again by the protocol): " + ", ".join(stale))
+        versions = {key: value for seeds in runs.values() for result in seeds.values()
+                    for key, value in result["versions"].items()}
         print("versions: " + ", ".join(f"{key} {value}" for key, value in sorted(versions.items())))
 
 
 def budget_flag(result: dict) -> str:
-    """A warning after a run that trained less than FULL_BUDGET of its budget (empty otherwise; a result without
-    "full_budget" counts as full)."""
+    """A warning after an equal-time run that trained less than FULL_BUDGET of its budget (empty otherwise)."""
     if result.get("full_budget", True):
         return ""
-    return f"  [trained {result['train_s']:.0f} s of {result['budget_s']:.0f}: not comparable]"
+    return f"  [trained {result['train_s']:.0f} s of {result['budget']['minutes'] * 60:.0f}: not comparable]"
 
 
 def spread(values: list) -> str:
@@ -419,9 +547,9 @@ def numbers(kind, text: str) -> list:
     return [kind(part) for part in text.split(",") if part]
 
 
-def benchmark(contenders: list, work_dir: Path, options) -> None:
-    """The data, the sweep if asked, the protocol and the table."""
-    torch.set_num_threads(options.threads)
+def benchmark_data(options, work_dir: Path) -> dict:
+    """The protocol's data (generated once into work_dir): {args, work_dir, train, val, test (the loaders),
+    batch_images}."""
     dataroot = work_dir / f"nuscenes_{options.samples_per_scene}"
     if not dataroot.exists():
         synthetic.generate(str(dataroot), samples_per_scene=options.samples_per_scene)
@@ -431,22 +559,32 @@ def benchmark(contenders: list, work_dir: Path, options) -> None:
         data[split] = DatasetLoader({**args, "bool_apply_img_aug": 0}, mode=split)
     data["batch_images"] = args["batch_size"] * data["train"].image_files.shape[1]
     width, height = data["train"].input_size
-    print(f"train: {len(data['train'])} samples x {data['train'].image_files.shape[1]} cameras; val: "
-          f"{len(data['val'])}; test: {len(data['test'])}; input {width}x{height}; {options.threads} torch threads",
-          flush=True)
+    print(f"train: {len(data['train'])} samples x {data['train'].image_files.shape[1]} cameras, batches of "
+          f"{data['batch_images']} images; val: {len(data['val'])}; test: {len(data['test'])}; input {width}x{height}; "
+          f"{options.threads} torch threads", flush=True)
+    return data
+
+
+def benchmark(contenders: list, work_dir: Path, options) -> None:
+    """The data, the sweep if asked, the protocol and the table."""
+    torch.set_num_threads(options.threads)
+    data = benchmark_data(options, work_dir)
     if options.sweep:
         sweep(contenders, data, options)
     protocol(contenders, data, options)
-    table(contenders, work_dir, options.budgets)
+    table(contenders, work_dir, budgets_of(options))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
-    parser.add_argument("--budgets", default="10,40", help="training minutes of each run, comma-separated")
+    parser.add_argument("--epochs", default="14,42",
+                        help="equal steps: training epochs of each run (x the steps of an epoch), comma-separated")
+    parser.add_argument("--budgets", default="", help="equal time: training minutes of each run, comma-separated")
     parser.add_argument("--seeds", default="0,1", help="seeds, comma-separated")
     parser.add_argument("--sweep", action="store_true", help="run the learning-rate/warm-up sweep on val first")
-    parser.add_argument("--sweep_minutes", type=float, default=5.0, help="training minutes of each sweep point")
+    parser.add_argument("--sweep_minutes", type=float, default=5.0,
+                        help="training minutes of each sweep point when --epochs is empty")
     parser.add_argument("--sweep_lr_scales", default="0.5,1,2", help="sweep: learning rates x these")
     parser.add_argument("--sweep_warmup_scales", default="0.5,1", help="sweep: warm-ups x these")
     parser.add_argument("--table", action="store_true", help="print the table of the stored runs and stop")
@@ -463,13 +601,18 @@ def main(argv=None) -> None:
     unknown = sorted(set(contenders) - set(CONTENDERS + ABLATIONS))
     if unknown:
         parser.error(f"--contenders {','.join(unknown)}: choose from {','.join(CONTENDERS + ABLATIONS)}")
-    for key, kind in (("budgets", float), ("seeds", int), ("sweep_lr_scales", float), ("sweep_warmup_scales", float)):
+    for key, kind in (("epochs", float), ("budgets", float), ("seeds", int), ("sweep_lr_scales", float),
+                      ("sweep_warmup_scales", float)):
         try:
             setattr(options, key, numbers(kind, getattr(options, key)))
         except ValueError:
-            parser.error(f"--{key} {getattr(options, key)}: comma-separated numbers, e.g. --budgets 10,40 --seeds 0,1")
-        if not getattr(options, key) or min(getattr(options, key)) < (0 if key == "seeds" else 1e-9):
+            parser.error(f"--{key} {getattr(options, key)}: comma-separated numbers, e.g. --epochs 14,42 --seeds 0,1")
+        values = getattr(options, key)
+        optional = key in ("epochs", "budgets")  # one of the two may be empty
+        if min(values, default=1) < (0 if key == "seeds" else 1e-9) or (not values and not optional):
             parser.error(f"--{key}: give at least one, {'none negative' if key == 'seeds' else 'all positive'}")
+    if not options.epochs and not options.budgets:
+        parser.error("--epochs and --budgets are both empty: give at least one budget, e.g. --epochs 14")
     if options.threads < 1 or options.sweep_minutes <= 0:
         parser.error("--threads and --sweep_minutes must be positive")
     work_dir = Path(options.work_dir)
@@ -477,7 +620,7 @@ def main(argv=None) -> None:
         setup_ultralytics()
     with recorded("quality", argv, options.results_dir):
         if options.table:
-            table(contenders, work_dir, options.budgets)
+            table(contenders, work_dir, budgets_of(options))
         else:
             benchmark(contenders, work_dir, options)
 

@@ -1,15 +1,18 @@
 """The YOLOv8n contender of bench/quality.py, run by the Python of .cache/venv-ultralytics (Ultralytics requires
 opencv-python, which cannot share an environment with nuscenes-devkit's OpenCV and numpy): train yolov8n.yaml
-from scratch for a wall-clock budget with the recipe an Ultralytics user would pick for minutes on a CPU, then
-predict on a split through Ultralytics' own validator.
+from scratch with the recipe of SPEC.json, then predict on a split through Ultralytics' own validator, twice: at
+320x192 (rect, the validator's default: the images' own aspect, as DSTorch's input) and letterboxed into 320x320
+squares (as it trains without rect).
 
     python bench/quality_ultralytics.py SPEC.json
 
-SPEC.json (written by bench/quality.py): data (Ultralytics dataset file with train, val and test), budget_s, imgsz,
-batch, lr0, warmup_epochs, seed, threads (torch threads), split (val or test), conf, max_det, project, out.
-Writes `out`: {detections: COCO results of the split in original pixels (category_id = class index + 1, image_id
-from the file name), epochs, steps (optimizer steps), images (trained on), train_s (seconds in training epochs),
-threads, ultralytics, torch (versions)}.
+SPEC.json (written by bench/quality.py): data (Ultralytics dataset file with train, val and test), epochs (equal
+steps: a cosine schedule to lr0 x lrf over exactly those epochs) or budget_s (equal time: Ultralytics' time=), imgsz,
+batch, lr0, lrf, warmup_epochs, mosaic (bool; closed for the last close_mosaic epochs), close_mosaic, rect (bool),
+seed, threads (torch threads), split (val or test), conf, max_det, project, out.
+Writes `out`: {detections, detections_letterboxed: COCO results of the split in original pixels (category_id =
+class index + 1, image_id from the file name), epochs, steps (optimizer steps), ema_updates, images (trained on),
+train_s (seconds in training epochs), threads, ultralytics, torch (versions)}.
 """
 
 import json
@@ -51,24 +54,31 @@ def main(spec_path: str) -> None:
     for event, callback in (("on_train_start", on_train_start), ("on_train_epoch_start", on_train_epoch_start),
                             ("on_train_batch_end", on_train_batch_end)):
         model.add_callback(event, callback)
-    # time= (hours) ends training on time and refits the schedule's epochs to it after each epoch; epochs=30 is the
-    # first estimate. nbs = batch: an optimizer step per batch; mosaic off and smaller scale jitter for a short run;
-    # cache='ram': images decoded once (Ultralytics loads in the main process on the CPU)
-    model.train(data=spec["data"], epochs=30, time=spec["budget_s"] / 3600, imgsz=spec["imgsz"], batch=spec["batch"],
-                nbs=spec["batch"], optimizer="AdamW", lr0=spec["lr0"], warmup_epochs=spec["warmup_epochs"],
-                mosaic=0.0, scale=0.25, cache="ram", deterministic=False, seed=spec["seed"], device="cpu",
+    if spec.get("epochs"):  # equal steps: exactly these epochs, a cosine schedule down to lr0 x lrf
+        length = {"epochs": spec["epochs"], "cos_lr": True}
+    else:  # equal time: time= (hours) ends training on time and refits the schedule's epochs after each epoch
+        length = {"epochs": 30, "time": spec["budget_s"] / 3600}
+    # nbs = batch: an optimizer step per batch; warmup_bias_lr 0: what Ultralytics' optimizer="auto" sets for
+    # Adam-type optimizers; cache='ram': images decoded once (Ultralytics loads in the main process on the CPU)
+    model.train(data=spec["data"], **length, imgsz=spec["imgsz"], batch=spec["batch"], nbs=spec["batch"],
+                optimizer="AdamW", lr0=spec["lr0"], lrf=spec["lrf"], warmup_epochs=spec["warmup_epochs"],
+                warmup_bias_lr=0.0, mosaic=1.0 if spec["mosaic"] else 0.0, close_mosaic=spec["close_mosaic"],
+                rect=spec["rect"], scale=0.25, cache="ram", deterministic=False, seed=spec["seed"], device="cpu",
                 pretrained=False, amp=False, plots=False, val=False, project=spec["project"], name="train",
                 exist_ok=True, verbose=False)
-    trained = YOLO(str(Path(model.trainer.save_dir) / "weights" / "last.pt"))
-    # Ultralytics' validator: multi-label NMS at conf, boxes mapped back to the original images, COCO results
-    detections = []
-    trained.add_callback("on_val_end", lambda validator: detections.extend(validator.jdict))
-    trained.val(data=spec["data"], split=spec["split"], imgsz=spec["imgsz"], batch=spec["batch"], conf=spec["conf"],
-                max_det=spec["max_det"], save_json=True, plots=False, device="cpu", project=spec["project"],
-                name="val", exist_ok=True, verbose=False)
-    report = {"detections": [{key: d[key] for key in ("image_id", "category_id", "bbox", "score")} for d in detections],
-              "epochs": model.trainer.epoch + 1, "ultralytics": ultralytics.__version__, "torch": torch.__version__,
+    trained = YOLO(str(Path(model.trainer.save_dir) / "weights" / "last.pt"))  # holds the EMA weights
+    report = {"epochs": model.trainer.epoch + 1, "ema_updates": int(model.trainer.ema.updates),
+              "ultralytics": ultralytics.__version__, "torch": torch.__version__,
               **{key: counts[key] for key in ("steps", "images", "train_s", "threads")}}
+    # Ultralytics' validator: multi-label NMS at conf, boxes mapped back to the original images, COCO results
+    for key, rect in (("detections", True), ("detections_letterboxed", False)):
+        detections = []
+        trained.add_callback("on_val_end", lambda validator, found=detections: found.extend(validator.jdict))
+        trained.val(data=spec["data"], split=spec["split"], imgsz=spec["imgsz"], batch=spec["batch"], rect=rect,
+                    conf=spec["conf"], max_det=spec["max_det"], save_json=True, plots=False, device="cpu",
+                    project=spec["project"], name=f"val_{key}", exist_ok=True, verbose=False)
+        trained.callbacks["on_val_end"].pop()
+        report[key] = [{name: d[name] for name in ("image_id", "category_id", "bbox", "score")} for d in detections]
     Path(spec["out"]).write_text(json.dumps(report))
 
 

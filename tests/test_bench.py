@@ -119,59 +119,96 @@ QUALITY_TINY = ["--samples_per_scene", "2", "--flags", "--cfg", "data.2DObjDet.i
 
 
 @pytest.mark.bench
-def test_quality_protocol_runs_interleaved_and_resumes(tmp_path, capsys, embedded_dir):
-    """Each run stores its result as it ends; the seeds rotate the contenders' order; a second invocation runs
-    nothing again and prints the same table (mean and spread over the seeds)."""
+def test_quality_protocol_runs_equal_steps_interleaved_and_resumes(tmp_path, capsys, embedded_dir, monkeypatch):
+    """Each run stores its result and provenance as it ends; every contender makes exactly the budget's steps, with
+    as many EMA updates; the seeds rotate the contenders' order; a second invocation runs nothing again and prints
+    the same table; a result of another commit is stale: left out of the table, named, and run again."""
     (tmp_path / "nuscenes_2").symlink_to(embedded_dir)  # the session's dataset of 2 keyframes per scene, read only
-    argv = ["--budgets", "0.02", "--seeds", "0,1", "--contenders", "dstorch,fcos", "--work_dir", str(tmp_path),
+    monkeypatch.setattr(quality, "commit", lambda: "abc1234")
+    argv = ["--epochs", "1", "--seeds", "0,1", "--contenders", "dstorch,fcos", "--work_dir", str(tmp_path),
             "--results_dir", str(tmp_path / "results"), *QUALITY_TINY]
     quality.main(argv)
     out = capsys.readouterr().out
-    runs = [line.split(":")[0] for line in out.splitlines() if line.startswith("0.02 min, ")]
-    assert runs == ["0.02 min, dstorch, seed 0", "0.02 min, fcos, seed 0", "0.02 min, fcos, seed 1",
-                    "0.02 min, dstorch, seed 1"]
-    paths = sorted((tmp_path / "runs" / "0.02min").glob("*.json"))
+    runs = [line.split(":")[0] for line in out.splitlines() if line.startswith("1 epochs, ")]
+    assert runs == ["1 epochs, dstorch, seed 0", "1 epochs, fcos, seed 0", "1 epochs, fcos, seed 1",
+                    "1 epochs, dstorch, seed 1"]
+    paths = sorted((tmp_path / "runs" / "1ep").glob("*.json"))
     assert [path.name for path in paths] == ["dstorch_seed0.json", "dstorch_seed1.json", "fcos_seed0.json",
                                              "fcos_seed1.json"]
+    steps_per_epoch = 12 // 2  # 12 training samples (2 per scene, 3 of 4 in train), batches of 2
     for path in paths:
         result = json.loads(path.read_text())
-        assert result["steps"] >= 1 and result["images_per_s"] > 0 and result["threads"] == torch.get_num_threads()
+        assert result["steps"] == result["ema_updates"] == steps_per_epoch and result["epochs"] == 1
+        assert result["images_per_s"] > 0 and result["threads"] == torch.get_num_threads()
+        assert set(quality.PROVENANCE) <= set(result) and result["commit"] == "abc1234" and result["clean"]
+        assert len(result["load_average"]) == 2 and result["detections_per_image"] > 0
         assert result["recipe"] == quality.RECIPES[path.name.split("_")[0]] and result["recipe_source"] == "not swept"
         assert set(quality.METRICS) <= set(result) and "torch" in result["versions"]
-    table = out[out.index("0.02 min of training each"):]
+    table = out[out.index("1 epochs of training each (equal optimizer steps)"):]
     for name in ("dstorch", "fcos"):
-        assert f"\n{name:<30}{2:>6}{'not swept':>10}" in table  # contender, seeds, recipe
+        for seed in (0, 1):
+            assert f"\n{name:<30}{seed:>5}{'not swept':>10}{steps_per_epoch:>7}{steps_per_epoch:>7}" in table
+    assert "fcos (mean ± half range)" in table and "steps differ" not in table and "stale" not in table
     assert table.strip() in recorded_text(tmp_path / "results", "quality", argv)
     written = [path.stat().st_mtime_ns for path in paths]
     quality.main(argv)
     assert capsys.readouterr().out.endswith(table)
     assert [path.stat().st_mtime_ns for path in paths] == written
 
+    monkeypatch.setattr(quality, "commit", lambda: "def5678")
+    quality.main([*argv[:argv.index("--work_dir")], "--table", *argv[argv.index("--work_dir"):]])
+    stale = capsys.readouterr().out
+    assert "\ndstorch " not in stale and "dstorch_seed0.json (abc1234)" in stale and "fcos_seed1.json" in stale
+    quality.main([*argv[:2], "--seeds", "0", "--contenders", "dstorch", *argv[argv.index("--work_dir"):]])
+    assert json.loads(paths[0].read_text())["commit"] == "def5678"  # run again on this commit
+    assert json.loads(paths[1].read_text())["commit"] == "abc1234"  # not asked for: kept, still stale
+
+
+@pytest.mark.bench
+def test_quality_equal_time_plans_its_schedule(tmp_path, capsys, embedded_dir):
+    """The third view: a wall-clock budget, the schedule planned from the step time."""
+    (tmp_path / "nuscenes_2").symlink_to(embedded_dir)
+    quality.main(["--epochs", "", "--budgets", "0.02", "--seeds", "0", "--contenders", "dstorch", "--work_dir",
+                  str(tmp_path), "--results_dir", str(tmp_path / "results"), *QUALITY_TINY])
+    result = json.loads((tmp_path / "runs" / "0.02min" / "dstorch_seed0.json").read_text())
+    assert result["budget"] == {"minutes": 0.02} and result["steps"] >= 1
+    assert "0.02 min of training each (equal wall-clock time)" in capsys.readouterr().out
+
 
 @pytest.mark.bench
 def test_quality_sweep_picks_the_best_val_recipe(tmp_path, capsys, monkeypatch):
-    """The sweep scores every grid point on val, keeps the best, and the protocol then trains with it."""
+    """The sweep scores every grid point on val at the first equal-steps budget, then YOLOv8n's mosaic and rect
+    options at its best point, keeps the best, and the protocol then trains with it."""
     calls = []
 
-    def fake_run(name, recipe, seed, budget_s, split, data, threads, run_dir):
-        calls.append((name, recipe["lr"], split))
+    def fake_run(name, recipe, seed, budget, split, data, threads, run_dir):
+        calls.append((name, recipe, split, budget))
         value = 1.0 - abs(recipe["lr"] - 2 * quality.RECIPES[name]["lr"]) - abs(recipe["warmup"] - 0.075)
-        return {"steps": 1, "epochs": 1.0, "train_s": 1.0, "images_per_s": 1.0, "threads": threads,
-                "versions": {"torch": "x"}, **{key: value for key in quality.METRICS}}
+        value += 0.1 * recipe.get("mosaic", False)
+        return {"steps": 1, "ema_updates": 1, "epochs": 1.0, "train_s": 1.0, "images_per_s": 1.0, "threads": threads,
+                "detections_per_image": 1.0, "versions": {"torch": "x"}, "commit": quality.commit(), "clean": True,
+                "date": "d", "load_average": [0.0, 0.0], **{key: value for key in quality.METRICS}}
 
     monkeypatch.setattr(quality, "run_one", fake_run)
-    quality.main(["--sweep", "--sweep_lr_scales", "1,2", "--sweep_warmup_scales", "0.5,1", "--budgets", "1",
-                  "--seeds", "0", "--contenders", "dstorch", "--work_dir", str(tmp_path),
+    monkeypatch.setattr(quality, "benchmark_data", lambda options, work_dir: {"work_dir": work_dir})
+    quality.main(["--sweep", "--sweep_lr_scales", "1,2", "--sweep_warmup_scales", "0.5,1", "--epochs", "3",
+                  "--seeds", "0", "--contenders", "dstorch,yolov8n", "--work_dir", str(tmp_path),
                   "--results_dir", str(tmp_path / "results"), *QUALITY_TINY])
-    assert [split for _, _, split in calls] == ["val"] * 4 + ["test"]
+    assert [split for _, _, split, _ in calls] == ["val"] * 10 + ["test"] * 2
+    assert all(budget == {"epochs": 3} for *_, budget in calls)
+    assert [recipe for name, recipe, split, _ in calls if name == "yolov8n" and split == "val"][-2:] == [
+        {"lr": 4e-3, "warmup": 0.25, "mosaic": True, "rect": False},
+        {"lr": 4e-3, "warmup": 0.25, "mosaic": False, "rect": True}]
     chosen = json.loads((tmp_path / "runs" / "sweep" / "dstorch.json").read_text())["recipe"]
     assert chosen == pytest.approx({"lr": 6e-3, "warmup": 0.075})
-    result = json.loads((tmp_path / "runs" / "1min" / "dstorch_seed0.json").read_text())
+    assert json.loads((tmp_path / "runs" / "sweep" / "yolov8n.json").read_text())["recipe"]["mosaic"] is True
+    result = json.loads((tmp_path / "runs" / "3ep" / "dstorch_seed0.json").read_text())
     assert result["recipe"] == chosen and result["recipe_source"] == "swept"
 
 
 @pytest.mark.parametrize("flags", [["--contenders", "dstorch,yolov5"], ["--budgets", "10,ten"], ["--budgets", "0"],
-                                   ["--seeds", "-1"], ["--sweep_lr_scales", ""], ["--threads", "0"]])
+                                   ["--epochs", "-14"], ["--epochs", ""], ["--seeds", "-1"],
+                                   ["--sweep_lr_scales", ""], ["--threads", "0"]])
 def test_quality_bench_rejects_bad_flags(tmp_path, flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         quality.main([*flags, "--work_dir", str(tmp_path)])
@@ -229,7 +266,7 @@ def test_quality_schedule_is_planned_again_as_step_times_change(monkeypatch, ste
     steps, seconds = quality.train_within(1000.0, [None] * 7, step, lambda total, done: plans.append((total, done)))
     assert plans[:2] == first_plans and len(plans) == 1 + len(quality.REPLAN_AT)
     assert plans[-1][0] == steps and quality.FULL_BUDGET * 1000 <= seconds <= 1000
-    short = {"train_s": 600.0, "budget_s": 1000.0, "full_budget": False}
+    short = {"train_s": 600.0, "budget": {"minutes": 1000 / 60}, "full_budget": False}
     assert "trained 600 s of 1000" in quality.budget_flag(short) and quality.budget_flag({"full_budget": True}) == ""
 
 
@@ -240,7 +277,7 @@ def test_quality_replanned_schedule_continues_where_the_first_stood(monkeypatch)
             "final_div_factor": 1e4, "config": {"schedulers": {}}}
     parts = types.SimpleNamespace(args=args, optimizer=torch.optim.SGD(model.parameters(), lr=1e-2),
                                   scheduler=None, learning_rate_step=lambda: parts.scheduler.step(),
-                                  evaluated_model=lambda: model)
+                                  evaluated_model=lambda: model, ema_updates=0)
 
     def train_within(budget_s, loader, step, on_length_known):
         for _ in range(10):
@@ -258,8 +295,28 @@ def test_quality_replanned_schedule_continues_where_the_first_stood(monkeypatch)
         reference.optimizer.step()
         reference.step()
     monkeypatch.setattr(quality, "train_within", train_within)
-    quality.predictor_after(parts, lambda batch: None, [], 60.0, lambda trained: trained)
+    quality.predictor_after(parts, lambda batch: None, [], {"minutes": 1.0}, lambda trained: trained)
     assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(reference.get_last_lr()[0])
+
+
+def test_quality_equal_steps_anneal_over_exactly_the_budget():
+    """3 epochs of a 7-batch loader: 21 steps, the OneCycle schedule built over 21 before the first, the last step
+    taken at its final learning rate (peak / div_factor / final_div_factor)."""
+    model = torch.nn.Linear(2, 1)
+    args = {"lr_schd_type": "OnecycleLR", "learning_rate": 1e-2, "pct_start": 0.3, "div_factor": 25.0,
+            "final_div_factor": 1e4, "config": {"schedulers": {}}}
+    rates = []
+    parts = types.SimpleNamespace(args=args, optimizer=torch.optim.SGD(model.parameters(), lr=1e-2), scheduler=None,
+                                  evaluated_model=lambda: model, ema_updates=21)
+    parts.learning_rate_step = lambda: parts.scheduler.step()
+    def step(batch):
+        rates.append(parts.optimizer.param_groups[0]["lr"])
+        parts.optimizer.step()
+
+    trained = quality.predictor_after(parts, step, [None] * 7, {"epochs": 3}, lambda model: model)
+    assert trained["steps"] == len(rates) == 21 and trained["ema_updates"] == 21
+    assert rates[0] == pytest.approx(1e-2 / 25) and max(rates) == pytest.approx(1e-2, rel=0.05)
+    assert rates[-1] == pytest.approx(1e-2 / 25 / 1e4)
 
 
 RECIPE_TINY = ["--num_epochs", "1", "--samples_per_scene", "2", "--jpeg_size", "320x180"]
