@@ -15,8 +15,9 @@ the protocol in parts, `--table` writes the table of all of them.
 
 Every run writes its result (<work_dir>/runs/<budget>/<contender>_seed<k>.json, sweep points under runs/sweep/) the
 moment it ends, with its provenance (PROVENANCE), and every invocation skips the runs whose results exist and come
-from this commit: stop at any time and run the same command again to go on. A result of another commit is stale: it
-is run again, and the table leaves it out and names it. --contenders, --seeds, --epochs and --budgets choose a part
+from this code version (commit, and a hash of uncommitted changes) and settings (run_settings): stop at any time and
+run the same command again to go on. Another result is stale: it is run again, and the table leaves it out and
+names it. --contenders, --seeds, --epochs and --budgets choose a part
 of the protocol. The ablations of csp_pan (ABLATIONS: one part changed each, by config) run only when --contenders
 names them.
 
@@ -27,9 +28,10 @@ Protocol:
 - Equal optimizer steps, the primary comparison (--epochs, default 14 and 42, the quick start's and 3x): the same
   number of optimizer steps on batches of the same images (a DSTorch batch of --batch_size samples is that many x 6
   images; YOLOv8n's batch is those images, nbs = batch), each schedule annealed over exactly those steps (PyTorch
-  contenders: OneCycle; YOLOv8n: epochs to match, cos_lr to lr0 x lrf), an EMA of the weights for all with one
-  update per step. Equal wall-clock time (--budgets, minutes, none by default) is a third view: the schedule is
-  planned from the step time and YOLOv8n trains with time=.
+  contenders: OneCycle, stepped every step; YOLOv8n: epochs to match, cos_lr to lr0 x lrf, stepped every epoch as
+  Ultralytics does), an EMA of the weights for all with one update per step. Equal wall-clock time (--budgets,
+  minutes, none by default) is a third view: the schedule is planned from the step time and YOLOv8n trains with
+  time=.
 - Speed: each run's training images/s; the runs of a seed are interleaved (the contenders in an order rotated by
   the seed), so the images/s ratio of two contenders within a seed is measured in one run of the protocol.
 - Compute: the same torch threads (--threads, all cores by default) for everyone. DSTorch, FCOS and RetinaNet
@@ -41,8 +43,8 @@ Protocol:
   the best of that grid, and keeps the best val mAP; the protocol uses the swept recipe where the sweep is complete
   and of this commit, the starting one otherwise (its table says which).
 - Scoring: detections scoring >= 0.001, at most 100 per image, for all; YOLOv8n through Ultralytics' own validator
-  (its multi-label NMS, boxes mapped back to original pixels) at 320x192 (rect) and letterboxed (320x320), its log
-  searched for "NMS time limit"; then everyone through utils.coco_eval on the same ground truth, with the
+  (its multi-label NMS, boxes mapped back to original pixels) rect (its default) and letterboxed into squares, its
+  "NMS time limit" warnings counted; then everyone through utils.coco_eval on the same ground truth, with the
   detections per image reported.
 - The table: per budget, each seed's run of each contender, then mean ± half the range over the seeds, and the
   images/s of each contender over the first contender's within each seed.
@@ -51,6 +53,7 @@ Protocol:
 import argparse
 import copy
 import datetime
+import hashlib
 import json
 import os
 import subprocess
@@ -89,10 +92,11 @@ DSTORCH_VARIANTS = {"dstorch": ("model.Yolo.architecture=resnet_fpn", "model.Yol
                     "ablation_resnet18_backbone": (*CSP_PAN[:1], "model.Yolo.backbone=resnet18")}
 ABLATIONS = tuple(name for name in DSTORCH_VARIANTS if name.startswith("ablation_"))
 # Each contender's recipe before the sweep: peak learning rate (AdamW) and warm-up (PyTorch contenders: OneCycle's
-# share of the steps; YOLOv8n: epochs, Ultralytics' unit, which it stretches to at least 100 steps). DSTorch (both
+# share of the steps; YOLOv8n: epochs, Ultralytics' unit, round(epochs x steps per epoch) steps). DSTorch (both
 # architectures): its config defaults; FCOS and RetinaNet: AdamW at a from-scratch detector's usual rate with
-# DSTorch's schedule; YOLOv8n: AdamW lr0 0.002 and a 0.5-epoch warm-up, nbs = batch, mosaic and rect off, scale 0.25
-# (quality_ultralytics.py), lrf its default.
+# DSTorch's schedule; YOLOv8n: AdamW lr0 0.002 (momentum 0.9 and no bias warm-up, as its optimizer="auto" sets for
+# AdamW) and a 0.5-epoch warm-up, nbs = batch, mosaic and rect off, scale 0.25 (quality_ultralytics.py), lrf its
+# default.
 RECIPES = {**{name: {"lr": 3e-3, "warmup": 0.15} for name in DSTORCH_VARIANTS},
            "fcos": {"lr": 1e-3, "warmup": 0.15}, "retinanet": {"lr": 1e-3, "warmup": 0.15},
            "yolov8n": {"lr": 2e-3, "warmup": 0.5, "mosaic": False, "rect": False}}
@@ -294,14 +298,12 @@ def write_yolo_split(dataset, folder: Path) -> list:
 def run_yolov8n(data: dict, recipe: dict, seed: int, budget: dict, split: str, threads: int, run_dir: Path
                 ) -> dict:
     """Train and validate in the Ultralytics environment (bench/quality_ultralytics.py), its output kept in
-    run_dir/ultralytics.log; returns its report {detections, detections_letterboxed (COCO results of `split`),
-    epochs, steps, ema_updates, train_s, images, ultralytics, torch} and nms_time_limit: how often the log says
-    that the validator's NMS ran out of time (and dropped detections)."""
+    run_dir/ultralytics.log; returns its report (bench/quality_ultralytics.py)."""
     python = VENV / "bin" / "python"
     if not python.exists():
         raise SystemExit(f"bench.quality: {VENV} is missing: run with --setup_ultralytics once (or leave yolov8n out "
                          f"of --contenders)")
-    folder = data["work_dir"] / "yolo"
+    folder = data["work_dir"] / f"yolo_{settings_key(data['settings'])}"  # the data these settings make
     if not (folder / "data.yaml").exists():
         for name in ("train", "val", "test"):
             write_yolo_split(data[name], folder / name)
@@ -324,8 +326,7 @@ def run_yolov8n(data: dict, recipe: dict, seed: int, budget: dict, split: str, t
                                    str(run_dir / "spec.json")], env=env, cwd=run_dir, stdout=output, stderr=output)
     if finished.returncode:
         raise SystemExit(f"bench.quality: YOLOv8n's run failed (exit status {finished.returncode}): see {log}")
-    return {**json.loads((run_dir / "report.json").read_text()), "nms_time_limit": log.read_text().count(
-        "NMS time limit")}
+    return json.loads((run_dir / "report.json").read_text())
 
 
 def run_one(name: str, recipe: dict, seed: int, budget: dict, split: str, data: dict, threads: int,
@@ -335,16 +336,29 @@ def run_one(name: str, recipe: dict, seed: int, budget: dict, split: str, data: 
     load_before = os.getloadavg()[0]
     result = contender_run(name, recipe, seed, budget, split, data, threads, run_dir)
     full = "minutes" not in budget or result["train_s"] >= FULL_BUDGET * budget["minutes"] * 60
-    return {**result, "budget": budget, "full_budget": full, **provenance(load_before)}
-
-
-def provenance(load_before: float) -> dict:
-    """The commit (short hash, " (dirty)" when tracked files differ from it), whether the tree was clean, the UTC
-    date and the 1-minute load average before and after the run."""
-    head = commit()
-    return {"commit": head, "clean": "dirty" not in head,
+    now = code_version()
+    if now != data["version"]:
+        raise SystemExit(f"bench.quality: the checkout changed during the run ({data['version']} when it started, "
+                         f"{now} now): its result is not stored; run the command again")
+    return {**result, "budget": budget, "full_budget": full, "commit": data["version"],
+            "clean": "dirty" not in data["version"], "settings": data["settings"], "invocation": data["invocation"],
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+def code_version() -> str:
+    """HEAD's short hash; with uncommitted changes (bench/results aside), " (dirty <hash of the diff>)", so that two
+    dirty trees match only when their changes do."""
+    head = commit()
+    if "dirty" not in head:
+        return head
+    diff = subprocess.run(["git", "diff", "HEAD", "--", ".", ":(exclude)bench/results"], cwd=PROJECT_ROOT,
+                          capture_output=True, check=True).stdout
+    return f"{head.split()[0]} (dirty {hashlib.sha256(diff).hexdigest()[:8]})"
+
+
+def settings_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def contender_run(name: str, recipe: dict, seed: int, budget: dict, split: str, data: dict, threads: int,
@@ -356,7 +370,8 @@ def contender_run(name: str, recipe: dict, seed: int, budget: dict, split: str, 
         return {"steps": report["steps"], "ema_updates": report["ema_updates"], "epochs": report["epochs"],
                 "train_s": report["train_s"], "images_per_s": report["images"] / max(report["train_s"], 1e-9),
                 "threads": report["threads"], "detections_per_image": len(report["detections"]) / images,
-                "nms_time_limit": report["nms_time_limit"], "letterboxed": letterboxed,
+                "nms_time_limit": report["nms_time_limit"],
+                "letterboxed": {**letterboxed, "detections_per_image": len(report["detections_letterboxed"]) / images},
                 "versions": {"ultralytics": report["ultralytics"], "torch": report["torch"]},
                 **score(coco_results_array(report["detections"]), data[split])}
     args = recipe_args(data["args"], recipe, seed)
@@ -388,12 +403,24 @@ def budget_name(budget: dict) -> str:
     return f"{budget['epochs']:g} epochs" if "epochs" in budget else f"{budget['minutes']:g} min"
 
 
-def stored(path: Path) -> dict | None:
-    """The result stored at `path` if it exists and comes from this commit, else None (to be run again)."""
+def stored(path: Path, data: dict, budget: dict | None = None) -> dict | None:
+    """The result stored at `path` if it exists and comes from this code version with these settings (and
+    `budget`, if given), else None (to be run again)."""
     if not path.exists():
         return None
     result = json.loads(path.read_text())
-    return result if result.get("commit") == commit() else None
+    return result if staleness(result, data["version"], data["settings"], budget) is None else None
+
+
+def staleness(result: dict, version: str, settings: dict, budget: dict | None = None) -> str | None:
+    """Why a stored result cannot stand beside this invocation's (None if it can)."""
+    if result.get("commit") != version:
+        return f"commit {result.get('commit', 'not recorded')}"
+    if result.get("settings") != settings:
+        return f"settings {result.get('settings')}"
+    if budget is not None and result.get("budget") != budget:
+        return f"budget {result.get('budget')}"
+    return None
 
 
 def sweep(contenders: list, data: dict, options) -> None:
@@ -417,14 +444,15 @@ def sweep(contenders: list, data: dict, options) -> None:
     for name in contenders:
         best = max(points[name], key=lambda point: point["mAP"] or 0.0)
         atomic_write_json(str(data["work_dir"] / "runs" / "sweep" / f"{name}.json"), {
-            "recipe": best["recipe"], "tag": best["tag"], "val_mAP": best["mAP"], "budget": budget, "commit": commit()})
+            "recipe": best["recipe"], "tag": best["tag"], "val_mAP": best["mAP"], "budget": budget,
+            "commit": data["version"], "settings": data["settings"]})
         print(f"sweep {name}: {best['tag']} (val mAP {cell(best['mAP'])})", flush=True)
 
 
 def sweep_point(name: str, tag: str, recipe: dict, budget: dict, data: dict, options) -> dict:
     """One point of the sweep, run unless stored from this commit."""
     path = data["work_dir"] / "runs" / "sweep" / f"{tag}.json"
-    result = stored(path)
+    result = stored(path, data, budget)
     if result is None:
         path.parent.mkdir(parents=True, exist_ok=True)
         result = {"recipe": recipe, "tag": tag, **run_one(name, recipe, 0, budget, "val", data, options.threads,
@@ -434,10 +462,10 @@ def sweep_point(name: str, tag: str, recipe: dict, budget: dict, data: dict, opt
     return result
 
 
-def chosen_recipe(name: str, work_dir: Path) -> tuple:
-    """(recipe, where it comes from): the sweep's choice when the contender's sweep is complete and of this commit,
-    else RECIPES."""
-    choice = stored(work_dir / "runs" / "sweep" / f"{name}.json")
+def chosen_recipe(name: str, data: dict) -> tuple:
+    """(recipe, where it comes from): the sweep's choice when the contender's sweep is complete and of this code
+    version and settings (at whichever budget it ran), else RECIPES."""
+    choice = stored(data["work_dir"] / "runs" / "sweep" / f"{name}.json", data)
     return (choice["recipe"], "swept") if choice else (RECIPES[name], "not swept")
 
 
@@ -452,9 +480,9 @@ def protocol(contenders: list, data: dict, options) -> None:
         for seed in options.seeds:
             shift = seed % len(contenders)
             for name in contenders[shift:] + contenders[:shift]:  # no contender always runs first
-                recipe, source = chosen_recipe(name, data["work_dir"])
+                recipe, source = chosen_recipe(name, data)
                 path = data["work_dir"] / "runs" / budget_label(budget) / f"{name}_seed{seed}.json"
-                result = stored(path)
+                result = stored(path, data, budget)
                 if result is None:  # written at the end of the run: a killed one is run again
                     path.parent.mkdir(parents=True, exist_ok=True)
                     result = {"recipe": recipe, "recipe_source": source, **run_one(
@@ -465,15 +493,15 @@ def protocol(contenders: list, data: dict, options) -> None:
                       flush=True)
 
 
-def table(contenders: list, work_dir: Path, budgets: list) -> None:
-    """Per budget: each seed's run of each contender (this commit's only; the others are named as stale), their
-    images/s over the first contender's of the same seed, then mean ± half the range over the seeds, per contender
-    in CONTENDERS' order (no ranking)."""
-    head = commit()
+def table(contenders: list, work_dir: Path, budgets: list, version: str, settings: dict) -> None:
+    """Per budget: each seed's run of each contender (those of this code version and settings only; the others are
+    named as stale), their images/s over the first contender's run of the same seed (marked * when the two come
+    from different invocations), then mean ± half the range over the seeds, per contender in CONTENDERS' order (no
+    ranking), each contender's recipe, and what differs where it should not (steps, threads)."""
     for budget in budgets:
         run_dir = work_dir / "runs" / budget_label(budget)
         kind = "equal optimizer steps" if "epochs" in budget else "equal wall-clock time"
-        print(f"\n{budget_name(budget)} of training each ({kind}); test split; commit {head}\n"
+        print(f"\n{budget_name(budget)} of training each ({kind}); test split; code {version}\n"
               f"{'contender':<30}{'seed':>5}{'recipe':>10}{'steps':>7}{'EMA n':>7}{'img/s':>7}{'ratio':>7}"
               f"{'load':>11}{'det/img':>8}" + "".join(f"{name:>10}" for name in METRICS))
         runs, stale = {}, []
@@ -482,15 +510,17 @@ def table(contenders: list, work_dir: Path, budgets: list) -> None:
             result = json.loads(path.read_text())
             if name not in contenders:
                 continue
-            if result.get("commit") != head:
-                stale.append(f"{path.name} ({result.get('commit', 'no commit recorded')})")
+            why = staleness(result, version, settings, budget)
+            if why:
+                stale.append(f"{path.name} ({why})")
             else:
                 runs.setdefault(name, {})[int(seed)] = result
         reference = next((name for name in contenders if name in runs), None)
         for name in (name for name in contenders if name in runs):
             for seed, result in sorted(runs[name].items()):
                 base = runs[reference].get(seed)
-                ratio = f"{result['images_per_s'] / base['images_per_s']:.2f}" if base else "n/a"
+                ratio = "n/a" if base is None else f"{result['images_per_s'] / base['images_per_s']:.2f}" + (
+                    "*" if result["invocation"] != base["invocation"] else "")
                 load = "/".join(f"{value:.1f}" for value in result["load_average"])
                 print(f"{name:<30}{seed:>5}{result['recipe_source']:>10}{result['steps']:>7}{result['ema_updates']:>7}"
                       f"{result['images_per_s']:>7.1f}{ratio:>7}{load:>11}{result['detections_per_image']:>8.1f}"
@@ -501,15 +531,18 @@ def table(contenders: list, work_dir: Path, budgets: list) -> None:
                                                               for key in METRICS[:3]))
             if "letterboxed" in results[0]:
                 print(f"{name + ' scored letterboxed (squares)':<45}" + "".join(
-                    f"  {key} {spread([r['letterboxed'][key] for r in results])}" for key in METRICS[:3])
-                    + f"; 'NMS time limit' in its logs: {sum(r['nms_time_limit'] for r in results)} times")
-        steps = {result["steps"] for seeds in runs.values() for result in seeds.values()}
-        if "epochs" in budget and len(steps) > 1:
-            print(f"steps differ between the runs: {sorted(steps)}")
+                    f"  {key} {spread([r['letterboxed'][key] for r in results])}" for key in METRICS[:3]))
+                limits = {key: sum(r["nms_time_limit"][key] for r in results) for key in results[0]["nms_time_limit"]}
+                print(f"{name}: 'NMS time limit' warnings: " + ", ".join(f"{key} {n}" for key, n in limits.items()))
+            print(f"{name}: recipe {results[0]['recipe']}")
+        for key in ("steps", "threads"):
+            values = {result[key] for seeds in runs.values() for result in seeds.values()}
+            if len(values) > 1 and (key == "threads" or "epochs" in budget):
+                print(f"{key} differ between the runs: {sorted(values)}")
         if reference:
-            print(f"ratio: images/s over {reference}'s in the same seed's run of the protocol")
+            print(f"ratio: images/s over {reference}'s in the same seed's run of the protocol (* another invocation)")
         if stale:
-            print("stale (another commit; left out, run again by the protocol): " + ", ".join(stale))
+            print("stale (left out; the protocol runs them again): " + ", ".join(stale))
         versions = {key: value for seeds in runs.values() for result in seeds.values()
                     for key, value in result["versions"].items()}
         print("versions: " + ", ".join(f"{key} {value}" for key, value in sorted(versions.items())))
@@ -568,11 +601,21 @@ def benchmark_data(options, work_dir: Path) -> dict:
 def benchmark(contenders: list, work_dir: Path, options) -> None:
     """The data, the sweep if asked, the protocol and the table."""
     torch.set_num_threads(options.threads)
-    data = benchmark_data(options, work_dir)
+    data = {**benchmark_data(options, work_dir), "version": code_version(), "settings": run_settings(options),
+            "invocation": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    if options.epochs and "yolov8n" in contenders and len(data["train"]) % data["args"]["batch_size"]:
+        raise SystemExit(f"bench.quality: equal steps need the {len(data['train'])} training samples to be a multiple "
+                         f"of --batch_size {data['args']['batch_size']} (YOLOv8n keeps a last partial batch, DSTorch's "
+                         f"loader drops it): change --samples_per_scene or --batch_size")
     if options.sweep:
         sweep(contenders, data, options)
     protocol(contenders, data, options)
-    table(contenders, work_dir, budgets_of(options))
+    table(contenders, work_dir, budgets_of(options), data["version"], data["settings"])
+
+
+def run_settings(options) -> dict:
+    """What, beside the code, makes a stored result comparable: the data, the flags and the threads."""
+    return {"samples_per_scene": options.samples_per_scene, "flags": options.flags, "threads": options.threads}
 
 
 def main(argv=None) -> None:
@@ -601,7 +644,7 @@ def main(argv=None) -> None:
     unknown = sorted(set(contenders) - set(CONTENDERS + ABLATIONS))
     if unknown:
         parser.error(f"--contenders {','.join(unknown)}: choose from {','.join(CONTENDERS + ABLATIONS)}")
-    for key, kind in (("epochs", float), ("budgets", float), ("seeds", int), ("sweep_lr_scales", float),
+    for key, kind in (("epochs", int), ("budgets", float), ("seeds", int), ("sweep_lr_scales", float),
                       ("sweep_warmup_scales", float)):
         try:
             setattr(options, key, numbers(kind, getattr(options, key)))
@@ -620,7 +663,7 @@ def main(argv=None) -> None:
         setup_ultralytics()
     with recorded("quality", argv, options.results_dir):
         if options.table:
-            table(contenders, work_dir, budgets_of(options))
+            table(contenders, work_dir, budgets_of(options), code_version(), run_settings(options))
         else:
             benchmark(contenders, work_dir, options)
 

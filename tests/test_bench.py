@@ -158,7 +158,7 @@ def test_quality_protocol_runs_equal_steps_interleaved_and_resumes(tmp_path, cap
     monkeypatch.setattr(quality, "commit", lambda: "def5678")
     quality.main([*argv[:argv.index("--work_dir")], "--table", *argv[argv.index("--work_dir"):]])
     stale = capsys.readouterr().out
-    assert "\ndstorch " not in stale and "dstorch_seed0.json (abc1234)" in stale and "fcos_seed1.json" in stale
+    assert "\ndstorch " not in stale and "dstorch_seed0.json (commit abc1234)" in stale and "fcos_seed1.json" in stale
     quality.main([*argv[:2], "--seeds", "0", "--contenders", "dstorch", *argv[argv.index("--work_dir"):]])
     assert json.loads(paths[0].read_text())["commit"] == "def5678"  # run again on this commit
     assert json.loads(paths[1].read_text())["commit"] == "abc1234"  # not asked for: kept, still stale
@@ -186,11 +186,13 @@ def test_quality_sweep_picks_the_best_val_recipe(tmp_path, capsys, monkeypatch):
         value = 1.0 - abs(recipe["lr"] - 2 * quality.RECIPES[name]["lr"]) - abs(recipe["warmup"] - 0.075)
         value += 0.1 * recipe.get("mosaic", False)
         return {"steps": 1, "ema_updates": 1, "epochs": 1.0, "train_s": 1.0, "images_per_s": 1.0, "threads": threads,
-                "detections_per_image": 1.0, "versions": {"torch": "x"}, "commit": quality.commit(), "clean": True,
-                "date": "d", "load_average": [0.0, 0.0], **{key: value for key in quality.METRICS}}
+                "detections_per_image": 1.0, "versions": {"torch": "x"}, "commit": data["version"], "clean": True,
+                "settings": data["settings"], "budget": budget, "invocation": data["invocation"], "date": "d",
+                "load_average": [0.0, 0.0], **{key: value for key in quality.METRICS}}
 
     monkeypatch.setattr(quality, "run_one", fake_run)
-    monkeypatch.setattr(quality, "benchmark_data", lambda options, work_dir: {"work_dir": work_dir})
+    monkeypatch.setattr(quality, "benchmark_data", lambda options, work_dir: {
+        "work_dir": work_dir, "train": [None] * 12, "args": {"batch_size": 2}})
     quality.main(["--sweep", "--sweep_lr_scales", "1,2", "--sweep_warmup_scales", "0.5,1", "--epochs", "3",
                   "--seeds", "0", "--contenders", "dstorch,yolov8n", "--work_dir", str(tmp_path),
                   "--results_dir", str(tmp_path / "results"), *QUALITY_TINY])
@@ -307,11 +309,13 @@ def test_quality_equal_steps_anneal_over_exactly_the_budget():
             "final_div_factor": 1e4, "config": {"schedulers": {}}}
     rates = []
     parts = types.SimpleNamespace(args=args, optimizer=torch.optim.SGD(model.parameters(), lr=1e-2), scheduler=None,
-                                  evaluated_model=lambda: model, ema_updates=21)
+                                  evaluated_model=lambda: model, ema_updates=0)
     parts.learning_rate_step = lambda: parts.scheduler.step()
-    def step(batch):
+
+    def step(batch):  # a solver's train step: the optimizer's, then an EMA update
         rates.append(parts.optimizer.param_groups[0]["lr"])
         parts.optimizer.step()
+        parts.ema_updates += 1
 
     trained = quality.predictor_after(parts, step, [None] * 7, {"epochs": 3}, lambda model: model)
     assert trained["steps"] == len(rates) == 21 and trained["ema_updates"] == 21
