@@ -483,6 +483,8 @@ def protocol(contenders: list, data: dict, options) -> None:
                 recipe, source = chosen_recipe(name, data)
                 path = data["work_dir"] / "runs" / budget_label(budget) / f"{name}_seed{seed}.json"
                 result = stored(path, data, budget)
+                if result is not None and result["recipe"] != recipe:  # a sweep has chosen another since
+                    result = None
                 if result is None:  # written at the end of the run: a killed one is run again
                     path.parent.mkdir(parents=True, exist_ok=True)
                     result = {"recipe": recipe, "recipe_source": source, **run_one(

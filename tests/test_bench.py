@@ -193,9 +193,13 @@ def test_quality_sweep_picks_the_best_val_recipe(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(quality, "run_one", fake_run)
     monkeypatch.setattr(quality, "benchmark_data", lambda options, work_dir: {
         "work_dir": work_dir, "train": [None] * 12, "args": {"batch_size": 2}})
-    quality.main(["--sweep", "--sweep_lr_scales", "1,2", "--sweep_warmup_scales", "0.5,1", "--epochs", "3",
-                  "--seeds", "0", "--contenders", "dstorch,yolov8n", "--work_dir", str(tmp_path),
-                  "--results_dir", str(tmp_path / "results"), *QUALITY_TINY])
+    argv = ["--sweep_lr_scales", "1,2", "--sweep_warmup_scales", "0.5,1", "--epochs", "3", "--seeds", "0",
+            "--contenders", "dstorch,yolov8n", "--work_dir", str(tmp_path), "--results_dir", str(tmp_path / "results"),
+            *QUALITY_TINY]
+    quality.main(argv)  # the protocol before a sweep: the starting recipes
+    assert [split for _, _, split, _ in calls] == ["test"] * 2
+    calls.clear()
+    quality.main(["--sweep", *argv])  # the sweep, then the protocol's runs again with its recipes
     assert [split for _, _, split, _ in calls] == ["val"] * 10 + ["test"] * 2
     assert all(budget == {"epochs": 3} for *_, budget in calls)
     assert [recipe for name, recipe, split, _ in calls if name == "yolov8n" and split == "val"][-2:] == [
