@@ -38,9 +38,7 @@ alpha -> pi - alpha, vx -> -vx, the intrinsics' cx -> W - cx and cam_to_global -
 so that the item stays one camera's consistent view (tested: its boxes lift to the unflipped ones, mirrored).
 """
 
-import glob
 import os
-import shutil
 from functools import partial
 
 import numpy as np
@@ -49,7 +47,6 @@ from pyquaternion import Quaternion
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from dataset.NuscenesDataset.cache import cache_key, cached_arrays, tables_key
 from dataset.NuscenesDataset.common import (
     COMMON_RULES,
     VISIBILITIES,
@@ -65,11 +62,10 @@ from dataset.NuscenesDataset.common import (
 )
 from dataset.NuscenesDataset.labels import (
     DETECTION_NAMES,
-    build_labels,
     camera_boxes_2d,
     check_dataroot,
     load_nuscenes,
-    split_scene_names,
+    split_label_cache,
 )
 from utils.config import TEXT, check_values, number
 from utils.errors import UserError
@@ -150,22 +146,10 @@ def labels_3d(dataroot: str, version: str, split: str, cfg: dict, cache_dir: str
     check_dataroot(dataroot, version)
     settings = {"format": LABEL_FORMAT, "dataroot": dataroot, "version": version, "split": split,
                 "cameras": list(cfg["cameras"]), "visibilities": sorted(set(cfg["labels"]["visibilities"]))}
-    key = cache_key({**settings, "tables": tables_key(os.path.join(dataroot, version))})
-    path = os.path.join(os.path.abspath(cache_dir), f"3d_{version}_{split}_{cache_key(settings)[:16]}.npz")
-
-    parts_dir = f"{path}.parts-{key[:16]}"
-
-    def build() -> dict:
-        for stale in glob.glob(f"{glob.escape(path)}.parts-*"):  # a killed build of other inputs: useless now
-            if stale != parts_dir:
-                shutil.rmtree(stale, ignore_errors=True)
-        nusc = load_nuscenes(dataroot, version)
-        return build_labels(nusc, split_scene_names(nusc, split),
-                            partial(scene_boxes_3d, cameras=cfg["cameras"], visibilities=cfg["labels"]["visibilities"]),
-                            workers or os.cpu_count() or 1, parts_dir, "3D labels")
-
-    labels = cached_arrays(path, key, build, f"the {version} {split} 3D label cache")
-    shutil.rmtree(parts_dir, ignore_errors=True)  # the scenes of a finished build, once the cache is written
+    _, labels = split_label_cache(settings, cache_dir, "3d_",
+                                  partial(scene_boxes_3d, cameras=cfg["cameras"],
+                                          visibilities=cfg["labels"]["visibilities"]),
+                                  workers, "3D labels", f"the {version} {split} 3D label cache")
     return labels
 
 
@@ -320,12 +304,12 @@ def flip_cameras(item: dict, flipped: torch.Tensor) -> dict:
     mirrored = targets[box_flipped]
     mirrored[:, column["u"]] = width - mirrored[:, column["u"]]
     mirrored[:, [column["x1"], column["x2"]]] = width - mirrored[:, [column["x2"], column["x1"]]]
-    mirrored[:, column["alpha"]] = torch.from_numpy(wrap_angle(np.pi - mirrored[:, column["alpha"]].numpy()))
+    mirrored[:, column["alpha"]] = wrap_angle(np.pi - mirrored[:, column["alpha"]])
     mirrored[:, column["vx"]] = -mirrored[:, column["vx"]]
     targets[box_flipped] = mirrored
     return {**item, "images": images, "intrinsics": intrinsics, "cam_to_global": cam_to_global, "targets": targets}
 
 
 def wrap_angle(angle):
-    """Angles (rad) wrapped into [-pi, pi)."""
+    """Angles (rad; a numpy array or a tensor) wrapped into [-pi, pi)."""
     return (angle + np.pi) % (2 * np.pi) - np.pi
