@@ -15,11 +15,11 @@ the protocol in parts, `--table` writes the table of all of them.
 
 Every run writes its result (<work_dir>/runs/<budget>/<contender>_seed<k>.json, sweep points under runs/sweep/) the
 moment it ends, with its provenance (PROVENANCE), and every invocation skips the runs whose results exist and come
-from this code version (commit, and a hash of uncommitted changes) and settings (run_settings): stop at any time and
-run the same command again to go on. Another result is stale: it is run again, and the table leaves it out and
-names it. --contenders, --seeds, --epochs and --budgets choose a part
-of the protocol. The ablations of csp_pan (ABLATIONS: one part changed each, by config) run only when --contenders
-names them.
+from this code version (the last commit that changed the code, not counting results and Markdown files, and a hash
+of uncommitted changes to it) and settings (run_settings): stop at any time and run the same command again to go on.
+Another result is stale: it is run again, and the table leaves it out and names it. --contenders, --seeds, --epochs
+and --budgets choose a part of the protocol. The ablations of csp_pan (ABLATIONS: one part changed each, by config)
+run only when --contenders names them.
 
 Protocol:
 - Data: an embedded nuScenes set of --samples_per_scene keyframes per scene (generated once into --work_dir);
@@ -67,7 +67,7 @@ import torchvision
 from torch.utils.data import DataLoader
 
 from bench.model import platform_args, torchvision_detector
-from bench.results import add_results_dir, commit, recorded
+from bench.results import add_results_dir, recorded
 from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
 from helper import load_solver
@@ -115,6 +115,9 @@ INPUT_SIZE = (320, 192)  # W, H px: the protocol's, whatever config/data.json's 
 METRICS = ("mAP", "AP50", "AP_small", "AP_medium", "AP_large")
 # what every run records beside its numbers, so that a table never mixes commits or days unseen
 PROVENANCE = ("commit", "clean", "date", "load_average", "threads", "steps", "images_per_s")
+# what a run's numbers depend on: the tracked files but the results files and the Markdown docs (git pathspecs), so
+# that committing results, or a README's quote of them, keeps the stored runs current
+CODE_PATHS = (".", ":(exclude)bench/results", ":(exclude)*.md")
 
 
 def bench_args(dataroot: Path, work_dir: Path, extra: list) -> dict:
@@ -346,15 +349,19 @@ def run_one(name: str, recipe: dict, seed: int, budget: dict, split: str, data: 
             "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
-def code_version() -> str:
-    """HEAD's short hash; with uncommitted changes (bench/results aside), " (dirty <hash of the diff>)", so that two
-    dirty trees match only when their changes do."""
-    head = commit()
-    if "dirty" not in head:
-        return head
-    diff = subprocess.run(["git", "diff", "HEAD", "--", ".", ":(exclude)bench/results"], cwd=PROJECT_ROOT,
-                          capture_output=True, check=True).stdout
-    return f"{head.split()[0]} (dirty {hashlib.sha256(diff).hexdigest()[:8]})"
+def code_version(root: Path = PROJECT_ROOT) -> str:
+    """The last commit that changed the code (CODE_PATHS), 10 hex digits; with uncommitted changes to it,
+    " (dirty <hash of the diff>)", so that two dirty trees match only when their changes do; "unknown" outside a
+    git checkout."""
+    def git(*args: str) -> bytes:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, check=True).stdout
+
+    try:
+        last = git("log", "-1", "--format=%H", "--", *CODE_PATHS).decode().strip()[:10]
+        diff = git("diff", "HEAD", "--", *CODE_PATHS)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return last + (f" (dirty {hashlib.sha256(diff).hexdigest()[:8]})" if diff else "")
 
 
 def settings_key(settings: dict) -> str:

@@ -124,7 +124,7 @@ def test_quality_protocol_runs_equal_steps_interleaved_and_resumes(tmp_path, cap
     as many EMA updates; the seeds rotate the contenders' order; a second invocation runs nothing again and prints
     the same table; a result of another commit is stale: left out of the table, named, and run again."""
     (tmp_path / "nuscenes_2").symlink_to(embedded_dir)  # the session's dataset of 2 keyframes per scene, read only
-    monkeypatch.setattr(quality, "commit", lambda: "abc1234")
+    monkeypatch.setattr(quality, "code_version", lambda: "abc1234")
     argv = ["--epochs", "1", "--seeds", "0,1", "--contenders", "dstorch,fcos", "--work_dir", str(tmp_path),
             "--results_dir", str(tmp_path / "results"), *QUALITY_TINY]
     quality.main(argv)
@@ -155,13 +155,44 @@ def test_quality_protocol_runs_equal_steps_interleaved_and_resumes(tmp_path, cap
     assert capsys.readouterr().out.endswith(table)
     assert [path.stat().st_mtime_ns for path in paths] == written
 
-    monkeypatch.setattr(quality, "commit", lambda: "def5678")
+    monkeypatch.setattr(quality, "code_version", lambda: "def5678")
     quality.main([*argv[:argv.index("--work_dir")], "--table", *argv[argv.index("--work_dir"):]])
     stale = capsys.readouterr().out
     assert "\ndstorch " not in stale and "dstorch_seed0.json (commit abc1234)" in stale and "fcos_seed1.json" in stale
     quality.main([*argv[:2], "--seeds", "0", "--contenders", "dstorch", *argv[argv.index("--work_dir"):]])
     assert json.loads(paths[0].read_text())["commit"] == "def5678"  # run again on this commit
     assert json.loads(paths[1].read_text())["commit"] == "abc1234"  # not asked for: kept, still stale
+
+
+def test_quality_code_version_follows_the_code_not_results_or_docs(tmp_path):
+    """Committing results files or Markdown keeps the code version, so stored runs stay current; a change to the
+    code, uncommitted (a hash of the diff) or committed, is a new version."""
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "train.py").write_text("steps = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "code")
+    first = quality.code_version(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{10}", first)
+    (tmp_path / "bench" / "results" / "quality.md").write_text("table\n")
+    (tmp_path / "README.md").write_text("quote\n")
+    git("add", ".")
+    git("commit", "-qm", "results")
+    assert quality.code_version(tmp_path) == first
+    (tmp_path / "README.md").write_text("quote 2\n")
+    assert quality.code_version(tmp_path) == first
+    (tmp_path / "train.py").write_text("steps = 2\n")
+    dirty = quality.code_version(tmp_path)
+    assert re.fullmatch(first + r" \(dirty [0-9a-f]{8}\)", dirty)
+    (tmp_path / "train.py").write_text("steps = 3\n")
+    assert quality.code_version(tmp_path) not in (first, dirty)
+    git("commit", "-qam", "code 2")
+    assert quality.code_version(tmp_path) not in (first, dirty) and "dirty" not in quality.code_version(tmp_path)
+    assert quality.code_version(tmp_path / "bench" / "results" / "missing") == "unknown"
 
 
 @pytest.mark.bench
