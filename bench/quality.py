@@ -16,10 +16,10 @@ the protocol in parts, `--table` writes the table of all of them.
 Every run writes its result (<work_dir>/runs/<budget>/<contender>_seed<k>.json, sweep points under runs/sweep/) the
 moment it ends, with its provenance (PROVENANCE), and every invocation skips the runs whose results exist and come
 from this code version (the last commit that changed the code, not counting results and Markdown files, and a hash
-of uncommitted changes to it) and settings (run_settings): stop at any time and run the same command again to go on.
-Another result is stale: it is run again, and the table leaves it out and names it. --contenders, --seeds, --epochs
-and --budgets choose a part of the protocol. The ablations of csp_pan (ABLATIONS: one part changed each, by config)
-run only when --contenders names them.
+of uncommitted changes to it), settings (run_settings) and, for the protocol's runs, the recipe chosen now: stop at
+any time and run the same command again to go on. Another result is stale: it is run again, and the table leaves
+it out and names it. --contenders, --seeds, --epochs and --budgets choose a part of the protocol. The ablations of
+csp_pan (ABLATIONS: one part changed each, by config) run only when --contenders names them.
 
 Protocol:
 - Data: an embedded nuScenes set of --samples_per_scene keyframes per scene (generated once into --work_dir);
@@ -41,7 +41,7 @@ Protocol:
   contender at the first --epochs budget on val (learning rate x --sweep_lr_scales, warm-up x
   --sweep_warmup_scales, seed 0), then for YOLOv8n mosaic (closed for the last 10 % of epochs) and rect training at
   the best of that grid, and keeps the best val mAP; the protocol uses the swept recipe where the sweep is complete
-  and of this commit, the starting one otherwise (its table says which).
+  and of this code version, the starting one otherwise (its table says which; a run of another recipe is stale).
 - Scoring: detections scoring >= 0.001, at most 100 per image, for all; YOLOv8n through Ultralytics' own validator
   (its multi-label NMS, boxes mapped back to original pixels) rect (its default) and letterboxed into squares, its
   "NMS time limit" warnings counted; then everyone through utils.coco_eval on the same ground truth, with the
@@ -67,7 +67,7 @@ import torchvision
 from torch.utils.data import DataLoader
 
 from bench.model import platform_args, torchvision_detector
-from bench.results import add_results_dir, recorded
+from bench.results import add_results_dir, git, recorded
 from dataset.NuscenesDataset import synthetic
 from dataset.NuscenesDataset.loader_2d_obj_det import DatasetLoader
 from helper import load_solver
@@ -114,7 +114,7 @@ SCORE_THRESHOLD, MAX_DETECTIONS = 0.001, 100
 INPUT_SIZE = (320, 192)  # W, H px: the protocol's, whatever config/data.json's default (the quick start's) is
 METRICS = ("mAP", "AP50", "AP_small", "AP_medium", "AP_large")
 # what every run records beside its numbers, so that a table never mixes commits or days unseen
-PROVENANCE = ("commit", "clean", "date", "load_average", "threads", "steps", "images_per_s")
+PROVENANCE = ("code_version", "clean", "date", "load_average", "threads", "steps", "images_per_s")
 # what a run's numbers depend on: the tracked files but the results files and the Markdown docs (git pathspecs), so
 # that committing results, or a README's quote of them, keeps the stored runs current
 CODE_PATHS = (".", ":(exclude)bench/results", ":(exclude)*.md")
@@ -343,7 +343,7 @@ def run_one(name: str, recipe: dict, seed: int, budget: dict, split: str, data: 
     if now != data["version"]:
         raise SystemExit(f"bench.quality: the checkout changed during the run ({data['version']} when it started, "
                          f"{now} now): its result is not stored; run the command again")
-    return {**result, "budget": budget, "full_budget": full, "commit": data["version"],
+    return {**result, "budget": budget, "full_budget": full, "code_version": data["version"],
             "clean": "dirty" not in data["version"], "settings": data["settings"], "invocation": data["invocation"],
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
@@ -353,15 +353,12 @@ def code_version(root: Path = PROJECT_ROOT) -> str:
     """The last commit that changed the code (CODE_PATHS), 10 hex digits; with uncommitted changes to it,
     " (dirty <hash of the diff>)", so that two dirty trees match only when their changes do; "unknown" outside a
     git checkout."""
-    def git(*args: str) -> bytes:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, check=True).stdout
-
     try:
-        last = git("log", "-1", "--format=%H", "--", *CODE_PATHS).decode().strip()[:10]
-        diff = git("diff", "HEAD", "--", *CODE_PATHS)
+        last = git("log", "-1", "--format=%H", "--", *CODE_PATHS, root=root)[:10]
+        diff = git("diff", "HEAD", "--", *CODE_PATHS, root=root)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return last + (f" (dirty {hashlib.sha256(diff).hexdigest()[:8]})" if diff else "")
+    return last + (f" (dirty {hashlib.sha256(diff.encode()).hexdigest()[:8]})" if diff else "")
 
 
 def settings_key(settings: dict) -> str:
@@ -410,23 +407,26 @@ def budget_name(budget: dict) -> str:
     return f"{budget['epochs']:g} epochs" if "epochs" in budget else f"{budget['minutes']:g} min"
 
 
-def stored(path: Path, data: dict, budget: dict | None = None) -> dict | None:
-    """The result stored at `path` if it exists and comes from this code version with these settings (and
-    `budget`, if given), else None (to be run again)."""
+def stored(path: Path, data: dict, budget: dict | None = None, recipe: dict | None = None) -> dict | None:
+    """The result stored at `path` if it exists and can stand beside this invocation's (staleness), else None (to
+    be run again)."""
     if not path.exists():
         return None
     result = json.loads(path.read_text())
-    return result if staleness(result, data["version"], data["settings"], budget) is None else None
+    return result if staleness(result, data, budget, recipe) is None else None
 
 
-def staleness(result: dict, version: str, settings: dict, budget: dict | None = None) -> str | None:
-    """Why a stored result cannot stand beside this invocation's (None if it can)."""
-    if result.get("commit") != version:
-        return f"commit {result.get('commit', 'not recorded')}"
-    if result.get("settings") != settings:
+def staleness(result: dict, data: dict, budget: dict | None = None, recipe: dict | None = None) -> str | None:
+    """Why a stored result cannot stand beside this invocation's (None if it can): another code version or other
+    settings than data's, or, where given, another budget or recipe (a sweep has chosen another since)."""
+    if result.get("code_version") != data["version"]:
+        return f"code version {result.get('code_version', 'not recorded')}"
+    if result.get("settings") != data["settings"]:
         return f"settings {result.get('settings')}"
     if budget is not None and result.get("budget") != budget:
         return f"budget {result.get('budget')}"
+    if recipe is not None and result.get("recipe") != recipe:
+        return f"recipe {result.get('recipe')}, not the chosen {recipe}"
     return None
 
 
@@ -452,12 +452,12 @@ def sweep(contenders: list, data: dict, options) -> None:
         best = max(points[name], key=lambda point: point["mAP"] or 0.0)
         atomic_write_json(str(data["work_dir"] / "runs" / "sweep" / f"{name}.json"), {
             "recipe": best["recipe"], "tag": best["tag"], "val_mAP": best["mAP"], "budget": budget,
-            "commit": data["version"], "settings": data["settings"]})
+            "code_version": data["version"], "settings": data["settings"]})
         print(f"sweep {name}: {best['tag']} (val mAP {cell(best['mAP'])})", flush=True)
 
 
 def sweep_point(name: str, tag: str, recipe: dict, budget: dict, data: dict, options) -> dict:
-    """One point of the sweep, run unless stored from this commit."""
+    """One point of the sweep, run unless stored from this code version."""
     path = data["work_dir"] / "runs" / "sweep" / f"{tag}.json"
     result = stored(path, data, budget)
     if result is None:
@@ -481,7 +481,7 @@ def budgets_of(options) -> list:
 
 
 def protocol(contenders: list, data: dict, options) -> None:
-    """Budgets x seeds x contenders, interleaved, each run's result stored as it ends (those of this commit
+    """Budgets x seeds x contenders, interleaved, each run's result stored as it ends (those of this code version
     skipped)."""
     for budget in budgets_of(options):
         for seed in options.seeds:
@@ -489,9 +489,7 @@ def protocol(contenders: list, data: dict, options) -> None:
             for name in contenders[shift:] + contenders[:shift]:  # no contender always runs first
                 recipe, source = chosen_recipe(name, data)
                 path = data["work_dir"] / "runs" / budget_label(budget) / f"{name}_seed{seed}.json"
-                result = stored(path, data, budget)
-                if result is not None and result["recipe"] != recipe:  # a sweep has chosen another since
-                    result = None
+                result = stored(path, data, budget, recipe)
                 if result is None:  # written at the end of the run: a killed one is run again
                     path.parent.mkdir(parents=True, exist_ok=True)
                     result = {"recipe": recipe, "recipe_source": source, **run_one(
@@ -502,15 +500,16 @@ def protocol(contenders: list, data: dict, options) -> None:
                       flush=True)
 
 
-def table(contenders: list, work_dir: Path, budgets: list, version: str, settings: dict) -> None:
-    """Per budget: each seed's run of each contender (those of this code version and settings only; the others are
-    named as stale), their images/s over the first contender's run of the same seed (marked * when the two come
-    from different invocations), then mean ± half the range over the seeds, per contender in CONTENDERS' order (no
-    ranking), each contender's recipe, and what differs where it should not (steps, threads)."""
+def table(contenders: list, budgets: list, data: dict) -> None:
+    """Per budget: each seed's run of each contender (those that can stand beside data's code version, settings and
+    chosen recipes only; the others are named as stale), their images/s over the first contender's run of the same
+    seed (marked * when the two come from different invocations), then mean ± half the range over the seeds, per
+    contender in CONTENDERS' order (no ranking), each contender's recipe, and what differs where it should not
+    (steps, threads)."""
     for budget in budgets:
-        run_dir = work_dir / "runs" / budget_label(budget)
+        run_dir = data["work_dir"] / "runs" / budget_label(budget)
         kind = "equal optimizer steps" if "epochs" in budget else "equal wall-clock time"
-        print(f"\n{budget_name(budget)} of training each ({kind}); test split; code {version}\n"
+        print(f"\n{budget_name(budget)} of training each ({kind}); test split; code {data['version']}\n"
               f"{'contender':<30}{'seed':>5}{'recipe':>10}{'steps':>7}{'EMA n':>7}{'img/s':>7}{'ratio':>7}"
               f"{'load':>11}{'det/img':>8}" + "".join(f"{name:>10}" for name in METRICS))
         runs, stale = {}, []
@@ -519,7 +518,7 @@ def table(contenders: list, work_dir: Path, budgets: list, version: str, setting
             result = json.loads(path.read_text())
             if name not in contenders:
                 continue
-            why = staleness(result, version, settings, budget)
+            why = staleness(result, data, budget, chosen_recipe(name, data)[0])
             if why:
                 stale.append(f"{path.name} ({why})")
             else:
@@ -619,7 +618,7 @@ def benchmark(contenders: list, work_dir: Path, options) -> None:
     if options.sweep:
         sweep(contenders, data, options)
     protocol(contenders, data, options)
-    table(contenders, work_dir, budgets_of(options), data["version"], data["settings"])
+    table(contenders, budgets_of(options), data)
 
 
 def run_settings(options) -> dict:
@@ -672,7 +671,8 @@ def main(argv=None) -> None:
         setup_ultralytics()
     with recorded("quality", argv, options.results_dir):
         if options.table:
-            table(contenders, work_dir, budgets_of(options), code_version(), run_settings(options))
+            table(contenders, budgets_of(options),
+                  {"work_dir": work_dir, "version": code_version(), "settings": run_settings(options)})
         else:
             benchmark(contenders, work_dir, options)
 

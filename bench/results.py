@@ -26,13 +26,15 @@ def add_results_dir(parser) -> None:
     parser.add_argument("--results_dir", default=str(RESULTS_DIR), help="where the results file <name>.md goes")
 
 
+def git(*args: str, root: Path = PROJECT_ROOT) -> str:
+    """git's output in `root`, stripped; OSError or CalledProcessError where git or the checkout is missing."""
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, errors="replace",
+                          check=True).stdout.strip()
+
+
 def commit() -> str:
     """HEAD's short hash, with " (dirty)" when tracked files other than the results files differ from it (a
     regenerated results file is not a change of what is measured); "unknown" outside a git checkout."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-
     try:
         head = git("rev-parse", "--short", "HEAD")
         changes = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")

@@ -122,7 +122,7 @@ QUALITY_TINY = ["--samples_per_scene", "2", "--flags", "--cfg", "data.2DObjDet.i
 def test_quality_protocol_runs_equal_steps_interleaved_and_resumes(tmp_path, capsys, embedded_dir, monkeypatch):
     """Each run stores its result and provenance as it ends; every contender makes exactly the budget's steps, with
     as many EMA updates; the seeds rotate the contenders' order; a second invocation runs nothing again and prints
-    the same table; a result of another commit is stale: left out of the table, named, and run again."""
+    the same table; a result of another code version is stale: left out of the table, named, and run again."""
     (tmp_path / "nuscenes_2").symlink_to(embedded_dir)  # the session's dataset of 2 keyframes per scene, read only
     monkeypatch.setattr(quality, "code_version", lambda: "abc1234")
     argv = ["--epochs", "1", "--seeds", "0,1", "--contenders", "dstorch,fcos", "--work_dir", str(tmp_path),
@@ -140,7 +140,7 @@ def test_quality_protocol_runs_equal_steps_interleaved_and_resumes(tmp_path, cap
         result = json.loads(path.read_text())
         assert result["steps"] == result["ema_updates"] == steps_per_epoch and result["epochs"] == 1
         assert result["images_per_s"] > 0 and result["threads"] == torch.get_num_threads()
-        assert set(quality.PROVENANCE) <= set(result) and result["commit"] == "abc1234" and result["clean"]
+        assert set(quality.PROVENANCE) <= set(result) and result["code_version"] == "abc1234" and result["clean"]
         assert len(result["load_average"]) == 2 and result["detections_per_image"] > 0
         assert result["recipe"] == quality.RECIPES[path.name.split("_")[0]] and result["recipe_source"] == "not swept"
         assert set(quality.METRICS) <= set(result) and "torch" in result["versions"]
@@ -158,10 +158,11 @@ def test_quality_protocol_runs_equal_steps_interleaved_and_resumes(tmp_path, cap
     monkeypatch.setattr(quality, "code_version", lambda: "def5678")
     quality.main([*argv[:argv.index("--work_dir")], "--table", *argv[argv.index("--work_dir"):]])
     stale = capsys.readouterr().out
-    assert "\ndstorch " not in stale and "dstorch_seed0.json (commit abc1234)" in stale and "fcos_seed1.json" in stale
+    assert "\ndstorch " not in stale and "fcos_seed1.json" in stale
+    assert "dstorch_seed0.json (code version abc1234)" in stale
     quality.main([*argv[:2], "--seeds", "0", "--contenders", "dstorch", *argv[argv.index("--work_dir"):]])
-    assert json.loads(paths[0].read_text())["commit"] == "def5678"  # run again on this commit
-    assert json.loads(paths[1].read_text())["commit"] == "abc1234"  # not asked for: kept, still stale
+    assert json.loads(paths[0].read_text())["code_version"] == "def5678"  # run again on this version
+    assert json.loads(paths[1].read_text())["code_version"] == "abc1234"  # not asked for: kept, still stale
 
 
 def test_quality_code_version_follows_the_code_not_results_or_docs(tmp_path):
@@ -217,7 +218,7 @@ def test_quality_sweep_picks_the_best_val_recipe(tmp_path, capsys, monkeypatch):
         value = 1.0 - abs(recipe["lr"] - 2 * quality.RECIPES[name]["lr"]) - abs(recipe["warmup"] - 0.075)
         value += 0.1 * recipe.get("mosaic", False)
         return {"steps": 1, "ema_updates": 1, "epochs": 1.0, "train_s": 1.0, "images_per_s": 1.0, "threads": threads,
-                "detections_per_image": 1.0, "versions": {"torch": "x"}, "commit": data["version"], "clean": True,
+                "detections_per_image": 1.0, "versions": {"torch": "x"}, "code_version": data["version"], "clean": True,
                 "settings": data["settings"], "budget": budget, "invocation": data["invocation"], "date": "d",
                 "load_average": [0.0, 0.0], **{key: value for key in quality.METRICS}}
 
@@ -241,6 +242,12 @@ def test_quality_sweep_picks_the_best_val_recipe(tmp_path, capsys, monkeypatch):
     assert json.loads((tmp_path / "runs" / "sweep" / "yolov8n.json").read_text())["recipe"]["mosaic"] is True
     result = json.loads((tmp_path / "runs" / "3ep" / "dstorch_seed0.json").read_text())
     assert result["recipe"] == chosen and result["recipe_source"] == "swept"
+    choice_path = tmp_path / "runs" / "sweep" / "dstorch.json"  # a later sweep chooses another recipe
+    choice_path.write_text(json.dumps({**json.loads(choice_path.read_text()), "recipe": {"lr": 1e-3, "warmup": 0.1}}))
+    capsys.readouterr()
+    quality.main(["--table", *argv])
+    out = capsys.readouterr().out
+    assert "\ndstorch " not in out and "\nyolov8n " in out and "dstorch_seed0.json (recipe " in out
 
 
 @pytest.mark.parametrize("flags", [["--contenders", "dstorch,yolov5"], ["--budgets", "10,ten"], ["--budgets", "0"],

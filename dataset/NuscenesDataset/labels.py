@@ -266,16 +266,15 @@ def label_arrays(dataroot: str, version: str, split: str, label_cfg: dict, cache
     def one_scene(nusc: NuScenes, scene_name: str) -> dict:
         return scene_labels(nusc, scene_name, label_cfg["visibilities"], label_cfg["min_box_size"])
 
-    return split_label_cache(settings, cache_dir, "", one_scene, workers, "2D labels",
-                             f"the {version} {split} label cache")
+    return split_label_cache(settings, cache_dir, "", one_scene, workers, "2D labels")
 
 
-def split_label_cache(settings: dict, cache_dir: str, prefix: str, scene_fn, workers: int | None, what: str,
-                      description: str) -> tuple:
+def split_label_cache(settings: dict, cache_dir: str, prefix: str, scene_fn, workers: int | None, what: str) -> tuple:
     """(path, arrays) of the label cache of settings["split"] (settings: at least dataroot, version, split, and every
     other setting that changes the labels): <cache_dir>/<prefix><version>_<split>_<settings hash>.npz, built when
     missing or stale by build_labels(scene_fn) over `workers` processes (default: all cores). A killed build resumes
-    from its finished scenes; those of a killed build of other inputs are removed."""
+    from its finished scenes; those of a killed build of other inputs are removed. `what` ("2D labels") names the
+    build's progress bar and the cache in messages."""
     dataroot, version, split = settings["dataroot"], settings["version"], settings["split"]
     key = cache_key({**settings, "tables": tables_key(os.path.join(dataroot, version))})
     path = os.path.join(os.path.abspath(cache_dir), f"{prefix}{version}_{split}_{cache_key(settings)[:16]}.npz")
@@ -289,7 +288,7 @@ def split_label_cache(settings: dict, cache_dir: str, prefix: str, scene_fn, wor
         return build_labels(nusc, split_scene_names(nusc, split), scene_fn, workers or os.cpu_count() or 1, parts_dir,
                             what)
 
-    labels = cached_arrays(path, key, build, description)
+    labels = cached_arrays(path, key, build, f"the {what} cache of {version} {split}")
     shutil.rmtree(parts_dir, ignore_errors=True)  # the scenes of a finished build, once the cache is written
     return path, labels
 

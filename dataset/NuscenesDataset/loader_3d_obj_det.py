@@ -149,7 +149,7 @@ def labels_3d(dataroot: str, version: str, split: str, cfg: dict, cache_dir: str
     _, labels = split_label_cache(settings, cache_dir, "3d_",
                                   partial(scene_boxes_3d, cameras=cfg["cameras"],
                                           visibilities=cfg["labels"]["visibilities"]),
-                                  workers, "3D labels", f"the {version} {split} 3D label cache")
+                                  workers, "3D labels")
     return labels
 
 
