@@ -26,9 +26,10 @@ def add_results_dir(parser) -> None:
     parser.add_argument("--results_dir", default=str(RESULTS_DIR), help="where the results file <name>.md goes")
 
 
-def git(*args: str, root: Path = PROJECT_ROOT) -> str:
-    """git's output in `root`, stripped; OSError or CalledProcessError where git or the checkout is missing."""
-    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, errors="replace",
+def git(*args: str, root: Path | None = None) -> str:
+    """git's output in `root` (default: PROJECT_ROOT, read at the call), stripped; OSError or CalledProcessError
+    where git or the checkout is missing."""
+    return subprocess.run(["git", *args], cwd=root or PROJECT_ROOT, capture_output=True, text=True, errors="replace",
                           check=True).stdout.strip()
 
 
