@@ -506,6 +506,7 @@ def table(contenders: list, budgets: list, data: dict) -> None:
     seed (marked * when the two come from different invocations), then mean ± half the range over the seeds, per
     contender in CONTENDERS' order (no ranking), each contender's recipe, and what differs where it should not
     (steps, threads)."""
+    recipes = {name: chosen_recipe(name, data)[0] for name in contenders}
     for budget in budgets:
         run_dir = data["work_dir"] / "runs" / budget_label(budget)
         kind = "equal optimizer steps" if "epochs" in budget else "equal wall-clock time"
@@ -518,7 +519,7 @@ def table(contenders: list, budgets: list, data: dict) -> None:
             result = json.loads(path.read_text())
             if name not in contenders:
                 continue
-            why = staleness(result, data, budget, chosen_recipe(name, data)[0])
+            why = staleness(result, data, budget, recipes[name])
             if why:
                 stale.append(f"{path.name} ({why})")
             else:
